@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ecellm",
+    version="0.1.0",
+    description="eCeLLM in pure PyTorch: LoRA instruction tuning of LLMs on ECInstruct (e-commerce tasks).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ecellm", "ecellm.*"]),
+    # torch is deliberately not pinned exactly: install the build that fits your machine first.
+    install_requires=[
+        "torch>=2.4",
+        "safetensors>=0.4",
+        "sentencepiece>=0.1.99",
+        "tokenizers>=0.15",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        # GGUF import (the embedded SmolLM2 default ships as a GGUF file).
+        "gguf": ["gguf>=0.10"],
+        # Tests: pytest plus the reference oracles our outputs must match. Never imported by ecellm/.
+        "test": [
+            "pytest>=7",
+            "transformers>=4.45",
+            "peft>=0.13",
+            "scikit-learn>=1.3",
+            "gguf>=0.10",
+        ],
+    },
+)
