@@ -1,0 +1,92 @@
+"""Model families and their construction from Hugging Face checkpoints.
+
+`from_pretrained(dir)` reads `config.json`, picks the family by `model_type` and loads the weights;
+`from_config(config)` builds the same model without weights (on the meta device by default).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ConfigError, read_config_file
+from .llama import LlamaConfig, LlamaForCausalLM
+from .loading import CheckpointError, load_checkpoint
+from .loss import IGNORE_INDEX, causal_lm_loss
+from .phi import PhiConfig, PhiForCausalLM
+
+# model_type -> (config dataclass, model class)
+FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (LlamaConfig, LlamaForCausalLM),
+    "phi": (PhiConfig, PhiForCausalLM),
+}
+
+
+def parse_config(config: dict[str, Any]):
+    """The family's config dataclass for a `config.json` dict; unknown `model_type` lists the supported ones."""
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise ConfigError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[model_type][0].from_dict(config)
+
+
+def from_config(
+    config: str | Path | dict[str, Any], dtype: torch.dtype = torch.float32, device: str | torch.device = "meta"
+) -> nn.Module:
+    """Build a model from a config without loading weights.
+
+    On the meta device (the default) no memory is allocated: use it to inspect modules, count parameters or
+    initialise FSDP. On a real device the weights are randomly initialised.
+
+    Args:
+        config: a `config.json` path, its directory, or the parsed dict.
+        dtype: parameter dtype.
+        device: where to allocate parameters.
+    """
+    raw = config if isinstance(config, dict) else read_config_file(config)
+    parsed = parse_config(raw)
+    with torch.device(device):
+        model = FAMILIES[raw["model_type"]][1](parsed)
+    return model.to(dtype)
+
+
+def from_pretrained(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    allow_pickle: bool = False,
+) -> nn.Module:
+    """Load a Hugging Face checkpoint directory (`config.json` + safetensors, sharded or not).
+
+    The model is built on the meta device and the checkpoint's tensors are assigned to it, cast to `dtype`, so peak
+    memory stays near one copy of the weights. Returned in eval mode.
+
+    Args:
+        path: checkpoint directory.
+        dtype: parameter dtype (the checkpoint's own dtype is ignored).
+        device: where the weights go.
+        allow_pickle: also accept `pytorch_model.bin` files (loaded with `torch.load(weights_only=True)`).
+    """
+    model = from_config(path, dtype=dtype, device="meta")
+    load_checkpoint(model, path, dtype, device, allow_pickle)
+    return model.eval()
+
+
+__all__ = [
+    "FAMILIES",
+    "ConfigError",
+    "CheckpointError",
+    "IGNORE_INDEX",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "PhiConfig",
+    "PhiForCausalLM",
+    "causal_lm_loss",
+    "from_config",
+    "from_pretrained",
+    "parse_config",
+]

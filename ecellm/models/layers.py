@@ -1,0 +1,370 @@
+"""Building blocks shared by the model families: RMSNorm, rotary embeddings, attention with a KV cache, the gated
+MLP, and the decoder-only language-model shell (forward, hidden states, KV-cache decoding).
+
+Shape legend: B batch, T query length, S key length (cache included), H hidden size, nh query heads,
+nkv key/value heads, hs head size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "relu": F.relu,
+    # GPT-2's tanh approximation, under the names configs use for it.
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def activation(name: str):
+    """The activation function a config names (`hidden_act`)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm: `weight * x / sqrt(mean(x^2) + eps)`, computed in fp32 and cast back before scaling.
+
+    Args:
+        dim: size of the last dimension.
+        eps: added to the mean square.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, rotary_dim: int, theta: float, scaling_factor: float = 1.0, dtype=torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosines and sines of the rotary embedding at the given positions.
+
+    Computed on the fly (a few thousand flops) rather than stored, so a model built on the meta device needs no buffer
+    re-initialisation. `scaling_factor` is linear RoPE scaling (positions divided by the factor).
+
+    Args:
+        position_ids: (B, T) integer positions.
+        rotary_dim: number of rotated channels per head (even).
+        theta: the RoPE base.
+    Returns:
+        cos, sin: (B, T, rotary_dim) in `dtype`.
+    """
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=position_ids.device).float() / rotary_dim
+    inv_freq = 1.0 / (theta**exponents) / scaling_factor  # (rotary_dim/2,)
+    freqs = position_ids[:, :, None].float() * inv_freq  # (B, T, rotary_dim/2)
+    angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, rotary_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `cos.shape[-1]` channels of each head (the "rotate half" layout); the rest pass through.
+
+    Args:
+        x: (B, nh, T, hs).
+        cos, sin: (B, T, rotary_dim) with rotary_dim <= hs.
+    """
+    rotary_dim = cos.shape[-1]
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, rotary_dim)
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    rot = rot * cos + rotated * sin
+    return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, for incremental decoding.
+
+    Args:
+        n_layers, batch, n_kv_heads, max_len, head_dim: cache geometry.
+    Attributes:
+        length: number of positions already written (the same for every row; padding is masked, not skipped).
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys/values (B, nkv, T, hs) at `length` and return all keys/values so far (B, nkv, S, hs)."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {end} positions needed, {self.max_len} allocated")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+@dataclass
+class AttentionInputs:
+    """What every attention layer of one forward pass shares.
+
+    Attributes:
+        cos, sin: (B, T, rotary_dim) rotary tables for the query positions.
+        mask: (B, 1, T, S) bool, True where a query may attend to a key; None means plain causal attention.
+        cache: the KV cache when decoding incrementally, else None.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None
+    cache: KVCache | None = None
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs, layer: int, scale: float | None = None
+) -> torch.Tensor:
+    """Rotary embedding, KV-cache update and scaled-dot-product attention with grouped-query heads.
+
+    Args:
+        q: (B, nh, T, hs); k, v: (B, nkv, T, hs), before rotary embedding.
+        inputs: the pass's shared rotary tables, mask and cache.
+        layer: index of the calling layer (its slot in the cache).
+        scale: softmax scale; default 1/sqrt(hs).
+    Returns:
+        (B, T, nh * hs) attention output, heads concatenated, before the output projection.
+    """
+    q = apply_rope(q, inputs.cos, inputs.sin)
+    k = apply_rope(k, inputs.cos, inputs.sin)
+    if inputs.cache is not None:
+        k, v = inputs.cache.update(layer, k, v)  # (B, nkv, S, hs)
+    gqa = q.shape[1] != k.shape[1]
+    if inputs.mask is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale, enable_gqa=gqa)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, scale=scale, enable_gqa=gqa)
+    B, nh, T, hs = y.shape
+    return y.transpose(1, 2).reshape(B, T, nh * hs)
+
+
+def build_attention_mask(
+    key_padding: torch.Tensor, query_start: int, query_len: int, sliding_window: int | None = None
+) -> torch.Tensor:
+    """The boolean attention mask for queries at absolute positions `query_start .. query_start + query_len - 1`.
+
+    A query attends to a key when the key is not padding, not in the future, and (with a sliding window `w`) fewer
+    than `w` positions behind it. Every query may also attend to itself, so rows of padding queries are never empty
+    (SDPA would return NaN for them); real queries never see padding keys, so their outputs are unaffected.
+
+    Args:
+        key_padding: (B, S) with 1/True for real tokens, covering every key position (cache included).
+    Returns:
+        (B, 1, T, S) bool.
+    """
+    S = key_padding.shape[1]
+    device = key_padding.device
+    q_pos = torch.arange(query_start, query_start + query_len, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    allowed = k_pos <= q_pos
+    if sliding_window is not None:
+        allowed = allowed & (q_pos - k_pos < sliding_window)
+    mask = allowed[None] & key_padding.bool()[:, None, :]  # (B, T, S)
+    mask = mask | (k_pos == q_pos)[None]
+    return mask[:, None]
+
+
+class GatedMLP(nn.Module):
+    """`down_proj(act(gate_proj(x)) * up_proj(x))`, the Llama/Mistral feed-forward block."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu", bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class DecodeState:
+    """Incremental-decoding state of a decoder-only model.
+
+    Attributes:
+        cache: the KV cache.
+        key_padding: (B, T_prompt + max_new_tokens) bool, True for real tokens (left padding is False).
+        next_position: (B,) position id of the next token of each row.
+    """
+
+    cache: KVCache
+    key_padding: torch.Tensor
+    next_position: torch.Tensor
+
+
+class DecoderOnlyLM(nn.Module):
+    """The language-model shell shared by the decoder-only families.
+
+    A subclass sets `self.config`, `self.model` (embedding, blocks, final norm; called as
+    `self.model(input_ids, AttentionInputs) -> (B, T, H)`) and `self.lm_head`. The config provides
+    `num_hidden_layers`, `num_key_value_heads`, `head_dim`, `rotary_dim`, `rope_theta`, `rope_scaling_factor`
+    and `sliding_window`.
+    """
+
+    config: object
+    model: nn.Module
+    lm_head: nn.Linear
+
+    def _attention_inputs(
+        self,
+        position_ids: torch.Tensor,
+        key_padding: torch.Tensor | None,
+        query_start: int,
+        cache: KVCache | None,
+        dtype: torch.dtype,
+    ) -> AttentionInputs:
+        c = self.config
+        cos, sin = rope_cos_sin(position_ids, c.rotary_dim, c.rope_theta, c.rope_scaling_factor, dtype)
+        T = position_ids.shape[1]
+        window = c.sliding_window
+        window_matters = window is not None and query_start + T > window
+        if key_padding is None and cache is None and not window_matters:
+            mask = None  # plain causal: SDPA's fastest path
+        else:
+            if key_padding is None:
+                key_padding = torch.ones(position_ids.shape[0], query_start + T, dtype=torch.bool, device=cos.device)
+            mask = build_attention_mask(key_padding, query_start, T, window)
+        return AttentionInputs(cos, sin, mask, cache)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states of a full sequence.
+
+        Positions are 0..T-1 for every row, as in the reference implementation's forward. With right padding
+        (training batches) the padding is invisible to real tokens under the causal mask, so the mask is dropped
+        and SDPA's causal fast path is used; any other padding is masked explicitly.
+
+        Args:
+            input_ids: (B, T) token ids.
+            attention_mask: (B, T) 1 for real tokens, 0 for padding; None means no padding.
+        Returns:
+            (B, T, H).
+        """
+        B, T = input_ids.shape
+        position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        key_padding = None
+        if attention_mask is not None and not _is_right_padded(attention_mask):
+            key_padding = attention_mask.bool()
+        inputs = self._attention_inputs(position_ids, key_padding, 0, None, self.model.embed_tokens.weight.dtype)
+        return self.model(input_ids, inputs)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits of every position, or only of the selected ones.
+
+        Args:
+            input_ids: (B, T) token ids.
+            attention_mask: (B, T) 1 for real tokens, 0 for padding.
+            positions: optional (B, T) bool; when given, the vocabulary projection runs only where it is True
+                (training needs logits only where a label exists).
+        Returns:
+            (B, T, V) logits, or (N, V) for the N selected positions in row-major order.
+        """
+        hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, H)
+        if positions is not None:
+            hidden = hidden[positions]  # (N, H)
+        return self.lm_head(hidden)
+
+    @torch.no_grad()
+    def start_decoding(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int
+    ) -> tuple[DecodeState, torch.Tensor]:
+        """Prefill the KV cache with (left-padded) prompts.
+
+        Args:
+            input_ids: (B, T) prompt ids, left padded.
+            attention_mask: (B, T) 1 for real tokens; None means no padding.
+            max_new_tokens: room to reserve in the cache.
+        Returns:
+            the decoding state and the logits (B, V) of each row's first new token.
+        """
+        B, T = input_ids.shape
+        c, device = self.config, input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        key_padding = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=device)
+        key_padding[:, :T] = attention_mask.bool()
+        # Positions count real tokens only, so a left-padded prompt sees the positions it would see alone.
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        dtype = self.model.embed_tokens.weight.dtype
+        cache = KVCache(c.num_hidden_layers, B, c.num_key_value_heads, T + max_new_tokens, c.head_dim, dtype, device)
+        inputs = self._attention_inputs(position_ids, key_padding[:, :T], 0, cache, dtype)
+        hidden = self.model(input_ids, inputs)
+        cache.length = T
+        state = DecodeState(cache, key_padding, position_ids[:, -1] + 1)
+        return state, self.lm_head(hidden[:, -1])
+
+    @torch.no_grad()
+    def decode_step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row and return the next logits.
+
+        Args:
+            state: from `start_decoding`, updated in place.
+            tokens: (B,) the tokens just chosen.
+        Returns:
+            (B, V) logits.
+        """
+        cache = state.cache
+        start = cache.length
+        inputs = self._attention_inputs(
+            state.next_position[:, None], state.key_padding[:, : start + 1], start, cache, cache.keys[0].dtype
+        )
+        hidden = self.model(tokens[:, None], inputs)
+        cache.length = start + 1
+        state.next_position = state.next_position + 1
+        return self.lm_head(hidden[:, -1])
+
+
+def _is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row is real tokens followed only by padding (or no padding at all)."""
+    m = attention_mask.bool()
+    return bool((m[:, :-1] | ~m[:, 1:]).all())
+
+
+def _check_divisible(what: str, a: int, b: int) -> None:
+    if a % b:
+        raise ValueError(f"{what}: {a} is not divisible by {b}")
+
+
+def default_head_dim(hidden_size: int, num_heads: int) -> int:
+    """hidden_size / num_heads, checked."""
+    _check_divisible("hidden_size / num_attention_heads", hidden_size, num_heads)
+    return hidden_size // num_heads
+
+
+__all__ = [
+    "RMSNorm",
+    "rope_cos_sin",
+    "apply_rope",
+    "KVCache",
+    "AttentionInputs",
+    "attend",
+    "build_attention_mask",
+    "GatedMLP",
+    "DecodeState",
+    "DecoderOnlyLM",
+    "activation",
+    "default_head_dim",
+]

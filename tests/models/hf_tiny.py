@@ -1,0 +1,44 @@
+"""Tiny random Hugging Face checkpoints, built and saved with transformers (the reference oracle)."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+# name -> (transformers config class, model class, config overrides)
+DECODERS = {
+    "llama-untied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False)),
+    "llama-tied-gqa": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, num_key_value_heads=2)),
+    "llama-headdim-bias": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(head_dim=12, num_key_value_heads=2, attention_bias=True, mlp_bias=True, rope_theta=500.0),
+    ),
+    "mistral-window": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(sliding_window=5, num_key_value_heads=2, tie_word_embeddings=False),
+    ),
+    "phi-partial": (
+        "PhiConfig",
+        "PhiForCausalLM",
+        dict(partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0, tie_word_embeddings=False),
+    ),
+}
+
+
+def save_tiny_decoder(name: str, path, seed: int = 0):
+    """Build the named tiny transformers model with random weights, save it to `path`, return it (eval, fp32)."""
+    config_cls, model_cls, overrides = DECODERS[name]
+    config = getattr(transformers, config_cls)(**{**TINY, **overrides})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so a missed weight shows up in the logits
+        for n, p in model.named_parameters():
+            if "norm" in n or n.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return model
