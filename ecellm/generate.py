@@ -1,0 +1,151 @@
+"""KV-cache decoding for every model family: greedy or sampled (temperature, top-p, seeded), batched prompts of
+different lengths with left padding, each row stopping at its EOS or after `max_new_tokens`.
+
+The model provides two calls (see CONTRIBUTING.md): `start_decoding` runs the prompt once and fills its caches,
+`decode_step` feeds one token per row. This file knows nothing else about the model, so decoder-only and
+encoder-decoder families share it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def _choose(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Pick one token per row from (B, V) logits: argmax when temperature is 0, else top-p sampling."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 100,
+    eos_token_id: int | Sequence[int] | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> list[list[int]]:
+    """Generate continuations of a batch of prompts.
+
+    Args:
+        model: any ecellm model (it implements `start_decoding` / `decode_step`).
+        input_ids: (B, T) prompt ids, left padded (decoder-only) or padded either side (encoder-decoder).
+        attention_mask: (B, T) 1 for real tokens, 0 for padding; None means no padding.
+        max_new_tokens: most tokens generated per row.
+        eos_token_id: one id or several; a row stops after producing one. Default: the model config's.
+        temperature: 0 for greedy decoding, otherwise the softmax temperature of sampling.
+        top_p: nucleus-sampling mass (1.0 keeps the whole distribution).
+        seed: seeds a private generator, so sampled outputs repeat without touching global RNG state.
+    Returns:
+        for each row, its new tokens only, ending with the EOS token when one was produced.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if eos_token_id is None:
+        eos_token_id = getattr(model.config, "eos_token_id", None)
+    eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=input_ids.device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+
+    B = input_ids.shape[0]
+    outputs: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    if max_new_tokens <= 0:
+        return outputs
+    state, logits = model.start_decoding(input_ids, attention_mask, max_new_tokens)
+    for step in range(max_new_tokens):
+        tokens = _choose(logits, temperature, top_p, generator)  # (B,)
+        for row, token in enumerate(tokens.tolist()):
+            if not done[row]:
+                outputs[row].append(token)
+        done |= torch.isin(tokens, eos)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        logits = model.decode_step(state, tokens)
+    return outputs
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into `input_ids` and `attention_mask`, both (B, T_max)."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise ValueError("every prompt must have at least one token")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+def generate_text(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 100,
+    batch_size: int = 8,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """Generate text for each prompt: encode (the tokenizer's family BOS/EOS rules), batch with left padding,
+    decode the new tokens without special tokens.
+
+    Args:
+        model: an ecellm model.
+        tokenizer: an `ecellm.tokenizer` tokenizer (`encode`, `decode`, `pad_id`, `eos_id`).
+        prompts: the prompt strings.
+        batch_size: prompts per batch; prompts are grouped by length to waste little padding.
+        progress: show a tqdm bar.
+    Returns:
+        one completion per prompt, in the order given.
+    """
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    encoded = [tokenizer.encode(p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    eos = {tokenizer.eos_id}
+    model_eos = getattr(model.config, "eos_token_id", None)
+    eos.update([model_eos] if isinstance(model_eos, int) else model_eos or [])
+    results: list[str] = [""] * len(prompts)
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc="generate", disable=not progress, unit="batch"):
+        rows = order[start : start + batch_size]
+        ids, mask = left_pad([encoded[i] for i in rows], tokenizer.pad_id)
+        new = generate(
+            model,
+            ids.to(device),
+            mask.to(device),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=sorted(eos - {None}),
+            temperature=temperature,
+            top_p=top_p,
+            seed=None if seed is None else seed + start,
+        )
+        for row, tokens in zip(rows, new):
+            results[row] = tokenizer.decode(tokens)
+    return results
