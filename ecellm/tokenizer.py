@@ -1,0 +1,262 @@
+"""Tokenizers without Hugging Face: sentencepiece (`tokenizer.model`, `spiece.model`) and `tokenizers` JSON.
+
+`load_tokenizer(path)` reads a checkpoint directory (or a tokenizer file) and returns a `Tokenizer` whose
+`encode(text)` follows the model family's BOS/EOS rule as its users know it:
+
+    family  models                     encode(text) default
+    llama   Llama-2, Mistral (spm BPE)  BOS + text
+    t5      T5, Flan-T5 (spiece)        text + EOS
+    gpt2    GPT-2, Phi-2 (byte BPE)     text
+
+The family is `model_type` in `config.json` (llama/mistral -> llama, t5 -> t5, phi/gpt2 -> gpt2), else the file
+(`tokenizer.model` -> llama, `spiece.model` -> t5, `tokenizer.json` -> gpt2). The default BOS/EOS rule is, in order:
+`add_bos_token` / `add_eos_token` in `tokenizer_config.json`; for a `tokenizer.json`, what its post-processor adds
+(a `TemplateProcessing` with special tokens, else nothing: SmolLM2's byte-level BPE adds neither); for a
+sentencepiece file, the family's rule. `load_tokenizer(path, family="llama" | "t5" | "gpt2")` forces a family and
+its rule when the directory does not say (for example a bare `tokenizer.json` of a Llama model that wants a BOS).
+
+Special tokens come from `tokenizer_config.json`, then `special_tokens_map.json`, then the ids in `config.json`,
+then the sentencepiece model's own ids, then the family's usual token strings (`<s>`/`</s>`, `</s>`/`<pad>`,
+`<|endoftext|>`). A model without a pad token gets `pad_id == 0`, as the eCeLLM paper does.
+"""
+
+import json
+from pathlib import Path
+
+import sentencepiece as spm
+from tokenizers import Tokenizer as _HFTokenizersJSON  # the `tokenizers` Rust library, not `transformers`
+
+# family -> (add BOS, add EOS) by default
+FAMILY_RULES = {"llama": (True, False), "t5": (False, True), "gpt2": (False, False)}
+MODEL_TYPE_FAMILY = {"llama": "llama", "mistral": "llama", "t5": "t5", "mt5": "t5", "phi": "gpt2", "gpt2": "gpt2"}
+# usual token strings per family when no config names them
+FAMILY_TOKENS = {
+    "llama": {"bos": "<s>", "eos": "</s>", "unk": "<unk>"},
+    "t5": {"eos": "</s>", "pad": "<pad>", "unk": "<unk>"},
+    "gpt2": {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "unk": "<|endoftext|>"},
+}
+SPECIAL_NAMES = ("bos", "eos", "pad", "unk")
+
+
+class Tokenizer:
+    """A tokenizer with the special-token rules of one model family.
+
+    Args:
+        backend: a `sentencepiece.SentencePieceProcessor` or a `tokenizers.Tokenizer`.
+        family: "llama", "t5" or "gpt2"; gives the default BOS/EOS rule of `encode`.
+        special_ids: {"bos", "eos", "pad", "unk"} -> id or None for the tokens the model declares.
+        add_bos, add_eos: the default of `encode` (None: the family's rule).
+        path: where it was loaded from, for error messages.
+    """
+
+    def __init__(self, backend, family: str, special_ids: dict, add_bos: bool | None = None,
+                 add_eos: bool | None = None, path: str = "<memory>"):
+        if family not in FAMILY_RULES:
+            raise ValueError(f"{path}: unknown tokenizer family {family!r}; expected one of {sorted(FAMILY_RULES)}")
+        self.backend = backend
+        self.family = family
+        self.path = path
+        self._spm = isinstance(backend, spm.SentencePieceProcessor)
+        self._ids = {name: special_ids.get(name) for name in SPECIAL_NAMES}
+        fam_bos, fam_eos = FAMILY_RULES[family]
+        self.add_bos = fam_bos if add_bos is None else add_bos
+        self.add_eos = fam_eos if add_eos is None else add_eos
+        for name, needed in (("bos", self.add_bos), ("eos", self.add_eos)):
+            if needed and self._ids[name] is None:
+                raise ValueError(f"{path}: family {family!r} adds a {name.upper()} token but none is declared")
+        # ids that decode(skip_special_tokens=True) drops: declared special tokens (not the pad-0 fallback)
+        self._skip = {i for i in self._ids.values() if i is not None}
+        if self._spm:
+            self._skip |= {i for i in range(backend.get_piece_size()) if backend.is_control(i)}
+
+    # --- special tokens -------------------------------------------------------------------------------------
+    @property
+    def bos_id(self) -> int | None:
+        """Id of the beginning-of-sequence token, or None when the model has none (T5)."""
+        return self._ids["bos"]
+
+    @property
+    def eos_id(self) -> int:
+        """Id of the end-of-sequence token (the one appended to training answers)."""
+        if self._ids["eos"] is None:
+            raise ValueError(f"{self.path}: the tokenizer declares no EOS token")
+        return self._ids["eos"]
+
+    @property
+    def pad_id(self) -> int:
+        """Id used for padding: the declared pad token, else 0 (the eCeLLM paper's choice)."""
+        return 0 if self._ids["pad"] is None else self._ids["pad"]
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._ids["unk"]
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer can produce (added tokens included)."""
+        if self._spm:
+            return self.backend.get_piece_size()
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of a token string (a sentencepiece piece such as "▁Hello", or a BPE token), None if unknown."""
+        if self._spm:
+            i = self.backend.piece_to_id(token)
+            return None if i == self.backend.unk_id() and token != self.backend.id_to_piece(i) else i
+        return self.backend.token_to_id(token)
+
+    # --- encode / decode ------------------------------------------------------------------------------------
+    def _specials(self, ids: list[int], bos: bool | None, eos: bool | None) -> list[int]:
+        if self.add_bos if bos is None else bos:
+            if self.bos_id is None:
+                raise ValueError(f"{self.path}: bos=True but the tokenizer declares no BOS token")
+            ids = [self.bos_id] + ids
+        if self.add_eos if eos is None else eos:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def encode(self, text: str, bos: bool | None = None, eos: bool | None = None) -> list[int]:
+        """Token ids of `text`.
+
+        Args:
+            text: the string to encode. Special-token strings in a `tokenizer.json`'s added tokens (such as
+                `<|im_end|>`) map to their ids; sentencepiece never turns text such as "<s>" into a control id.
+            bos, eos: prepend BOS / append EOS; None uses the family's rule (see the module docstring).
+        Returns:
+            list of ids, length L.
+        """
+        if self._spm:
+            ids = self.backend.encode(text)
+        else:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        return self._specials(ids, bos, eos)
+
+    def encode_batch(self, texts: list[str], bos: bool | None = None, eos: bool | None = None) -> list[list[int]]:
+        """`encode` over a list of N texts, using the backend's multi-threaded batch path. Returns N id lists."""
+        if self._spm:
+            batch = self.backend.encode(list(texts))
+        else:
+            batch = [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        return [self._specials(ids, bos, eos) for ids in batch]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Text of a sequence of ids (a list, or a 1-D tensor / array).
+
+        Args:
+            ids: token ids, length L.
+            skip_special_tokens: drop BOS/EOS/PAD/UNK and other control or special tokens. The pad-0 fallback
+                of a model without a pad token is not dropped (id 0 is a real token there).
+        """
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self._skip]
+        if self._spm:
+            return self.backend.decode(ids)
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer({self.path!r}, family={self.family!r}, vocab_size={self.vocab_size}, "
+                f"bos_id={self.bos_id}, eos_id={self._ids['eos']}, pad_id={self.pad_id})")
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def _token_string(value) -> str | None:
+    """A special token as configs store it: a string, or an AddedToken dict with "content"."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _template_rule(post_processor: dict | None) -> tuple[bool, bool] | None:
+    """(add BOS, add EOS) from a tokenizer.json TemplateProcessing post-processor, None if it has none."""
+    if not post_processor:
+        return None
+    if post_processor.get("type") == "Sequence":
+        rules = [_template_rule(p) for p in post_processor.get("processors", [])]
+        return next((r for r in rules if r is not None), None)
+    if post_processor.get("type") != "TemplateProcessing":
+        return None
+    single = post_processor.get("single", [])
+    return bool(single) and "SpecialToken" in single[0], bool(single) and "SpecialToken" in single[-1]
+
+
+def load_tokenizer(path: str | Path, family: str | None = None) -> Tokenizer:
+    """Load the tokenizer of a checkpoint directory.
+
+    Args:
+        path: a directory holding `tokenizer.json`, `tokenizer.model` or `spiece.model` (with optional
+            `tokenizer_config.json`, `special_tokens_map.json`, `config.json`), or one of those files itself.
+            When a directory has both, `tokenizer.json` is used (it carries the added tokens).
+        family: "llama", "t5" or "gpt2" to force that family's BOS/EOS rule; None infers it (module docstring).
+    Returns:
+        a `Tokenizer`.
+    """
+    path = Path(path)
+    if path.is_file():
+        directory, files = path.parent, [path]
+    elif path.is_dir():
+        directory = path
+        files = [path / n for n in ("tokenizer.json", "tokenizer.model", "spiece.model") if (path / n).is_file()]
+        if not files:
+            raise FileNotFoundError(f"{path}: no tokenizer.json, tokenizer.model or spiece.model in this directory")
+    else:
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    file = files[0]
+    tok_config = _read_json(directory / "tokenizer_config.json")
+    special_map = _read_json(directory / "special_tokens_map.json")
+    model_config = _read_json(directory / "config.json")
+
+    # the family and its BOS/EOS defaults
+    tokenizer_json = json.loads(file.read_text(encoding="utf-8")) if file.suffix == ".json" else None
+    template = _template_rule(tokenizer_json.get("post_processor")) if tokenizer_json else None
+    add_bos = add_eos = None  # None: the family's rule
+    if family is None:
+        family = MODEL_TYPE_FAMILY.get(model_config.get("model_type"))
+        if family is None:
+            family = {"tokenizer.model": "llama", "spiece.model": "t5"}.get(file.name, "gpt2")
+        # a tokenizer.json adds exactly what its post-processor adds (as `tokenizers` does), unless the config says
+        if tokenizer_json is not None:
+            add_bos, add_eos = template if template is not None else (False, False)
+        add_bos = tok_config.get("add_bos_token", add_bos)
+        add_eos = tok_config.get("add_eos_token", add_eos)
+    if family not in FAMILY_RULES:
+        raise ValueError(f"{path}: unknown tokenizer family {family!r}; expected one of {sorted(FAMILY_RULES)}")
+
+    if tokenizer_json is not None:
+        backend = _HFTokenizersJSON.from_str(json.dumps(tokenizer_json))
+        lookup = backend.token_to_id
+    else:
+        backend = spm.SentencePieceProcessor(model_file=str(file))
+
+        def lookup(token: str) -> int | None:
+            i = backend.piece_to_id(token)
+            return None if i == backend.unk_id() and token != backend.id_to_piece(i) else i
+
+    special_ids = {}
+    for name in SPECIAL_NAMES:
+        token = _token_string(tok_config.get(f"{name}_token")) or _token_string(special_map.get(f"{name}_token"))
+        if token is not None:
+            token_id = lookup(token)
+            if token_id is None:
+                raise ValueError(f"{directory}: {name}_token {token!r} from the tokenizer config is not in the vocabulary")
+            special_ids[name] = token_id
+            continue
+        config_id = model_config.get(f"{name}_token_id")
+        if isinstance(config_id, list):  # several EOS ids (e.g. chat models): the first is the one to append
+            config_id = config_id[0] if config_id else None
+        if config_id is None and tokenizer_json is None:
+            config_id = getattr(backend, f"{name}_id")()
+            config_id = None if config_id < 0 else config_id
+        if config_id is None and name in FAMILY_TOKENS[family]:
+            config_id = lookup(FAMILY_TOKENS[family][name])
+        special_ids[name] = config_id
+    return Tokenizer(backend, family, special_ids, add_bos=add_bos, add_eos=add_eos, path=str(path))
