@@ -1,0 +1,314 @@
+"""ecellm.lora on plain user modules: the layer, inject, merge, parameter counts, PEFT-format adapter files.
+Parity with transformers + peft on real model families lives in tests/test_lora_parity.py."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ecellm import lora
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int = 8, h: int = 16, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.fc1 = nn.Linear(d, h, dtype=dtype)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(h, d, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TinyLM(nn.Module):
+    """Embedding, two blocks of MLPs, and an LM head tied to the embedding."""
+
+    def __init__(self, vocab: int = 11, d: int = 8):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList([MLP(d) for _ in range(2)])
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(ids)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.lm_head(x)
+
+
+def randomize_lora(model: nn.Module, seed: int = 0) -> None:
+    """Non-zero lora_B everywhere, so the adapters change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora.lora_layers(model).values():
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g))
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
+
+
+def test_inject_user_mlp_only_fc1():
+    torch.manual_seed(0)
+    mlp = MLP()
+    x = torch.randn(3, 5, 8)
+    before = mlp(x)
+    lora.inject(mlp, r=4, alpha=8, targets=["fc1"])
+    assert isinstance(mlp.fc1, lora.LoRALinear) and type(mlp.fc2) is nn.Linear
+    assert mlp.fc1.lora_A.shape == (4, 8) and mlp.fc1.lora_B.shape == (16, 4)
+    assert mlp.fc1.scaling == 2.0
+    torch.testing.assert_close(mlp(x), before, rtol=0, atol=0)  # B = 0: exactly the base model
+    assert [n for n, p in mlp.named_parameters() if p.requires_grad] == ["fc1.lora_A", "fc1.lora_B"]
+
+
+def test_forward_matches_formula_and_keeps_state_dict_keys():
+    torch.manual_seed(0)
+    mlp = MLP()
+    base_keys = set(mlp.state_dict())
+    lora.inject(mlp, r=2, alpha=6, targets=["fc1"])
+    randomize_lora(mlp)
+    x = torch.randn(4, 8)
+    fc1 = mlp.fc1
+    expected = x @ fc1.weight.T + fc1.bias + 3.0 * (x @ fc1.lora_A.T @ fc1.lora_B.T)
+    torch.testing.assert_close(fc1(x), expected, rtol=1e-5, atol=1e-5)
+    assert set(mlp.state_dict()) == base_keys | {"fc1.lora_A", "fc1.lora_B"}
+
+
+def test_rslora_scaling():
+    layer = lora.inject(MLP(), r=4, alpha=8, targets=["fc2"], rslora=True).fc2
+    assert layer.scaling == 8 / 2
+
+
+@pytest.mark.parametrize(
+    "targets, chosen",
+    [
+        (["fc2"], ["blocks.0.fc2", "blocks.1.fc2"]),
+        (["0.fc2", "lm_head"], ["blocks.0.fc2", "lm_head"]),  # dotted suffix and exact name
+        (["blocks.1.fc1"], ["blocks.1.fc1"]),
+        (r"blocks\.\d\.fc1", ["blocks.0.fc1", "blocks.1.fc1"]),  # a string is a regex on the whole name
+        ("fc1", []),  # ... so "fc1" alone, as a regex, matches no full name
+    ],
+)
+def test_target_matching(targets, chosen):
+    model = TinyLM()
+    if not chosen:
+        with pytest.raises(ValueError, match="match no nn.Linear"):
+            lora.inject(model, targets=targets)
+        return
+    lora.inject(model, targets=targets)
+    assert sorted(lora.lora_layers(model)) == chosen
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"\['fc3'\].*'fc1', 'fc2'"):
+        lora.inject(MLP(), targets=["fc1", "fc3"])  # a typo is not silently ignored
+    with pytest.raises(ValueError, match="no default LoRA targets for MLP"):
+        lora.inject(MLP())
+    mlp = lora.inject(MLP(), targets=["fc1"])
+    with pytest.raises(ValueError, match="already has LoRA layers.*'fc1'"):
+        lora.inject(mlp, targets=["fc2"])
+    with pytest.raises(ValueError, match="rank r must be positive"):
+        lora.inject(MLP(), r=0, targets=["fc1"])
+
+
+def test_default_targets_use_config_model_type_and_phi_aliases():
+    class Cfg:
+        model_type = "phi"
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj, self.dense = (nn.Linear(4, 4) for _ in range(4))
+
+    class Phi(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = Cfg()
+            self.self_attn, self.mlp, self.lm_head = Attn(), MLP(4, 8), nn.Linear(4, 9)
+
+    names = ["lm_head", "mlp.fc1", "mlp.fc2", "self_attn.dense", "self_attn.k_proj", "self_attn.q_proj",
+             "self_attn.v_proj"]
+    assert sorted(lora.lora_layers(lora.inject(Phi()))) == names
+    old = lora.inject(Phi(), targets=["Wqkv", "out_proj", "fc1", "fc2", "linear"])  # the paper's Phi names
+    assert sorted(lora.lora_layers(old)) == names
+
+
+def test_only_lora_gets_gradients_and_optimizer_changes_only_lora():
+    torch.manual_seed(0)
+    model = lora.inject(TinyLM(), r=4, targets=["fc1", "fc2", "lm_head"], dropout=0.1)
+    randomize_lora(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(torch.randint(0, 11, (2, 5))).logsumexp(-1).mean().backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == ("lora_" in name), name
+    opt.step()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]) != ("lora_" in key), key
+
+
+def test_count_parameters_counts_tied_weights_once():
+    model = TinyLM(vocab=11, d=8)
+    mlp_params = 2 * (8 * 16 + 16 + 16 * 8 + 8)
+    assert lora.count_parameters(model) == (11 * 8 + mlp_params, 11 * 8 + mlp_params)
+    lora.inject(model, r=2, targets=["fc1", "lm_head"])
+    trainable = 2 * (2 * 8 + 16 * 2) + (2 * 8 + 11 * 2)
+    assert lora.count_parameters(model) == (trainable, 11 * 8 + mlp_params + trainable)
+
+
+def test_dropout_only_in_training_and_skipped_at_zero():
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    no_drop = lora.inject(MLP(), targets=["fc1"])
+    randomize_lora(no_drop)
+    no_drop.train()
+    torch.testing.assert_close(no_drop(x), no_drop.eval()(x), rtol=0, atol=0)
+    drop = lora.inject(MLP(), targets=["fc1"], dropout=0.5)
+    randomize_lora(drop)
+    drop.train()
+    assert not torch.allclose(drop(x), drop(x))
+    drop.eval()
+    torch.testing.assert_close(drop(x), drop(x), rtol=0, atol=0)
+
+
+def test_merge_equals_unmerged_and_unmerge_restores():
+    torch.manual_seed(0)
+    model = lora.inject(TinyLM(), r=4, alpha=8, targets=["fc1", "fc2"])
+    randomize_lora(model)
+    base = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    ids = torch.randint(0, 11, (2, 7))
+    unmerged = model(ids)
+    lora.merge(model)
+    merged_state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.testing.assert_close(model(ids), unmerged, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(model.blocks[0].fc1.weight, base["blocks.0.fc1.weight"])
+    lora.merge(model)  # merging twice is a no-op
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, merged_state[k]), k
+    lora.unmerge(model)
+    lora.unmerge(model)
+    for k, v in base.items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(ids), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_lm_head_keeps_tie_and_merge_leaves_embedding_alone():
+    torch.manual_seed(0)
+    model = lora.inject(TinyLM(), r=4, targets=["lm_head"])
+    assert model.lm_head.weight is model.embed_tokens.weight  # shared, not copied
+    randomize_lora(model)
+    embedding = model.embed_tokens.weight.clone()
+    ids = torch.randint(0, 11, (2, 7))
+    unmerged = model(ids)
+    lora.merge(model)
+    assert model.lm_head.weight is not model.embed_tokens.weight
+    assert torch.equal(model.embed_tokens.weight, embedding)  # the input embedding did not absorb the update
+    torch.testing.assert_close(model(ids), unmerged, rtol=1e-5, atol=1e-5)
+    lora.unmerge(model)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert torch.equal(model.embed_tokens.weight, embedding)
+
+
+def test_bf16_base_keeps_fp32_lora():
+    torch.manual_seed(0)
+    ref = lora.inject(MLP(), r=4, targets=["fc1", "fc2"])
+    randomize_lora(ref)
+    model = MLP(dtype=torch.bfloat16)
+    model.load_state_dict({k: v for k, v in ref.state_dict().items() if "lora_" not in k})
+    lora.inject(model, r=4, targets=["fc1", "fc2"])
+    model.load_state_dict(lora.lora_state_dict(ref), strict=False)
+    assert model.fc1.lora_A.dtype == torch.float32 and model.fc1.weight.dtype == torch.bfloat16
+    x = torch.randn(3, 8)
+    out = model(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert model.fc1.lora_A.grad.dtype == torch.float32 and model.fc1.weight.grad is None
+    # Against the same LoRA weights on the fp32 base rounded to bf16: the update is computed in fp32.
+    expected = ref.fc2(ref.act(ref.fc1(x)))
+    torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
+    w0 = model.fc1.weight.clone()
+    lora.merge(model)
+    assert model.fc1.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(model.fc1.weight.float(), (w0.float() + model.fc1.delta_weight()).bfloat16().float())
+
+
+def test_lora_state_dict_round_trip():
+    torch.manual_seed(0)
+    a = lora.inject(MLP(), targets=["fc1", "fc2"])
+    randomize_lora(a)
+    sd = lora.lora_state_dict(a)
+    assert sorted(sd) == ["fc1.lora_A", "fc1.lora_B", "fc2.lora_A", "fc2.lora_B"]
+    b = MLP()
+    b.load_state_dict({k: v for k, v in a.state_dict().items() if "lora_" not in k})
+    lora.inject(b, targets=["fc1", "fc2"])
+    result = b.load_state_dict(sd, strict=False)
+    assert not result.unexpected_keys
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+
+
+def test_adapter_file_format_and_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = lora.inject(TinyLM(), r=4, alpha=8, dropout=0.1, targets=["fc1", "lm_head"])
+    randomize_lora(model)
+    lora.save_adapter(model, tmp_path, base_model_name_or_path="some/base")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == "some/base"
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"], config["bias"]) == (4, 8, 0.1, "none")
+    assert config["target_modules"] == ["fc1", "lm_head"] and config["task_type"] is None
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert set(tensors) == {f"base_model.model.{m}.lora_{ab}.weight" for m in
+                            ["blocks.0.fc1", "blocks.1.fc1", "lm_head"] for ab in "AB"}
+    assert tensors["base_model.model.lm_head.lora_B.weight"].shape == (11, 4)
+
+    fresh = TinyLM()
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k})
+    lora.load_adapter(fresh, tmp_path)
+    assert fresh.blocks[0].fc1.r == 4 and fresh.blocks[0].fc1.dropout == 0.1
+    model.eval(), fresh.eval()
+    ids = torch.randint(0, 11, (2, 5))
+    torch.testing.assert_close(fresh(ids), model(ids), rtol=0, atol=0)
+
+
+def test_target_modules_regex_when_short_names_overreach(tmp_path):
+    model = lora.inject(TinyLM(), targets=["blocks.0.fc1"])
+    lora.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == r"blocks\.0\.fc1"
+    assert sorted(lora.lora_layers(lora.load_adapter(TinyLM(), tmp_path))) == ["blocks.0.fc1"]
+
+
+def _write_adapter(path, tensors, **config):
+    path.mkdir()
+    base = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "lora_dropout": 0.0, "target_modules": ["fc1"]}
+    (path / "adapter_config.json").write_text(json.dumps(base | config))
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+
+
+def test_load_adapter_errors_name_keys_and_shapes(tmp_path):
+    good = {"base_model.model.fc1.lora_A.weight": torch.zeros(2, 8), "base_model.model.fc1.lora_B.weight": torch.zeros(16, 2)}
+    cases = [
+        ("shape", good | {"base_model.model.fc1.lora_A.weight": torch.zeros(2, 9)}, {},
+         r"fc1.lora_A.weight has shape \(2, 9\), the model needs \(2, 8\)"),
+        ("unexpected", good | {"base_model.model.fc1.magic": torch.zeros(1)}, {}, "unexpected key 'base_model.model.fc1.magic'"),
+        ("offtarget", good | {"base_model.model.fc2.lora_A.weight": torch.zeros(2, 16)}, {}, r"weights for \['fc2'\]"),
+        ("missing", good, {"target_modules": ["fc1", "fc2"]}, r"no lora_A/lora_B weights for targeted modules \['fc2'\]"),
+        ("dora", good, {"use_dora": True}, "use_dora=True is not supported"),
+        ("type", good, {"peft_type": "IA3"}, "only 'LORA'"),
+    ]
+    for name, tensors, config, message in cases:
+        _write_adapter(tmp_path / name, tensors, **config)
+        with pytest.raises(ValueError, match=message):
+            lora.load_adapter(MLP(), tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        lora.load_adapter(MLP(), tmp_path)
+
+
+def test_load_adapter_reads_peft_base_layer_weight(tmp_path):
+    """peft saves a targeted lm_head's base weight as `lm_head.base_layer.weight`; it is loaded into the base."""
+    head = torch.randn(11, 8)
+    tensors = {"base_model.model.lm_head.lora_A.weight": torch.zeros(2, 8),
+               "base_model.model.lm_head.lora_B.weight": torch.zeros(11, 2),
+               "base_model.model.lm_head.base_layer.weight": head}
+    _write_adapter(tmp_path / "a", tensors, target_modules=["lm_head"])
+    model = lora.load_adapter(TinyLM(), tmp_path / "a")
+    assert torch.equal(model.lm_head.weight, head) and model.lm_head.weight is model.embed_tokens.weight
