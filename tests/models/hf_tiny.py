@@ -36,9 +36,13 @@ def save_tiny_decoder(name: str, path, seed: int = 0):
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
-    with torch.no_grad():  # non-trivial norms and biases, so a missed weight shows up in the logits
+    with torch.no_grad():
+        # Larger weights than the default init (so greedy decoding does not repeat one token) and non-trivial norms
+        # and biases (so a weight we failed to load shows up in the logits).
         for n, p in model.named_parameters():
-            if "norm" in n or n.endswith(".bias"):
-                p.add_(torch.randn_like(p) * 0.1)
+            if "norm" in n:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.1 if n.endswith(".bias") else 0.25)
     model.save_pretrained(path)
     return model
