@@ -1,0 +1,580 @@
+"""Per-task ECInstruct metrics, parsed and scored as the paper's evaluation (``evaluate.py``) does.
+
+``score(task, predictions, references)`` returns the paper's primary metric for the task under the key named by
+``result["metric"]``, the secondary figures of the paper's tables, ``n`` (outputs scored) and ``n_failed`` (outputs
+that could not be parsed). Predictions are the generated responses (the text after ``### Response:``); references
+are the records' ``output`` fields, except for QPR (see ``score_qpr``). Both are aligned by order.
+
+Parsing follows the reference code exactly. The reference code has defects; by default ecellm corrects them, and
+``paper_compat=True`` reproduces the reference numbers:
+
+- failed outputs: the reference drops them from every denominator (a model that answers 1 of 100 questions, and
+  that one right, scores 1.0); ecellm counts them as wrong answers. ``paper_compat`` drops them.
+- empty outputs: the reference crashes on an empty multiple-choice answer (``pred[0]``); ecellm counts it as
+  failed in both modes, since the crash produces no number to reproduce.
+- AVE: the reference counts every (gold, predicted) pair that matches, so a triple predicted twice, or one
+  predicted triple matching several gold triples under the relaxed OOD rule, scores several hits (recall can
+  exceed 1). ecellm counts the hits of a maximum one-to-one matching. ``paper_compat`` counts all pairs.
+- QPR: the reference takes the ideal DCG from the predicted items' own gains, so a ranking that leaves the relevant
+  products out (or repeats the best one) can score 1.0. ecellm takes the ideal DCG from all the options' gains and
+  skips repeated letters. ``paper_compat`` does as the reference.
+
+The reference adds epsilons (1e-6, 1e-8) to some denominators; ecellm divides exactly and returns 0.0 where a
+denominator is zero, so paper-compatible figures agree with the reference to about 1e-6.
+"""
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# Abbreviation -> the task name in the data.
+TASKS = {
+    "AVE": "Attribute_Value_Extraction",
+    "PRP": "Product_Relation_Prediction",
+    "PM": "Product_Matching",
+    "SA": "Sentiment_Analysis",
+    "SR": "Sequential_Recommendation",
+    "MPC": "Multiclass_Product_Classification",
+    "PSI": "Product_Substitute_Identification",
+    "QPR": "Query_Product_Rank",
+    "AP": "Answerability_Prediction",
+    "AG": "Answer_Generation",
+}
+# The reference evaluate.py spells three names differently.
+_MISSPELLINGS = {
+    "Product_Relation_Predicition": "PRP",
+    "Product_Substitue_Identification": "PSI",
+    "Query_Product_Ranking": "QPR",
+}
+_NAMES = {
+    **{abbr.lower(): abbr for abbr in TASKS},
+    **{name.lower(): abbr for abbr, name in TASKS.items()},
+    **{name.lower(): abbr for name, abbr in _MISSPELLINGS.items()},
+}
+
+# ESCI label -> gain, as the reference QPR evaluation maps them.
+QPR_GAINS = {"E": 1.0, "S": 0.1, "C": 0.01, "I": 0.0}
+
+Encoder = Callable[[list[str]], list[torch.Tensor]]
+
+
+def task_abbr(task: str) -> str:
+    """Return the abbreviation (``"AVE"``, ...) of a task given by abbreviation, data name or reference misspelling.
+
+    Args:
+        task: e.g. ``"PM"``, ``"Product_Matching"``, ``"Query_Product_Ranking"`` (case-insensitive).
+    """
+    abbr = _NAMES.get(task.strip().lower())
+    if abbr is None:
+        known = ", ".join(f"{a} ({n})" for a, n in TASKS.items())
+        raise ValueError(f"unknown task {task!r}; known tasks: {known}")
+    return abbr
+
+
+def score(
+    task: str,
+    predictions: Sequence[str],
+    references: Sequence,
+    *,
+    setting: str | None = None,
+    ood: bool | None = None,
+    paper_compat: bool = False,
+    encoder: Encoder | None = None,
+    idf: bool = False,
+) -> dict:
+    """Score one task's predictions as the paper does.
+
+    Args:
+        task: task abbreviation, data name or the reference's misspelling (see ``task_abbr``).
+        predictions: generated responses, one per record.
+        references: gold answers aligned with ``predictions``: the records' ``output`` strings, except for QPR,
+            whose references are dicts ``{"ranking": "C,B,A", "labels": ["I", "S", "E"]}`` (see ``score_qpr``).
+        setting: the records' setting, e.g. ``"OOD_Diverse_Instruction"``; as in the reference, a setting whose name
+            contains ``"OOD"`` turns on AVE's relaxed matching. Other tasks ignore it.
+        ood: alternative to ``setting``: True turns on the relaxed OOD rules. Must agree with ``setting`` if both
+            are given.
+        paper_compat: reproduce the reference evaluation's defects (see the module docstring).
+        encoder: AG only, required there: token-embedding encoder for BERTScore (see ``bertscore``,
+            ``ModelEncoder``).
+        idf: AG only: weight BERTScore tokens by idf over the references (off by default, as in the paper).
+
+    Returns:
+        dict with ``task`` (abbreviation), ``metric`` (the key of the primary figure), the primary and secondary
+        figures, ``n`` and ``n_failed``.
+    """
+    abbr = task_abbr(task)
+    if len(predictions) != len(references):
+        raise ValueError(f"{abbr}: {len(predictions)} predictions but {len(references)} references")
+    for i, p in enumerate(predictions):
+        if not isinstance(p, str):
+            raise TypeError(f"{abbr}: prediction {i} is {type(p).__name__}, expected str")
+    if setting is not None:
+        from_setting = "OOD" in setting
+        if ood is not None and ood != from_setting:
+            raise ValueError(f"{abbr}: ood={ood} contradicts setting {setting!r}")
+        ood = from_setting
+    ood = bool(ood)
+    if abbr in ("PM", "PSI", "AP"):
+        result = score_yes_no(predictions, references, paper_compat=paper_compat)
+    elif abbr in ("PRP", "SA", "MPC"):
+        metric = "accuracy" if abbr == "MPC" else "macro_f1"
+        result = score_multiple_choice(predictions, references, metric=metric, paper_compat=paper_compat)
+    elif abbr == "SR":
+        result = score_sr(predictions, references, paper_compat=paper_compat)
+    elif abbr == "QPR":
+        result = score_qpr(predictions, references, paper_compat=paper_compat)
+    elif abbr == "AVE":
+        result = score_ave(predictions, references, ood=ood, paper_compat=paper_compat)
+    else:
+        if encoder is None:
+            raise ValueError("AG: BERTScore needs an encoder, e.g. encoder=ModelEncoder(model, tokenizer)")
+        result = score_ag(predictions, references, encoder, idf=idf)
+    return {"task": abbr, **result}
+
+
+def _div(a: float, b: float) -> float:
+    return a / b if b else 0.0
+
+
+def _f1(p: float, r: float) -> float:
+    return _div(2 * p * r, p + r)
+
+
+def _check_choice(ref, i: int, valid: str | set[str], what: str) -> str:
+    if not isinstance(ref, str) or ref not in valid:
+        raise ValueError(f"reference {i} is {ref!r}, expected {what}")
+    return ref
+
+
+# ----------------------------------------------------------------------------------------------------- yes / no
+def score_yes_no(predictions: Sequence[str], references: Sequence[str], *, paper_compat: bool = False) -> dict:
+    """PM, PSI, AP: F1 with positive class ``yes``, plus accuracy, precision, recall, specificity and NPV.
+
+    A prediction is valid when ``prediction.lower().strip()`` is exactly ``yes`` or ``no``; anything else is failed.
+    Default: a failed output is a wrong answer (it is in the accuracy denominator, misses a gold ``yes`` in recall
+    and a gold ``no`` in specificity, but predicts neither class, so precision and NPV do not see it).
+    ``paper_compat``: failed outputs are dropped before scoring, as the reference does.
+
+    Args:
+        predictions: generated responses.
+        references: gold ``yes`` / ``no`` (compared after ``lower().strip()``).
+    """
+    gold = [_check_choice(r.lower().strip() if isinstance(r, str) else r, i, {"yes", "no"}, "'yes' or 'no'")
+            for i, r in enumerate(references)]
+    parsed = [p.lower().strip() for p in predictions]
+    parsed = [p if p in ("yes", "no") else None for p in parsed]
+    n_failed = sum(p is None for p in parsed)
+    pairs = [(g, p) for g, p in zip(gold, parsed) if p is not None or not paper_compat]
+    count = Counter(pairs)
+    tp, tn = count["yes", "yes"], count["no", "no"]
+    pred_yes, pred_no = tp + count["no", "yes"], tn + count["yes", "no"]
+    gold_yes = sum(g == "yes" for g, _ in pairs)
+    gold_no = len(pairs) - gold_yes
+    precision, recall = _div(tp, pred_yes), _div(tp, gold_yes)
+    return {
+        "metric": "f1",
+        "f1": _f1(precision, recall),
+        "accuracy": _div(tp + tn, len(pairs)),
+        "precision": precision,
+        "recall": recall,
+        "specificity": _div(tn, gold_no),
+        "npv": _div(tn, pred_no),
+        "n": len(gold),
+        "n_failed": n_failed,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- multiple choice
+def score_multiple_choice(
+    predictions: Sequence[str], references: Sequence[str], *, metric: str = "macro_f1", paper_compat: bool = False
+) -> dict:
+    """PRP, SA (primary: macro F1) and MPC (primary: accuracy): accuracy and macro precision/recall/F1.
+
+    As the reference: the first character of the stripped prediction must be a letter A-E (for every task, even
+    PRP with options A-C), else the output is failed; it is compared with the reference's first character. Macro
+    figures average the per-class figures over the classes present among the gold and the valid predicted letters
+    (scikit-learn's default label set); a class never predicted has precision 0.
+    Default: a failed output is a wrong answer (it lowers accuracy and its gold class's recall). ``paper_compat``:
+    failed outputs are dropped before scoring. An empty output is failed in both modes (the reference crashes).
+
+    Args:
+        predictions: generated responses, e.g. ``"B: positive"`` or ``"B"``.
+        references: gold outputs; only their first character (the option letter) is used.
+        metric: the primary figure: ``"macro_f1"`` (PRP, SA) or ``"accuracy"`` (MPC).
+    """
+    if metric not in ("macro_f1", "accuracy"):
+        raise ValueError(f"metric must be 'macro_f1' or 'accuracy', got {metric!r}")
+    gold = []
+    for i, r in enumerate(references):
+        if not isinstance(r, str) or not r:
+            raise ValueError(f"reference {i} is {r!r}, expected an option such as 'A' or 'A: ...'")
+        gold.append(r[0])
+    parsed = [p.strip()[:1] for p in predictions]
+    parsed = [p if p and p in "ABCDE" else None for p in parsed]
+    n_failed = sum(p is None for p in parsed)
+    pairs = [(g, p) for g, p in zip(gold, parsed) if p is not None or not paper_compat]
+    classes = sorted({g for g, _ in pairs} | {p for _, p in pairs if p is not None})
+    per_class = []
+    for c in classes:
+        tp = sum(g == c and p == c for g, p in pairs)
+        precision = _div(tp, sum(p == c for _, p in pairs))
+        recall = _div(tp, sum(g == c for g, _ in pairs))
+        per_class.append((precision, recall, _f1(precision, recall)))
+    macro = [_div(sum(x[k] for x in per_class), len(per_class)) for k in range(3)]
+    return {
+        "metric": metric,
+        "accuracy": _div(sum(g == p for g, p in pairs), len(pairs)),
+        "macro_precision": macro[0],
+        "macro_recall": macro[1],
+        "macro_f1": macro[2],
+        "n": len(gold),
+        "n_failed": n_failed,
+    }
+
+
+# ----------------------------------------------------------------------------------------- sequential recommendation
+_SR_LETTERS = {chr(ord("A") + k) for k in range(20)}
+
+
+def score_sr(predictions: Sequence[str], references: Sequence[str], *, paper_compat: bool = False) -> dict:
+    """SR: HR@1, the fraction of outputs naming the gold item.
+
+    As the reference: the stripped prediction must be exactly one letter A-T (``"A: item ..."`` is failed).
+    Default: HR@1 = hits / all outputs. ``paper_compat``: hits / valid outputs.
+
+    Args:
+        predictions: generated responses.
+        references: gold letters ``A``-``T``.
+    """
+    gold = [_check_choice(r.strip() if isinstance(r, str) else r, i, _SR_LETTERS, "one letter A-T")
+            for i, r in enumerate(references)]
+    parsed = [p.strip() for p in predictions]
+    parsed = [p if p in _SR_LETTERS else None for p in parsed]
+    n_failed = sum(p is None for p in parsed)
+    hits = sum(g == p for g, p in zip(gold, parsed))
+    return {
+        "metric": "hr@1",
+        "hr@1": _div(hits, len(gold) - n_failed if paper_compat else len(gold)),
+        "n": len(gold),
+        "n_failed": n_failed,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- query-product rank
+def _dcg(gains: Sequence[float]) -> float:
+    return sum((2**g - 1) / math.log2(i + 2) for i, g in enumerate(gains))
+
+
+def _qpr_gains(ref, i: int) -> dict[str, float]:
+    """Option letter -> gain for QPR reference ``i``, checking the gold ranking against the labels."""
+    if not isinstance(ref, dict) or set(ref) != {"ranking", "labels"}:
+        raise ValueError(f"QPR reference {i} is {ref!r}, expected a dict with keys 'ranking' and 'labels'")
+    labels = ref["labels"]
+    if not labels or any(label not in QPR_GAINS for label in labels):
+        raise ValueError(f"QPR reference {i}: labels {labels!r} must be ESCI labels from {sorted(QPR_GAINS)}")
+    gains = {chr(ord("A") + k): QPR_GAINS[label] for k, label in enumerate(labels)}
+    ranking = ref["ranking"].strip().split(",")
+    if sorted(ranking) != sorted(gains) or any(gains[a] < gains[b] for a, b in zip(ranking, ranking[1:])):
+        raise ValueError(f"QPR reference {i}: gold ranking {ref['ranking']!r} does not order the options by "
+                         f"their labels {labels!r} (are the labels aligned with the records?)")
+    return gains
+
+
+def score_qpr(predictions: Sequence[str], references: Sequence[dict], *, paper_compat: bool = False) -> dict:
+    """QPR: mean NDCG of the predicted rankings, gains from the options' ESCI labels (E=1, S=0.1, C=0.01, I=0).
+
+    As the reference: the stripped prediction is split on ``,``; each piece's first character must be an option
+    letter (so ``"A, B"`` fails on ``" B"``), else the piece is skipped and counted in ``n_invalid_items``; the
+    remaining items take positions 0, 1, ...; DCG = sum((2**gain - 1) / log2(position + 2)). NDCG is averaged over
+    all outputs (an output with no valid item scores 0).
+    Default: the ideal DCG sorts all the options' gains, and a repeated letter is skipped as an invalid item.
+    ``paper_compat``: the ideal DCG sorts the predicted items' own gains, repeats included (the reference).
+
+    Args:
+        predictions: generated rankings such as ``"B,A,C"``.
+        references: per record ``{"ranking": gold output, e.g. "C,B,A", "labels": ESCI label of option A, B, ...,
+            e.g. ["I", "S", "E"]}``. The dataset records hold only the ranking; the labels are the reference code's
+            ``data_label/label.json`` (one list per QPR test record, in order). The ranking is checked against them.
+    """
+    total, n_failed, n_invalid = 0.0, 0, 0
+    for i, (pred, ref) in enumerate(zip(predictions, references)):
+        gains = _qpr_gains(ref, i)
+        ranked, seen = [], set()
+        for piece in pred.strip().split(","):
+            letter = piece[:1]
+            if letter not in gains or (letter in seen and not paper_compat):
+                n_invalid += 1
+                continue
+            seen.add(letter)
+            ranked.append(gains[letter])
+        n_failed += not ranked
+        ideal = sorted(ranked if paper_compat else gains.values(), reverse=True)
+        total += _div(_dcg(ranked), _dcg(ideal))
+    return {
+        "metric": "ndcg",
+        "ndcg": _div(total, len(references)),
+        "n_invalid_items": n_invalid,
+        "n": len(references),
+        "n_failed": n_failed,
+    }
+
+
+# ---------------------------------------------------------------------------------------- attribute value extraction
+_AVE_KEYS = ("attribute", "value", "source")
+
+
+def _ave_gold(ref, i: int) -> list[dict]:
+    try:
+        items = json.loads(ref) if isinstance(ref, str) else None
+    except ValueError:
+        items = None
+    if not isinstance(items, list) or not all(isinstance(x, dict) and all(k in x for k in _AVE_KEYS) for x in items):
+        raise ValueError(f"AVE reference {i} is {ref!r}, expected a JSON list of "
+                         "{\"attribute\", \"value\", \"source\"} objects")
+    return items
+
+
+def _ave_exact(pred, gold: dict) -> bool:
+    return isinstance(pred, dict) and all(k in pred and pred[k] == gold[k] for k in _AVE_KEYS)
+
+
+def _ave_relaxed(pred, gold: dict) -> bool:
+    """The reference's OOD rule: same attribute, non-null value and source, each a substring of the gold's or
+    the other way round."""
+    if not (isinstance(pred, dict) and all(k in pred for k in _AVE_KEYS)):
+        return False
+    value, source = pred["value"], pred["source"]
+    if pred["attribute"] != gold["attribute"] or value is None or source is None:
+        return False
+    pv, gv, ps, gs = str(value), str(gold["value"]), str(source), str(gold["source"])
+    return (pv in gv or gv in pv) and (ps in gs or gs in ps)
+
+
+def _max_matching(edges: list[list[int]], n_right: int) -> int:
+    """Size of a maximum bipartite matching; ``edges[left]`` lists the right nodes it may match (Kuhn's algorithm)."""
+    owner = [-1] * n_right
+
+    def augment(left: int, visited: set[int]) -> bool:
+        for right in edges[left]:
+            if right not in visited:
+                visited.add(right)
+                if owner[right] == -1 or augment(owner[right], visited):
+                    owner[right] = left
+                    return True
+        return False
+
+    return sum(augment(left, set()) for left in range(len(edges)))
+
+
+def score_ave(
+    predictions: Sequence[str], references: Sequence[str], *, ood: bool = False, paper_compat: bool = False
+) -> dict:
+    """AVE: F1 over (attribute, value, source) triples, with precision and recall pooled over all records.
+
+    As the reference: each prediction is parsed as JSON; unparseable output is failed and counts as an empty list;
+    valid JSON that is not a list counts as an empty list (not failed). A predicted item hits a gold triple when it
+    is a dict with equal attribute, value and source; with ``ood`` a relaxed hit also counts (``_ave_relaxed``).
+    recall = hits / gold triples; precision = hits / predicted items that have an ``attribute``; F1 from those.
+    Default: hits are the size of a maximum one-to-one matching between predicted items and gold triples, and an
+    item counts for precision when it is a dict with an ``attribute`` key.
+    ``paper_compat``: every matching (gold, predicted) pair is a hit, so duplicates count again; an item counts for
+    precision when ``"attribute" in item`` (true also for a string containing the word).
+
+    Args:
+        predictions: generated responses, JSON lists.
+        references: gold outputs, JSON lists of ``{"attribute", "value", "source"}``.
+        ood: accept the relaxed OOD match (the reference does when the setting name contains ``OOD``).
+    """
+    hits = n_gold = n_pred = n_failed = 0
+    for i, (text, ref) in enumerate(zip(predictions, references)):
+        gold = _ave_gold(ref, i)
+        try:
+            items = json.loads(text)
+        except ValueError:
+            items, n_failed = [], n_failed + 1
+        if not isinstance(items, list):
+            items = []
+        edges = [[k for k, g in enumerate(gold) if _ave_exact(p, g) or (ood and _ave_relaxed(p, g))] for p in items]
+        if paper_compat:
+            hits += sum(len(e) for e in edges)
+            n_pred += sum(isinstance(p, (dict, list, str)) and "attribute" in p for p in items)
+        else:
+            hits += _max_matching(edges, len(gold))
+            n_pred += sum(isinstance(p, dict) and "attribute" in p for p in items)
+        n_gold += len(gold)
+    precision, recall = _div(hits, n_pred), _div(hits, n_gold)
+    return {
+        "metric": "f1",
+        "f1": _f1(precision, recall),
+        "precision": precision,
+        "recall": recall,
+        "n": len(references),
+        "n_failed": n_failed,
+    }
+
+
+# --------------------------------------------------------------------------------------------- answer generation
+def score_ag(predictions: Sequence[str], references: Sequence[str], encoder: Encoder, *, idf: bool = False) -> dict:
+    """AG: mean BERTScore F (primary), P and R, and mean ROUGE-L F.
+
+    The paper's F_BERT used roberta-large (``bert_score``, English, no baseline rescaling); ``encoder`` is a
+    different model, so absolute values differ from the paper's and only compare between runs with the same
+    encoder. The paper's second score, BLEURT, is not computed. Nothing is parsed; ``n_failed`` counts empty
+    outputs, which score 0.
+
+    Args:
+        predictions: generated answers.
+        references: gold answers.
+        encoder: token-embedding encoder (see ``bertscore``).
+        idf: idf-weight the BERTScore tokens (needs ``encoder.tokenize``).
+    """
+    for i, r in enumerate(references):
+        if not isinstance(r, str):
+            raise ValueError(f"AG reference {i} is {r!r}, expected a string")
+    bs = bertscore(predictions, references, encoder, idf=idf)
+    n = len(references)
+    return {
+        "metric": "f_bert",
+        "f_bert": _div(sum(bs["f"]), n),
+        "p_bert": _div(sum(bs["p"]), n),
+        "r_bert": _div(sum(bs["r"]), n),
+        "rouge_l": _div(sum(rouge_l(p, r) for p, r in zip(predictions, references)), n),
+        "n": n,
+        "n_failed": sum(not p.strip() for p in predictions),
+    }
+
+
+def bertscore(
+    predictions: Sequence[str], references: Sequence[str], encoder: Encoder, *, idf: bool = False
+) -> dict[str, list[float]]:
+    """BERTScore (Zhang et al., 2020) of each prediction against its reference, over any token encoder.
+
+    Token embeddings are L2-normalised; each reference token is matched greedily to its most similar prediction
+    token (recall) and each prediction token to its most similar reference token (precision); F = 2PR / (P + R).
+    With ``idf`` each token is weighted by log((M + 1) / (df + 1)), df = the number of the M references containing
+    it (as ``bert_score`` does; a token in no reference weighs log(M + 1)). No baseline rescaling. A text with no
+    tokens scores 0.
+
+    Args:
+        predictions: candidate texts.
+        references: reference texts, aligned with ``predictions``.
+        encoder: ``encoder(texts) -> [Tensor (T_i, D)]``, one row per token (special tokens left out); for ``idf``
+            it must also have ``encoder.tokenize(text) -> list`` of T_i token ids, aligned with the rows.
+        idf: weight tokens by inverse document frequency over ``references`` (off by default, as in the paper).
+
+    Returns:
+        ``{"p": [...], "r": [...], "f": [...]}``, one value per pair.
+    """
+    pred_emb, ref_emb = encoder(list(predictions)), encoder(list(references))
+    if len(pred_emb) != len(predictions) or len(ref_emb) != len(references):
+        raise ValueError(f"encoder returned {len(pred_emb)} and {len(ref_emb)} embeddings for "
+                         f"{len(predictions)} predictions and {len(references)} references")
+    if idf:
+        if not hasattr(encoder, "tokenize"):
+            raise ValueError("idf=True needs an encoder with a tokenize(text) method")
+        pred_tok = [encoder.tokenize(t) for t in predictions]
+        ref_tok = [encoder.tokenize(t) for t in references]
+        df = Counter(tok for toks in ref_tok for tok in set(toks))
+        m = len(references)
+
+        def weights(toks: list, emb: torch.Tensor) -> torch.Tensor:
+            if len(toks) != emb.shape[0]:
+                raise ValueError(f"encoder.tokenize gave {len(toks)} tokens for {emb.shape[0]} embedding rows")
+            return torch.tensor([math.log((m + 1) / (df[t] + 1)) for t in toks])
+
+        pred_w = [weights(t, e) for t, e in zip(pred_tok, pred_emb)]
+        ref_w = [weights(t, e) for t, e in zip(ref_tok, ref_emb)]
+    else:
+        pred_w = [torch.ones(e.shape[0]) for e in pred_emb]
+        ref_w = [torch.ones(e.shape[0]) for e in ref_emb]
+    out = {"p": [], "r": [], "f": []}
+    for c, r, wc, wr in zip(pred_emb, ref_emb, pred_w, ref_w):
+        if c.shape[0] == 0 or r.shape[0] == 0:
+            p = rec = 0.0
+        else:
+            sim = F.normalize(c.float(), dim=-1) @ F.normalize(r.float(), dim=-1).T  # (Tc, Tr)
+            p = _div(float((sim.max(dim=1).values * wc).sum()), float(wc.sum()))
+            rec = _div(float((sim.max(dim=0).values * wr).sum()), float(wr.sum()))
+        out["p"].append(p)
+        out["r"].append(rec)
+        out["f"].append(_f1(p, rec))
+    return out
+
+
+def _rouge_tokens(text: str) -> list[str]:
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 of one pair: the longest common subsequence of their words (lower-cased; runs of characters other
+    than a-z and 0-9 separate words, as ``rouge_score``'s default tokenizer without stemming), P = LCS / prediction
+    words, R = LCS / reference words, F = 2PR / (P + R).
+
+    Args:
+        prediction: candidate text.
+        reference: reference text.
+    """
+    a, b = _rouge_tokens(prediction), _rouge_tokens(reference)
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    return _f1(_div(lcs, len(a)), _div(lcs, len(b)))
+
+
+class ModelEncoder:
+    """BERTScore encoder from an ecellm model: the final hidden states (after the final norm) of each token.
+
+    Each text is encoded with the family's BOS (when it has one) and without EOS; the BOS row is left out of the
+    returned embeddings, like BERTScore leaves out ``<s>`` / ``</s>``. Decoder models are causal, so a token's
+    embedding sees only the tokens before it. These embeddings are not roberta-large's 17th layer, which the paper
+    used: F_BERT values differ from the paper's and compare only between runs with the same encoder.
+
+    Args:
+        model: an ecellm model exposing ``hidden_states(input_ids, attention_mask) -> (B, T, H)``.
+        tokenizer: its ecellm tokenizer (``encode``, ``bos_id``, ``pad_id``).
+        batch_size: texts per forward pass.
+        max_length: texts are cut to this many tokens (BOS included).
+    """
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 16, max_length: int = 512):
+        if not hasattr(model, "hidden_states"):
+            raise TypeError(f"{type(model).__name__} has no hidden_states(input_ids, attention_mask) method")
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size, self.max_length = batch_size, max_length
+        self.bos = tokenizer.bos_id is not None
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` that get an embedding row (no BOS), cut to ``max_length``.
+
+        Args:
+            text: the text.
+        """
+        return self.tokenizer.encode(text, bos=False, eos=False)[: self.max_length - self.bos]
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> list[torch.Tensor]:
+        """Embed ``texts``; returns one float32 CPU tensor (T_i, H) per text.
+
+        Args:
+            texts: the texts.
+        """
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            ids = [[self.tokenizer.bos_id] * self.bos + self.tokenize(t) for t in texts[start:start + self.batch_size]]
+            width = max(len(x) for x in ids)
+            input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)  # (B, T)
+            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)  # (B, T)
+            hidden = self.model.hidden_states(input_ids, mask)  # (B, T, H)
+            out.extend(hidden[b, self.bos:len(x)].float().cpu() for b, x in enumerate(ids))
+        return out

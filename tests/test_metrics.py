@@ -1,0 +1,359 @@
+"""Metrics on hand-worked cases (values written here, worked out by hand), with scikit-learn as an oracle."""
+
+import json
+import random
+import zlib
+
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+from ecellm.metrics import ModelEncoder, bertscore, rouge_l, score, task_abbr
+
+approx = pytest.approx
+
+
+# ------------------------------------------------------------------------------------------------------ task names
+@pytest.mark.parametrize("name, abbr", [
+    ("PM", "PM"), ("pm", "PM"), ("Product_Matching", "PM"),
+    ("Product_Substitute_Identification", "PSI"), ("Product_Substitue_Identification", "PSI"),
+    ("Product_Relation_Prediction", "PRP"), ("Product_Relation_Predicition", "PRP"),
+    ("Query_Product_Rank", "QPR"), ("Query_Product_Ranking", "QPR"),
+    ("Attribute_Value_Extraction", "AVE"), ("Answer_Generation", "AG"),
+])
+def test_task_names(name, abbr):
+    assert task_abbr(name) == abbr
+
+
+def test_unknown_task_and_bad_arguments():
+    with pytest.raises(ValueError, match="unknown task 'Product_Ranking'"):
+        score("Product_Ranking", ["yes"], ["yes"])
+    with pytest.raises(ValueError, match="1 predictions but 2 references"):
+        score("PM", ["yes"], ["yes", "no"])
+    with pytest.raises(ValueError, match="contradicts"):
+        score("AVE", ["[]"], ["[]"], setting="IND_Diverse_Instruction", ood=True)
+    with pytest.raises(ValueError, match="reference 1 is 'maybe'"):
+        score("PM", ["yes", "no"], ["yes", "maybe"])
+    with pytest.raises(TypeError, match="prediction 0 is NoneType"):
+        score("PM", [None], ["yes"])
+
+
+# ------------------------------------------------------------------------------------------------------- yes / no
+YN_PRED = ["yes", " No ", "yes", "maybe", "", "no", "YES"]
+YN_GOLD = ["yes", "no", "no", "yes", "no", "yes", "yes"]
+
+
+def test_yes_no_hand_worked():
+    # valid: (yes,yes) (no,no) (no->yes) (yes->no) (yes,yes); failed: "maybe" (gold yes), "" (gold no).
+    r = score("Product_Matching", YN_PRED, YN_GOLD)
+    assert r["task"] == "PM" and r["metric"] == "f1"
+    # tp=2 tn=1 fp=1, predicted yes 3, predicted no 2, gold yes 4, gold no 3, n 7.
+    assert r == approx({"task": "PM", "metric": "f1", "f1": 4 / 7, "accuracy": 3 / 7, "precision": 2 / 3,
+                        "recall": 0.5, "specificity": 1 / 3, "npv": 0.5, "n": 7, "n_failed": 2})
+
+
+def test_yes_no_paper_compat_drops_failed():
+    r = score("AP", YN_PRED, YN_GOLD, paper_compat=True)
+    # 5 valid pairs: tp=2 tn=1 fp=1 fn=1.
+    assert r == approx({"task": "AP", "metric": "f1", "f1": 2 / 3, "accuracy": 0.6, "precision": 2 / 3,
+                        "recall": 2 / 3, "specificity": 0.5, "npv": 0.5, "n": 7, "n_failed": 2})
+
+
+def test_yes_no_single_right_answer_is_perfect_only_in_paper_compat():
+    preds, gold = ["yes"] + ["I cannot tell"] * 9, ["yes"] * 10
+    assert score("PSI", preds, gold, paper_compat=True)["f1"] == 1.0
+    assert score("PSI", preds, gold)["f1"] == approx(2 * 0.1 / 1.1)
+
+
+def test_yes_no_agrees_with_sklearn():
+    rng = random.Random(0)
+    gold = [rng.choice(["yes", "no"]) for _ in range(200)]
+    preds = [rng.choice(["yes", "no", "Yes ", "nope", ""]) for _ in range(200)]
+    norm = [p.lower().strip() if p.lower().strip() in ("yes", "no") else "<failed>" for p in preds]
+    for compat in (False, True):
+        y_true = [g for g, p in zip(gold, norm) if not (compat and p == "<failed>")]
+        y_pred = [p for p in norm if not (compat and p == "<failed>")]
+        (p_yes, p_no), (r_yes, r_no), (f_yes, _), _ = precision_recall_fscore_support(
+            y_true, y_pred, labels=["yes", "no"], average=None, zero_division=0)
+        r = score("PM", preds, gold, paper_compat=compat)
+        assert r["accuracy"] == approx(accuracy_score(y_true, y_pred))
+        assert (r["precision"], r["recall"], r["f1"]) == approx((p_yes, r_yes, f_yes))
+        assert (r["specificity"], r["npv"]) == approx((r_no, p_no))
+        if compat:
+            assert r["f1"] == approx(f1_score(y_true, y_pred, pos_label="yes"))
+
+
+# ------------------------------------------------------------------------------------------------ multiple choice
+MC_GOLD = ["A: very positive", "B: positive", "C: neutral", "A: very positive", "E: very negative", "B: positive"]
+MC_PRED = ["A", "B: positive", " A: very positive", "", "Z", "D"]
+
+
+def test_multiple_choice_hand_worked():
+    # parsed A B A <failed> <failed> D; classes A B C D E.
+    # A: P 1/2 R 1/2 F 1/2; B: P 1 R 1/2 F 2/3; C, D, E: 0.
+    r = score("SA", MC_PRED, MC_GOLD)
+    assert r == approx({"task": "SA", "metric": "macro_f1", "accuracy": 2 / 6, "macro_precision": 0.3,
+                        "macro_recall": 0.2, "macro_f1": (0.5 + 2 / 3) / 5, "n": 6, "n_failed": 2})
+
+
+def test_multiple_choice_paper_compat():
+    # pairs (A,A) (B,B) (C->A) (B->D); classes A B C D. A: P 1/2 R 1 F 2/3; B: P 1 R 1/2 F 2/3.
+    r = score("Product_Relation_Predicition", MC_PRED, MC_GOLD, paper_compat=True)
+    assert r == approx({"task": "PRP", "metric": "macro_f1", "accuracy": 0.5, "macro_precision": 0.375,
+                        "macro_recall": 0.375, "macro_f1": 1 / 3, "n": 6, "n_failed": 2})
+
+
+def test_mpc_primary_is_accuracy_and_empty_output_does_not_crash():
+    r = score("MPC", ["", "A: The product is relevant"], ["A: The product is relevant", "A"])
+    assert r["metric"] == "accuracy" and r["accuracy"] == 0.5 and r["n_failed"] == 1
+    assert score("MPC", ["", "A"], ["A", "A"], paper_compat=True)["accuracy"] == 1.0
+
+
+def test_multiple_choice_agrees_with_sklearn():
+    rng = random.Random(1)
+    gold = [rng.choice("ABCD") + ": option text" for _ in range(300)]
+    preds = [rng.choice(["A", "B", "C", "D", "E: x", " C: y", "", "none", "F"]) for _ in range(300)]
+    first = [p.strip()[:1] for p in preds]
+    norm = [c if c and c in "ABCDE" else "<failed>" for c in first]
+    y_true_all = [g[0] for g in gold]
+    for compat in (False, True):
+        y_true = [g for g, p in zip(y_true_all, norm) if not (compat and p == "<failed>")]
+        y_pred = [p for p in norm if not (compat and p == "<failed>")]
+        labels = sorted(set(y_true) | (set(y_pred) - {"<failed>"}))
+        p, rec, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average="macro",
+                                                       zero_division=0)
+        r = score("MPC", preds, gold, paper_compat=compat)
+        assert (r["macro_precision"], r["macro_recall"], r["macro_f1"]) == approx((p, rec, f))
+        assert r["accuracy"] == approx(accuracy_score(y_true, y_pred))
+        if compat:
+            assert r["macro_f1"] == approx(f1_score(y_true, y_pred, average="macro", zero_division=0))
+
+
+# ----------------------------------------------------------------------------------------- sequential recommendation
+def test_sr_hr_at_1():
+    preds, gold = ["A", "T: some item", " C ", "U"], ["A", "T", "C", "D"]
+    assert score("SR", preds, gold) == {"task": "SR", "metric": "hr@1", "hr@1": 0.5, "n": 4, "n_failed": 2}
+    assert score("SR", preds, gold, paper_compat=True)["hr@1"] == 1.0
+    with pytest.raises(ValueError, match="reference 0 is 'U'"):
+        score("SR", ["A"], ["U"])
+
+
+# ------------------------------------------------------------------------------------------------ query-product rank
+QPR_REF = {"ranking": "C,B,A", "labels": ["I", "S", "E"]}  # gains A 0, B 0.1, C 1
+IDEAL = 1.0452840130309937  # 1 + (2**0.1 - 1) / log2(3)
+
+
+@pytest.mark.parametrize("pred, ndcg, compat_ndcg, invalid, failed", [
+    ("C,B,A", 1.0, 1.0, 0, 0),
+    ("A", 0.0, 0.0, 0, 0),
+    ("B", (2**0.1 - 1) / IDEAL, 1.0, 0, 0),              # leaving out the best product is free in paper_compat
+    ("C,C,C", 1 / IDEAL, 1.0, 2, 0),                     # repeats: skipped here, all count in paper_compat
+    ("A, B,C", 0.6309297535714575 / IDEAL, 0.6309297535714575, 1, 0),  # " B" is invalid; C at position 1
+    ("", 0.0, 0.0, 1, 1),
+    ("the first one", 0.0, 0.0, 1, 1),
+])
+def test_qpr_hand_worked(pred, ndcg, compat_ndcg, invalid, failed):
+    r = score("Query_Product_Ranking", [pred], [QPR_REF])
+    assert r == approx({"task": "QPR", "metric": "ndcg", "ndcg": ndcg, "n_invalid_items": invalid, "n": 1,
+                        "n_failed": failed})
+    c = score("QPR", [pred], [QPR_REF], paper_compat=True)
+    assert c["ndcg"] == approx(compat_ndcg)
+    assert c["n_invalid_items"] == (0 if pred == "C,C,C" else invalid)
+
+
+def test_qpr_averages_over_all_outputs():
+    refs = [QPR_REF, {"ranking": "A,B", "labels": ["E", "S"]}]
+    assert score("QPR", ["C,B,A", "B,A"], refs)["ndcg"] == approx(
+        (1 + ((2**0.1 - 1) + 1 / 1.584962500721156) / IDEAL) / 2)
+
+
+def test_qpr_reference_checks():
+    with pytest.raises(ValueError, match="expected a dict with keys 'ranking' and 'labels'"):
+        score("QPR", ["A,B"], ["A,B"])
+    with pytest.raises(ValueError, match="does not order the options"):
+        score("QPR", ["A,B"], [{"ranking": "B,A", "labels": ["E", "S"]}])
+    with pytest.raises(ValueError, match="does not order the options"):
+        score("QPR", ["A,B"], [{"ranking": "A,B", "labels": ["E", "S", "I"]}])
+    with pytest.raises(ValueError, match="must be ESCI labels"):
+        score("QPR", ["A,B"], [{"ranking": "A,B", "labels": ["E", "X"]}])
+
+
+# ---------------------------------------------------------------------------------------- attribute value extraction
+def triple(attribute, value, source):
+    return {"attribute": attribute, "value": value, "source": source}
+
+
+AVE_GOLD = [
+    json.dumps([triple("gauge", "light", "product title"), triple("gauge", "light gauge", "product description")]),
+    json.dumps([triple("core material", "bronze", "product title")]),
+    json.dumps([triple("winding material", "phosphor bronze", "product title")]),
+]
+AVE_PRED = [
+    json.dumps([triple("gauge", "light", "product title")] * 2 + [triple("color", "red", "product title")]),
+    "not json [",
+    json.dumps(triple("winding material", "phosphor bronze", "product title")),  # valid JSON, not a list
+]
+
+
+def test_ave_hand_worked():
+    # one-to-one: 1 hit; 4 gold triples; 3 predicted items (all have an attribute).
+    r = score("AVE", AVE_PRED, AVE_GOLD)
+    assert r == approx({"task": "AVE", "metric": "f1", "f1": 2 / 7, "precision": 1 / 3, "recall": 0.25, "n": 3,
+                        "n_failed": 1})
+
+
+def test_ave_paper_compat_counts_duplicates():
+    # the duplicated prediction hits the same gold triple twice: 2 hits.
+    r = score("AVE", AVE_PRED, AVE_GOLD, paper_compat=True)
+    assert (r["precision"], r["recall"], r["f1"], r["n_failed"]) == approx((2 / 3, 0.5, 4 / 7, 1))
+
+
+GOLD_DESC = triple("gauge", "light gauge", "product description")
+
+
+@pytest.mark.parametrize("pred, relaxed_hit", [
+    (triple("gauge", "light", "product description"), True),          # predicted value inside the gold value
+    (triple("gauge", "extra light gauge", "product description"), True),  # gold value inside the predicted one
+    (triple("gauge", "light gauge", "description"), True),             # predicted source inside the gold source
+    (triple("gauge", "light gauge", "product description text"), True),  # gold source inside the predicted one
+    (triple("size", "light gauge", "product description"), False),      # attribute must be equal
+    (triple("gauge", None, "product description"), False),             # null value
+    (triple("gauge", "light gauge", None), False),                     # null source
+    (triple("gauge", "heavy", "product description"), False),          # value unrelated
+    (triple("gauge", "light", "product title"), False),                # source unrelated
+    ({"attribute": "gauge", "value": "light gauge"}, False),           # missing key
+    ("gauge light gauge product description", False),                  # not a dict
+])
+def test_ave_relaxed_rule(pred, relaxed_hit):
+    gold, text = [json.dumps([GOLD_DESC])], [json.dumps([pred])]
+    assert score("AVE", text, gold, ood=True)["recall"] == (1.0 if relaxed_hit else 0.0)
+    assert score("AVE", text, gold, setting="OOD_Diverse_Instruction")["recall"] == (1.0 if relaxed_hit else 0.0)
+    assert score("AVE", text, gold, setting="IND_Diverse_Instruction")["recall"] == 0.0
+    assert score("AVE", text, gold)["recall"] == 0.0
+
+
+def test_ave_relaxed_one_prediction_matches_two_gold_triples():
+    gold = [json.dumps([GOLD_DESC, triple("gauge", "light", "product title")])]
+    pred = [json.dumps([triple("gauge", "light", "product")])]
+    r = score("AVE", pred, gold, ood=True)
+    assert (r["precision"], r["recall"], r["f1"]) == approx((1.0, 0.5, 2 / 3))
+    c = score("AVE", pred, gold, ood=True, paper_compat=True)
+    assert (c["precision"], c["recall"], c["f1"]) == approx((2.0, 1.0, 4 / 3))
+
+
+def test_ave_matching_is_maximum_not_greedy():
+    # p0 matches g0 (relaxed) and g1 (exactly); p1 matches only g0: a greedy p0->g0 would leave p1 unmatched.
+    gold = [json.dumps([triple("a", "light gauge", "product title"), triple("a", "light", "product title")])]
+    pred = [json.dumps([triple("a", "light", "product title"), triple("a", "gauge", "product title")])]
+    assert score("AVE", pred, gold, ood=True)["f1"] == 1.0
+
+
+def test_ave_precision_denominator():
+    gold = [json.dumps([triple("a", "x", "product title")])]
+    pred = [json.dumps(["the attribute is x", triple("a", "x", "product title"), {"value": "x"}])]
+    assert score("AVE", pred, gold)["precision"] == 1.0
+    assert score("AVE", pred, gold, paper_compat=True)["precision"] == 0.5  # the string counts there
+    with pytest.raises(ValueError, match="AVE reference 0"):
+        score("AVE", ["[]"], ["no json"])
+
+
+# --------------------------------------------------------------------------------------------- answer generation
+class OneHotEncoder:
+    """Each word is a one-hot vector, no context: cosine 1 for the same word, 0 otherwise."""
+
+    vocab = ["a", "b", "c", "d", "e"]
+
+    def tokenize(self, text):
+        return text.split()
+
+    def __call__(self, texts):
+        eye = torch.eye(len(self.vocab))
+        return [eye[[self.vocab.index(w) for w in self.tokenize(t)]].reshape(-1, len(self.vocab)) for t in texts]
+
+
+class ToyContextEncoder:
+    """Seeded random word vectors plus a little of the sentence mean, so a word's embedding depends on context."""
+
+    def tokenize(self, text):
+        return text.lower().split()
+
+    def __call__(self, texts):
+        out = []
+        for t in texts:
+            words = [torch.randn(64, generator=torch.Generator().manual_seed(zlib.crc32(w.encode())))
+                     for w in self.tokenize(t)]
+            e = torch.stack(words) if words else torch.zeros(0, 64)
+            out.append(e + 0.3 * e.mean(0, keepdim=True) if words else e)
+        return out
+
+
+def test_bertscore_hand_worked():
+    # "a b d" vs "a b c": 2 of 3 candidate tokens and 2 of 3 reference tokens have an exact partner.
+    s = bertscore(["a b d", "a a", "e"], ["a b c", "a", "a b"], OneHotEncoder())
+    assert s["p"] == approx([2 / 3, 1.0, 0.0])
+    assert s["r"] == approx([2 / 3, 1.0, 0.0])
+    assert s["f"] == approx([2 / 3, 1.0, 0.0])
+
+
+def test_bertscore_idf_hand_worked():
+    # references "a b", "a c" (M=2): idf(a) = log(3/3) = 0, idf(b) = log(3/2), idf(d) = log(3) (in no reference).
+    s = bertscore(["a b d", "c"], ["a b", "a c"], OneHotEncoder(), idf=True)
+    assert s["p"] == approx([0.2695772896908149, 1.0])  # log1.5 / (log1.5 + log3)
+    assert s["r"] == approx([1.0, 1.0])                 # a weighs 0, b found
+    with pytest.raises(ValueError, match="tokenize"):
+        bertscore(["a"], ["a"], lambda texts: OneHotEncoder()(texts), idf=True)
+
+
+def test_bertscore_identical_is_one_and_paraphrase_beats_unrelated():
+    ref = "the battery lasts about six hours on a full charge"
+    para = "on a full charge the battery lasts roughly six hours"
+    unrelated = "this tent comes with eight aluminum stakes and a rain fly"
+    s = bertscore([ref, para, unrelated], [ref] * 3, ToyContextEncoder())
+    assert s["f"][0] == approx(1.0) and s["p"][0] == approx(1.0) and s["r"][0] == approx(1.0)
+    assert s["f"][1] > s["f"][2] + 0.3
+
+
+def test_rouge_l_hand_worked():
+    assert rouge_l("the cat sat on the mat", "The cat is on the mat.") == approx(5 / 6)  # LCS the cat on the mat
+    assert rouge_l("a b c d", "a c e") == approx(4 / 7)                               # LCS a c: P 1/2, R 2/3
+    assert rouge_l("", "a") == 0.0
+
+
+def test_score_ag():
+    preds, refs = ["a b d", ""], ["a b c", "a"]
+    r = score("AG", preds, refs, encoder=OneHotEncoder())
+    assert r == approx({"task": "AG", "metric": "f_bert", "f_bert": 1 / 3, "p_bert": 1 / 3, "r_bert": 1 / 3,
+                        "rouge_l": 1 / 3, "n": 2, "n_failed": 1})
+    with pytest.raises(ValueError, match="needs an encoder"):
+        score("AG", preds, refs)
+
+
+class _Tok:
+    bos_id, eos_id, pad_id = 1, 2, 0
+
+    def encode(self, text, bos=None, eos=None):
+        return [1] * bool(bos) + [3 + (ord(ch) % 20) for ch in text] + [2] * bool(eos)
+
+
+class _CausalMean(torch.nn.Module):
+    """hidden_states = causal running mean of token embeddings (a stand-in until the model families land)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(32, 8)
+
+    def hidden_states(self, input_ids, attention_mask=None):
+        e = self.emb(input_ids)  # (B, T, H)
+        return e.cumsum(1) / torch.arange(1, input_ids.shape[1] + 1).view(1, -1, 1)
+
+
+def test_model_encoder_drops_bos_and_padding():
+    torch.manual_seed(0)
+    model = _CausalMean()
+    enc = ModelEncoder(model, _Tok(), batch_size=2)
+    out = enc(["abc", "a", "", "abcdef"])
+    assert [tuple(x.shape) for x in out] == [(3, 8), (1, 8), (0, 8), (6, 8)]
+    alone = enc(["abc"])[0]
+    torch.testing.assert_close(out[0], alone)  # padding next to a longer text changes nothing
+    assert enc.tokenize("abc") == [3 + ord(c) % 20 for c in "abc"]
+    assert bertscore(["abc"], ["abc"], enc)["f"] == approx([1.0])
