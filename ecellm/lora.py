@@ -331,8 +331,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         path: directory with `adapter_config.json` and `adapter_model.safetensors`.
 
     Returns:
-        `model` with LoRA layers holding the adapter's weights (trainable; other parameters frozen). A
-        `<module>.base_layer.weight` that peft saves for a targeted `lm_head` is copied into that base weight.
+        `model` with LoRA layers holding the adapter's weights (trainable; other parameters frozen). The
+        `<module>.base_layer.weight` / `.bias` that peft saves for a targeted `lm_head` are copied into the base.
 
     Raises:
         ValueError: unsupported config fields; weights for modules the config does not target or that are not
@@ -344,9 +344,9 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     if not weights_file.is_file():
         raise FileNotFoundError(f"load_adapter: no {ADAPTER_WEIGHTS} in {path} (only safetensors adapters are read)")
     raw = load_file(str(weights_file))
-    lora: dict[str, dict[str, torch.Tensor]] = {}  # module -> {"lora_A": ..., "lora_B": ..., "base_layer": ...}
+    lora: dict[str, dict[str, torch.Tensor]] = {}  # module -> {"lora_A.weight": ..., "base_layer.bias": ...}
     for key, tensor in raw.items():
-        m = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.(lora_A|lora_B|base_layer)\.weight", key)
+        m = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.(lora_A\.weight|lora_B\.weight|base_layer\.(?:weight|bias))", key)
         if m is None:
             raise ValueError(f"{weights_file}: unexpected key {key!r} (expected {PEFT_PREFIX}<module>.lora_A.weight)")
         lora.setdefault(m[1], {})[m[2]] = tensor
@@ -358,7 +358,9 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
             f"{weights_file}: weights for {off_target}, which are not nn.Linear modules of {type(model).__name__} "
             f"selected by target_modules={targets!r}"
         )
-    missing = sorted(n for n in linears if matches(n, targets) and not {"lora_A", "lora_B"} <= lora.get(n, {}).keys())
+    missing = sorted(
+        n for n in linears if matches(n, targets) and not {"lora_A.weight", "lora_B.weight"} <= lora.get(n, {}).keys()
+    )
     if missing:
         raise ValueError(f"{weights_file}: no lora_A/lora_B weights for targeted modules {missing}")
     inject(
@@ -374,11 +376,13 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         for name, tensors in lora.items():
             layer = layers[name]
             for kind, tensor in tensors.items():
-                dest = layer.weight if kind == "base_layer" else getattr(layer, kind)
-                if tensor.shape != dest.shape:
+                # "lora_A.weight" -> layer.lora_A, "base_layer.bias" -> layer.bias, ...
+                dest = getattr(layer, kind.split(".")[1] if kind.startswith("base_layer") else kind.split(".")[0])
+                if dest is None or tensor.shape != dest.shape:
+                    needs = "no such tensor" if dest is None else f"shape {tuple(dest.shape)}"
                     raise ValueError(
-                        f"{weights_file}: {PEFT_PREFIX}{name}.{kind}.weight has shape {tuple(tensor.shape)}, "
-                        f"the model needs {tuple(dest.shape)}"
+                        f"{weights_file}: {PEFT_PREFIX}{name}.{kind} has shape {tuple(tensor.shape)}, the model needs "
+                        f"{needs}"
                     )
                 dest.copy_(tensor)
     return model

@@ -288,7 +288,7 @@ def test_load_adapter_errors_name_keys_and_shapes(tmp_path):
     good = {"base_model.model.fc1.lora_A.weight": torch.zeros(2, 8), "base_model.model.fc1.lora_B.weight": torch.zeros(16, 2)}
     cases = [
         ("shape", good | {"base_model.model.fc1.lora_A.weight": torch.zeros(2, 9)}, {},
-         r"fc1.lora_A.weight has shape \(2, 9\), the model needs \(2, 8\)"),
+         r"fc1.lora_A.weight has shape \(2, 9\), the model needs shape \(2, 8\)"),
         ("unexpected", good | {"base_model.model.fc1.magic": torch.zeros(1)}, {}, "unexpected key 'base_model.model.fc1.magic'"),
         ("offtarget", good | {"base_model.model.fc2.lora_A.weight": torch.zeros(2, 16)}, {}, r"weights for \['fc2'\]"),
         ("missing", good, {"target_modules": ["fc1", "fc2"]}, r"no lora_A/lora_B weights for targeted modules \['fc2'\]"),
