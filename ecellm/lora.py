@@ -318,8 +318,9 @@ def _read_adapter_config(path: Path) -> dict[str, Any]:
             raise ValueError(f"{file}: {key}={config[key]!r} is not supported by ecellm.lora")
     if config.get("bias", "none") != "none":
         raise ValueError(f"{file}: bias={config['bias']!r} is not supported (only 'none')")
-    if config.get("target_modules") is None:
-        raise ValueError(f"{file}: target_modules is missing")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if config.get(key) is None:
+            raise ValueError(f"{file}: the required field {key!r} is missing")
     return config
 
 
@@ -398,30 +399,32 @@ def _parse_size(size: int | str) -> int:
     return int(float(m[1]) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m[2]])
 
 
-def _merged_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with LoRA folded in and LoRA tensors dropped; a tensor shared by several keys (a tied
-    weight) is kept under its first key only, as Hugging Face checkpoints store it."""
-    layers = lora_layers(model)
-    merged = {f"{name}.weight": layer.merged_weight() for name, layer in layers.items()}
-    out: dict[str, torch.Tensor] = {}
+def _checkpoint_entries(model: nn.Module) -> dict[str, tuple[torch.Tensor, LoRALinear | None]]:
+    """Checkpoint key -> (the model's tensor, the LoRA layer whose update must be merged into it, or None).
+
+    LoRA tensors are dropped. A tensor shared by several keys (a tied weight) is kept under its first key only, as
+    Hugging Face checkpoints store it, unless a LoRA layer owns it (its merged value is its own)."""
+    owners = {f"{name}.weight": layer for name, layer in lora_layers(model).items()}
+    entries: dict[str, tuple[torch.Tensor, LoRALinear | None]] = {}
     seen: set[int] = set()  # storage addresses already written
     for key, tensor in model.state_dict().items():
         if key.endswith((".lora_A", ".lora_B")):
             continue
-        if key in merged:
-            out[key] = merged[key]
+        if key in owners:
+            entries[key] = (tensor, owners[key])
             continue
         storage = tensor.untyped_storage().data_ptr()
         if storage not in seen:
             seen.add(storage)
-            out[key] = tensor
-    return out
+            entries[key] = (tensor, None)
+    return entries
 
 
 def save_merged(model: nn.Module, path: str | Path, max_shard_size: int | str = "5GB") -> None:
     """Write the model with LoRA merged in as a Hugging Face checkpoint that transformers and ecellm both load.
 
-    The model itself is not changed: each merged weight is computed out of place (fp32 math, base dtype).
+    The model itself is not changed: merged weights are computed out of place (fp32 math, base dtype), one shard at a
+    time, so the extra memory is about one shard.
 
     Args:
         model: an ecellm model (needs `model.config.raw`, the config.json dict it was built from), LoRA optional.
@@ -432,36 +435,39 @@ def save_merged(model: nn.Module, path: str | Path, max_shard_size: int | str = 
     raw = getattr(getattr(model, "config", None), "raw", None)
     if not isinstance(raw, dict) or not raw:
         raise ValueError(f"save_merged: {type(model).__name__} has no config.raw (the config.json dict) to write")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in _merged_tensors(model).items()}
+    entries = _checkpoint_entries(model)
     config = dict(raw)
     if config.get("tie_word_embeddings") and "lm_head" in lora_layers(model):
         config["tie_word_embeddings"] = False  # the merged head now differs from the embedding: store both
-    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    dtypes = {t.dtype for t, _ in entries.values() if t.is_floating_point()}
     if len(dtypes) == 1:
         config.pop("torch_dtype", None)
         config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
 
     limit = _parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in tensors.items():
+    shards: list[list[str]] = [[]]  # checkpoint keys per shard, filled in order up to `limit` bytes
+    size = total = 0
+    for key, (tensor, _) in entries.items():
         nbytes = tensor.numel() * tensor.element_size()
         if shards[-1] and size + nbytes > limit:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][key] = tensor
+        shards[-1].append(key)
         size += nbytes
+        total += nbytes
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    if len(shards) == 1:
-        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-             "weight_map": weight_map}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)
+    ]
+    for name, keys in zip(names, shards):
+        tensors = {}
+        for key in keys:
+            tensor, layer = entries[key]
+            tensors[key] = (tensor if layer is None else layer.merged_weight()).detach().contiguous().cpu()
+        save_file(tensors, str(path / name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")

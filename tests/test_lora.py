@@ -294,6 +294,7 @@ def test_load_adapter_errors_name_keys_and_shapes(tmp_path):
         ("missing", good, {"target_modules": ["fc1", "fc2"]}, r"no lora_A/lora_B weights for targeted modules \['fc2'\]"),
         ("dora", good, {"use_dora": True}, "use_dora=True is not supported"),
         ("type", good, {"peft_type": "IA3"}, "only 'LORA'"),
+        ("required", good, {"lora_alpha": None}, "required field 'lora_alpha' is missing"),
     ]
     for name, tensors, config, message in cases:
         _write_adapter(tmp_path / name, tensors, **config)
