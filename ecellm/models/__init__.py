@@ -15,14 +15,16 @@ from torch import nn
 from .config import ConfigError, read_config_file
 from .llama import LlamaConfig, LlamaForCausalLM
 from .loading import CheckpointError, load_checkpoint
-from .loss import IGNORE_INDEX, causal_lm_loss
+from .loss import IGNORE_INDEX, causal_lm_loss, seq2seq_lm_loss
 from .phi import PhiConfig, PhiForCausalLM
+from .t5 import T5Config, T5ForConditionalGeneration
 
 # model_type -> (config dataclass, model class)
 FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (LlamaConfig, LlamaForCausalLM),
     "phi": (PhiConfig, PhiForCausalLM),
+    "t5": (T5Config, T5ForConditionalGeneration),
 }
 
 
@@ -85,7 +87,10 @@ __all__ = [
     "LlamaForCausalLM",
     "PhiConfig",
     "PhiForCausalLM",
+    "T5Config",
+    "T5ForConditionalGeneration",
     "causal_lm_loss",
+    "seq2seq_lm_loss",
     "from_config",
     "from_pretrained",
     "parse_config",
