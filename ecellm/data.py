@@ -1,0 +1,667 @@
+"""ECInstruct: loading the released files, the eCeLLM prompt templates, training examples, batching, sampling.
+
+The facts implemented here (fields, settings, splits, task names, templates) are in the project spec
+`ECINSTRUCT.md` and its `tasks.json`. The flow from a user's files to a training batch:
+
+    records = load_records("train.json", split="train", setting="IND_Diverse_Instruction")
+    examples, report = build_examples(records, tokenizer, "alpaca", max_len=2048)
+    sampler = LengthGroupedBatchSampler([len(e["input_ids"]) for e in examples], batch_size=8, seed=0)
+    for idx in sampler:
+        batch = collate([examples[i] for i in idx], tokenizer.pad_id)   # (B, T) tensors
+
+Tokenization choice: a training example is `encode(prompt)` followed by `encode(answer) + [EOS]`, tokenized
+separately and concatenated, so the loss mask starts exactly at the first answer token (tokenizing the joined text
+and re-measuring the prompt can merge tokens across the boundary). With sentencepiece this gives the answer its own
+leading "▁" (e.g. "▁A" rather than "A" after the prompt's newline); generation decodes it back to the same text.
+"""
+
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+
+
+# --- the 10 tasks -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TaskInfo:
+    """One ECInstruct task.
+
+    Args:
+        abbr: the paper's abbreviation (AVE, PRP, ...).
+        name: the task name in the data's `task` field.
+        category: the paper's task group.
+        has_ood: whether the dataset has an OOD test split for it.
+        aliases: other spellings (the reference evaluation script's).
+        instructions: the 5 instructions of the diverse-instruction pool; the last is the seed instruction.
+        unseen_instruction: the held-out paraphrase of the `*_Unseen_Instruction` settings.
+    """
+
+    abbr: str
+    name: str
+    category: str
+    has_ood: bool
+    aliases: tuple[str, ...]
+    instructions: tuple[str, ...]
+    unseen_instruction: str
+
+    @property
+    def seed_instruction(self) -> str:
+        return self.instructions[-1]
+
+
+TASKS = (
+    TaskInfo(
+        'AVE', 'Attribute_Value_Extraction', 'Product Understanding', has_ood=True,
+        aliases=(),
+        instructions=(
+            'Extract the value of the target attribute from the given product information and output it along with the corresponding source.',
+            'Parse the product information to locate the target attribute, and then provide the extracted value of the target attribute and its source in the output, specifying None if the attribute is not present.',
+            'First, identify the target attributes from the provided list. Then, scan the product title, description, feature, and brand to extract the values associated with each target attribute. Finally, create a list of dictionaries, each containing the extracted attribute, its corresponding value, and the source where it was found.',
+            "Using the product's title, description, features, price, and brand, identify and retrieve the values associated with a specified set of target attributes. Output the extracted values along with their respective sources (e.g., title or feature) indicating where each value was found.",
+            'Given the title, description, feature, price, and brand of a product and a set of target attributes, extract the value of each target attribute from the product information. Output the extracted value and the corresponding source (e.g., title or feature) denoting where the value is extracted.',
+        ),
+        unseen_instruction='Retrieve the value associated with the target attribute from the product information and specify the source (e.g., title, description, feature, or title) where the value was found.',
+    ),
+    TaskInfo(
+        'PRP', 'Product_Relation_Prediction', 'Product Understanding', has_ood=True,
+        aliases=('Product_Relation_Predicition',),
+        instructions=(
+            'Analyze the titles of Product 1 and Product 2 to determine if they are similar, if they will be purchased or viewed together, and choose the corresponding option.',
+            'Evaluate the titles of Product 1 and Product 2, then choose the option that best describes the relation between the two products.',
+            'Evaluate the titles of Product 1 and Product 2 to assess their similarity and whether they are likely to be purchased or viewed together. Then, select the appropriate option.',
+            'Predict whether two products are similar, whether two products are likely to be purchased or viewed together based on their titles. Choose your answer from the provided options.',
+            'Given the title of two products, predict if the two products are similar, if the two products will be purchased or viewed together. Answer only from the options.',
+        ),
+        unseen_instruction='Analyze the titles of Product 1 and Product 2 and select the option that indicates the relation of the two products.',
+    ),
+    TaskInfo(
+        'PM', 'Product_Matching', 'Product Understanding', has_ood=False,
+        aliases=(),
+        instructions=(
+            'Analyze the title, description, manufacturer, and price between the two products below and generate an output of yes if the two products are the same, otherwise respond with no.',
+            'Check the details of the two products to see if they refer to the same product. Output only yes or no.',
+            'Based on the product information, predict if the two products are identical or not. Output yes if they are identical or no otherwise.',
+            'Compare the details of two given products to determine if they are identical. Output yes if they are identical or no otherwise.',
+            'Given the title, description, manufacturer, and price of two products, identify if they are the same product. Only output yes or no.',
+        ),
+        unseen_instruction='Determine whether the two products are the same by comparing their title, description, manufacturer, and price, and provide a simple yes or no answer as the output.',
+    ),
+    TaskInfo(
+        'SA', 'Sentiment_Analysis', 'User Understanding', has_ood=True,
+        aliases=(),
+        instructions=(
+            "Assess the user's sentiment in the provided review and select the appropriate sentiment option from the list as the answer.",
+            'Determine the sentiment expressed by the user in her review from the provided choices, and respond by selecting one of the available options.',
+            "Carefully assess the user's review for any strong expressions of sentiment, either positive or negative. Based on your analysis, select the most fitting sentiment option from the provided list as output.",
+            "Analyze the user's review text and determine the overall sentiment expressed, then choose the corresponding sentiment option from the provided list (A: very positive, B: positive, C: neutral, D: negative, E: very negative) based on the identified sentiment.",
+            "Given the user's review, identify the user's sentiment from the listed options. Answer using one of the options.",
+        ),
+        unseen_instruction="Analyze the user's review and determine the sentiment based on the listed options.",
+    ),
+    TaskInfo(
+        'SR', 'Sequential_Recommendation', 'User Understanding', has_ood=True,
+        aliases=(),
+        instructions=(
+            "Based on the user's historical purchases, rank the items in options and predict the next product of the user's interest from the provided options.",
+            "Rank the items in options and predict the user's next purchase from the listed options by analyzing her historical purchases.",
+            "The user's purchase history implies her preferences. Rank the items in the options based on the user's preferences. Output the item that the user is most likely to purchase next from the options.",
+            "Rank items in listed options based on the user's purchase history to determine the item that the user is most likely to purchase next. Output the item with the highest likelihood of being the next purchase.",
+            'Given the products the user has purchased in history, rank the items in the listed options and output the item that the user is most likely to purchase next. Answer from one of the options.',
+        ),
+        unseen_instruction="Estimate the user's intent based on the user's purchase history, and predict the next product that the user is most likely to purchase from the given options.",
+    ),
+    TaskInfo(
+        'MPC', 'Multiclass_Product_Classification', 'Query Product Matching', has_ood=False,
+        aliases=(),
+        instructions=(
+            'Analyze the query and product title to determine the relevance between the query and product, and select the appropriate option from the provided options.',
+            'Evaluate the relevance between the query and product title, and choose the most accurate option from the given options.',
+            'Analyze the query and product title to assess the level of relevance between them, and then output the corresponding option that best describes this relevance.',
+            'Determine the relevance between the query and the product title provided, and select your response from one of the available options.',
+            'What is the relevance between the query and the product title below? Answer from one of the options.',
+        ),
+        unseen_instruction='Compare the query and the product title to determine if the product fully meets the query specifications. Choose the option that best describes the relevance between them.',
+    ),
+    TaskInfo(
+        'PSI', 'Product_Substitute_Identification', 'Query Product Matching', has_ood=False,
+        aliases=('Product_Substitue_Identification',),
+        instructions=(
+            'Answer yes if the product is a substitute for the query and no otherwise.',
+            'Please respond with yes if the product is a suitable substitute for the query, and no if it is not.',
+            "Check if a product can function as a substitute for a given query, even if it doesn't fully meet all requirements. Output yes if it can or no otherwise.",
+            'Assess the relevance of a product to a given query by determining if it can function as a substitute, despite not fully meeting certain aspects of the query. Provide a binary output of yes or no based on this evaluation.',
+            'Given a query and a product, identify if the product is somewhat relevant to the query. It fails to fulfill some aspects of the query but the product can be used as a functional substitute. Only output yes or no.',
+        ),
+        unseen_instruction='Assess whether the product is a substitute for the query and provide a yes or no response.',
+    ),
+    TaskInfo(
+        'QPR', 'Query_Product_Rank', 'Query Product Matching', has_ood=False,
+        aliases=('Query_Product_Ranking',),
+        instructions=(
+            'Evaluate each product title in the given list, assess its relevance to the given query, and then arrange the products in descending order of relevance, with the most relevant product at the top of the ranked list.',
+            'Rank the products A, B, C, ... based on their relevance to the provided query, and produce a ranked list with the most relevant product positioned at the top of the list.',
+            'Analyze the query and each product title. Sort the products in descending order based on their relevance to the query. The most relevant product should be at the top of the list, and output the ranked list.',
+            'Evaluate the relevance of each product title in the input to the given query, and then sort the products in descending order of relevance, placing the most relevant product at the top of the ranked list.',
+            'Given a query and a list of products denoted as A, B, C, ... with their titles, rank the products according to their relevance to the query. Output only a ranked list in which the most relevant product is at the top of the list.',
+        ),
+        unseen_instruction="Evaluate the query against each product's title, determine the relevance between the query and the product, and organize the products in descending order of relevance, ensuring that the product with the highest relevance is positioned at the top of the list.",
+    ),
+    TaskInfo(
+        'AP', 'Answerability_Prediction', 'Product Question Answering', has_ood=True,
+        aliases=(),
+        instructions=(
+            'Evaluate the answerability of a question by analyzing the related document, outputting yes if the document contains information addressing the question, and no otherwise.',
+            'Analyze a question and its supporting document. Predicting answerability based on the information provided in the document. Output yes if the document contains relevant information to answer the question, otherwise output no.',
+            'Given a question and its related document, determine if the question is answerable by analyzing the information in the document. Output yes if the document addresses the question, or no otherwise.',
+            'Output yes if the supporting document can answer the given question. Otherwise, output no.',
+            'Given a question and the related document, predict if the question is answerable based on the information provided in the document. Output only yes or no.',
+        ),
+        unseen_instruction='Predict whether it is possible to answer the given question using the supporting document, and output a yes or no response.',
+    ),
+    TaskInfo(
+        'AG', 'Answer_Generation', 'Product Question Answering', has_ood=True,
+        aliases=(),
+        instructions=(
+            'Generate an answer to the question by utilizing the information contained in the document.',
+            'Extract information from the supporting document to answer the given question.',
+            'Answer the given question using the supporting document.',
+            'Answer the given question by extracting information from the supporting document.',
+            'Given a question and the related document, and generate the answer to the question based on the information provided in the document.',
+        ),
+        unseen_instruction='Utilize the information provided in the supporting document to generate an answer to the given question.',
+    ),
+)
+TASK_BY_ABBR = {t.abbr: t for t in TASKS}
+TASK_BY_NAME = {t.name: t for t in TASKS}
+_TASK_LOOKUP = {key.lower().replace(" ", "_"): t.name
+                for t in TASKS for key in (t.abbr, t.name, *t.aliases)}
+SETTINGS = (
+    "IND_Diverse_Instruction", "OOD_Diverse_Instruction", "IND_Single_Instruction", "OOD_Single_Instruction",
+    "IND_Unseen_Instruction", "OOD_Unseen_Instruction", "IND_Diverse_Instruction_1-shot",
+    "OOD_Diverse_Instruction_1-shot",
+)
+SPLITS = ("train", "val", "test")
+
+
+def resolve_task(name: str) -> str:
+    """The task name used in the data for a full name, an abbreviation or a reference-code spelling.
+
+    Case and spaces are ignored: "SR", "sr", "Sequential Recommendation" and "Sequential_Recommendation" all give
+    "Sequential_Recommendation"; "Product_Substitue_Identification" gives "Product_Substitute_Identification".
+    Raises ValueError for an unknown name.
+    """
+    try:
+        return _TASK_LOOKUP[name.lower().replace(" ", "_")]
+    except (KeyError, AttributeError):
+        raise ValueError(f"unknown task {name!r}; expected one of {[t.abbr for t in TASKS]} "
+                         f"or their full names {[t.name for t in TASKS]}") from None
+
+
+# --- prompt templates ---------------------------------------------------------------------------------------
+_PREAMBLE = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+             "Write a response that appropriately completes the request.\n\n")
+# template -> (text before the instruction, text before "### Response:" marker end, response marker)
+TEMPLATES = {
+    "alpaca": {"start": _PREAMBLE, "end": "### Response:\n", "response_split": "### Response:"},
+    "mistral": {"start": "[INST] " + _PREAMBLE, "end": " [/INST] ### Response:\n",
+                "response_split": "[/INST] ### Response:"},
+}
+
+
+def _prompt_parts(record: dict, template: str) -> tuple[str, str, str]:
+    """(head, input, tail) with head + input + tail == format_prompt(record, template)."""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; expected one of {sorted(TEMPLATES)}")
+    t = TEMPLATES[template]
+    head = f"{t['start']}### Instruction:\n{record['instruction']}\n\n### Input:\n"
+    options = record.get("options")
+    tail = f"\n\n### Options:\n{options}\n\n" if options else "\n\n"
+    return head, record["input"], tail + t["end"]
+
+
+def format_prompt(record: dict, template: str = "alpaca") -> str:
+    """The eCeLLM prompt of a record, exactly as the paper's code builds it.
+
+    Args:
+        record: a dict with `instruction`, `input` and optionally `options` (a string holding the serialized
+            list, used verbatim, never parsed; the options form is used when it is non-empty).
+        template: "alpaca" (Llama-2, Phi-2, Flan-T5 and others) or "mistral" (the `[INST]` form).
+    Returns:
+        the prompt, ending with the response marker and its newline.
+    """
+    return "".join(_prompt_parts(record, template))
+
+
+def parse_response(text: str) -> str:
+    """The model's answer in a decoded output: the text after `### Response:` (which also ends the mistral
+    template's `[/INST] ### Response:`) up to any repeated marker, stripped. Text without the marker (a decoded
+    continuation alone) is returned stripped."""
+    parts = text.split(TEMPLATES["alpaca"]["response_split"])
+    return (parts[1] if len(parts) > 1 else parts[0]).strip()
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+REQUIRED_FIELDS = ("instruction", "input", "output", "task", "setting", "split")
+OPTIONAL_FIELDS = ("options", "few_shot_example")  # a string, null, or absent
+
+
+class RecordError(ValueError):
+    """A bad record: names the file, the record index (0-based) and the field."""
+
+    def __init__(self, file, index: int | None, field: str | None, problem: str):
+        self.file, self.index, self.field, self.problem = str(file), index, field, problem
+        where = [self.file] + ([f"record {index}"] if index is not None else [])
+        where += [f"field {field!r}"] if field is not None else []
+        super().__init__(f"{': '.join(where)}: {problem}")
+
+
+class Records(list):
+    """The selected records (a list of dicts) with an account of everything else that was read.
+
+    Attributes:
+        n_read: records read from the files (bad ones included).
+        skipped: reason -> count of bad records skipped (only with skip_bad=True).
+        n_filtered: good records not selected by split / setting / tasks.
+    """
+
+    def __init__(self, records=(), n_read: int = 0, skipped: Counter | None = None, n_filtered: int = 0):
+        super().__init__(records)
+        self.n_read, self.skipped, self.n_filtered = n_read, skipped or Counter(), n_filtered
+
+    def summary(self) -> str:
+        lines = [f"{len(self)} records selected of {self.n_read} read; {self.n_filtered} not selected; "
+                 f"{sum(self.skipped.values())} bad records skipped"]
+        lines += [f"  skipped {n}: {reason}" for reason, n in sorted(self.skipped.items())]
+        return "\n".join(lines)
+
+
+def _check_record(rec) -> tuple[str | None, str, str] | None:
+    """(field, reason, message) for a bad record, None for a good one. Canonicalizes rec["task"] in place.
+
+    The reason is what `Records.skipped` counts: "missing field 'x'", "mistyped field 'x'", "unknown task",
+    "unknown setting", "unknown split", "not a JSON object"."""
+    if not isinstance(rec, dict):
+        return None, "not a JSON object", f"not a JSON object but {type(rec).__name__}"
+    for field in REQUIRED_FIELDS:
+        if field not in rec:
+            return field, f"missing field {field!r}", "missing"
+        if not isinstance(rec[field], str):
+            return field, f"mistyped field {field!r}", f"is {type(rec[field]).__name__}, expected a string"
+    for field in OPTIONAL_FIELDS:
+        if rec.get(field) is not None and not isinstance(rec[field], str):
+            return (field, f"mistyped field {field!r}",
+                    f"is {type(rec[field]).__name__}, expected a string or null")
+    task = _TASK_LOOKUP.get(rec["task"].lower().replace(" ", "_"))
+    if task is None:
+        return "task", "unknown task", f"unknown task {rec['task']!r}"
+    if rec["setting"] not in SETTINGS:
+        return "setting", "unknown setting", f"unknown setting {rec['setting']!r}"
+    if rec["split"] not in SPLITS:
+        return "split", "unknown split", f"unknown split {rec['split']!r}"
+    rec["task"] = task
+    return None
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _position(text: str, pos: int) -> str:
+    line = text.count("\n", 0, pos) + 1
+    return f"line {line} column {pos - (text.rfind(chr(10), 0, pos) + 1) + 1}"
+
+
+def _read_array(text: str, file: Path):
+    """Yield (index, record) from a JSON array, one element at a time so errors can name the record."""
+    decoder = json.JSONDecoder()
+    pos = _WS.match(text, text.index("[") + 1).end()
+    if text.startswith("]", pos):
+        return
+    index = 0
+    while True:
+        try:
+            rec, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise RecordError(file, index, None, f"broken JSON at line {e.lineno} column {e.colno}: {e.msg} "
+                                                 "(a broken JSON array cannot be skipped past)") from None
+        yield index, rec
+        pos = _WS.match(text, pos).end()
+        if text.startswith(",", pos):
+            pos, index = _WS.match(text, pos + 1).end(), index + 1
+        elif text.startswith("]", pos) and _WS.match(text, pos + 1).end() == len(text):
+            return
+        else:
+            raise RecordError(file, index, None, f"broken JSON after this record at {_position(text, pos)}: "
+                                                 "expected ',' or ']' (a broken JSON array cannot be skipped past)")
+
+
+def _read_file(file: Path, skip_bad: bool, skipped: Counter):
+    """Yield (index, record) of a JSON array or JSON Lines file; broken JSON lines are skipped when asked."""
+    with open(file, encoding="utf-8") as f:
+        start = f.read(4096).lstrip()
+    if start.startswith("["):
+        text = file.read_text(encoding="utf-8")
+        yield from _read_array(text, file)
+        return
+    with open(file, encoding="utf-8") as f:
+        index = 0
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield index, json.loads(line)
+            except json.JSONDecodeError as e:
+                if not skip_bad:
+                    raise RecordError(file, index, None, f"broken JSON on line {lineno} column {e.colno}: "
+                                                         f"{e.msg}") from None
+                skipped["broken JSON"] += 1
+            index += 1
+
+
+def _as_set(value, name: str, allowed) -> set[str] | None:
+    if value is None:
+        return None
+    values = {value} if isinstance(value, str) else set(value)
+    unknown = values - set(allowed)
+    if unknown:
+        raise ValueError(f"unknown {name} {sorted(unknown)}; expected some of {list(allowed)}")
+    return values
+
+
+def load_records(paths, *, split=None, setting=None, tasks=None, skip_bad: bool = False) -> Records:
+    """Read ECInstruct records from the files users download, checked and selected.
+
+    Args:
+        paths: one path or a list of paths; each a JSON array (`train.json` as released) or JSON Lines.
+        split: "train", "val" or "test" (or a list of them); None keeps all.
+        setting: a setting name such as "IND_Diverse_Instruction" (or a list); None keeps all.
+        tasks: task names, abbreviations or reference-code spellings (a string or a list); None keeps all.
+        skip_bad: count and skip bad records instead of raising. A broken JSON array always raises.
+    Returns:
+        `Records`: a list of record dicts in file order, `task` rewritten to the canonical name, extra fields
+        (e.g. `synthetic`) kept; `.skipped` counts bad records by reason, `.summary()` reports it all.
+    Raises:
+        RecordError naming the file, record index and field: a missing or mistyped field (the 6 string fields
+        instruction, input, output, task, setting, split; options and few_shot_example a string or null), an
+        unknown task, setting or split, broken JSON.
+        FileNotFoundError for a missing file.
+    """
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    splits = _as_set(split, "split", SPLITS)
+    settings = _as_set(setting, "setting", SETTINGS)
+    task_names = None if tasks is None else {resolve_task(t) for t in ([tasks] if isinstance(tasks, str) else tasks)}
+    out, skipped, n_parsed, n_filtered = [], Counter(), 0, 0
+    for file in map(Path, paths):
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no such file")
+        for index, rec in _read_file(file, skip_bad, skipped):
+            n_parsed += 1
+            bad = _check_record(rec)
+            if bad is not None:
+                field, reason, problem = bad
+                if not skip_bad:
+                    raise RecordError(file, index, field, problem)
+                skipped[reason] += 1
+                continue
+            if ((splits is not None and rec["split"] not in splits)
+                    or (settings is not None and rec["setting"] not in settings)
+                    or (task_names is not None and rec["task"] not in task_names)):
+                n_filtered += 1
+                continue
+            out.append(rec)
+    return Records(out, n_read=n_parsed + skipped["broken JSON"], skipped=skipped, n_filtered=n_filtered)
+
+
+# --- training examples --------------------------------------------------------------------------------------
+@dataclass
+class BuildReport:
+    """What `build_examples` did to fit records into the length limits.
+
+    Attributes:
+        n_records: records given.
+        n_truncated: examples whose `input` text was cut in the middle of the prompt (answer kept whole).
+        tokens_cut: prompt tokens removed in total.
+        dropped: indices of records dropped because even without their `input` they do not fit (or, for T5,
+            their answer is longer than the target limit).
+    """
+
+    n_records: int
+    n_truncated: int
+    tokens_cut: int
+    dropped: list[int]
+
+    def __str__(self) -> str:
+        return (f"{self.n_records} records: {self.n_truncated} truncated ({self.tokens_cut} prompt tokens cut), "
+                f"{len(self.dropped)} dropped as too long")
+
+
+def _fit_prompt(ids: list[int], budget: int, record: dict, tokenizer, template: str,
+                eos: bool) -> list[int] | None:
+    """Cut a prompt's token ids to `budget` by removing the end of its `input` text, keeping the head
+    (BOS, preamble, instruction, "### Input:") and the tail (options, response marker, EOS); None if the head
+    and tail alone exceed the budget."""
+    if len(ids) <= budget:
+        return ids
+    head, _, tail = _prompt_parts(record, template)
+    n_head = len(tokenizer.encode(head, eos=False))
+    n_tail = len(tokenizer.encode(tail, bos=False, eos=eos))
+    keep = budget - n_head - n_tail
+    if keep < 0:
+        return None
+    return ids[:n_head + keep] + ids[len(ids) - n_tail:]
+
+
+def _causal_example(record, prompt_ids, answer_ids, tokenizer, template, max_len) -> dict | None:
+    answer_ids = answer_ids + [tokenizer.eos_id]
+    fitted = _fit_prompt(prompt_ids, max_len - len(answer_ids), record, tokenizer, template, eos=False)
+    if fitted is None:
+        return None
+    return {"input_ids": fitted + answer_ids, "labels": [IGNORE_INDEX] * len(fitted) + answer_ids,
+            "n_cut": len(prompt_ids) - len(fitted)}
+
+
+def build_example(record: dict, tokenizer, template: str = "alpaca", max_len: int = 2048) -> dict | None:
+    """One decoder-only training example: prompt tokens masked, answer + EOS in the loss.
+
+    Args:
+        record: an ECInstruct record (`instruction`, `input`, `options`, `output`).
+        tokenizer: an `ecellm.tokenizer.Tokenizer`; the prompt gets the family's BOS rule, never an EOS.
+        template: "alpaca" or "mistral".
+        max_len: the longest sequence allowed. A longer example loses the end of its `input` text (the answer
+            is never cut); if even the rest of the prompt plus the answer do not fit, the record is dropped.
+    Returns:
+        {"input_ids": list (L,), "labels": list (L,) with -100 on the prompt, "n_cut": prompt tokens removed},
+        or None when the record is dropped.
+    """
+    prompt_ids = tokenizer.encode(format_prompt(record, template), eos=False)
+    answer_ids = tokenizer.encode(record["output"], bos=False, eos=False)
+    return _causal_example(record, prompt_ids, answer_ids, tokenizer, template, max_len)
+
+
+def _seq2seq_example(record, source_ids, target_ids, tokenizer, template, max_source_len,
+                     max_target_len) -> dict | None:
+    target_ids = target_ids + [tokenizer.eos_id]
+    if len(target_ids) > max_target_len:
+        return None
+    fitted = _fit_prompt(source_ids, max_source_len, record, tokenizer, template, eos=True)
+    if fitted is None:
+        return None
+    return {"input_ids": fitted, "labels": target_ids, "n_cut": len(source_ids) - len(fitted)}
+
+
+def build_seq2seq_example(record: dict, tokenizer, template: str = "alpaca", max_source_len: int = 2048,
+                          max_target_len: int = 512) -> dict | None:
+    """One encoder-decoder (T5) example: the prompt is the encoder input, the answer the target.
+
+    Args:
+        record, tokenizer, template: as `build_example`.
+        max_source_len: the longest encoder input (prompt + EOS); a longer one loses the end of its `input` text.
+        max_target_len: the longest target (answer + EOS); a longer answer drops the record (never cut).
+    Returns:
+        {"input_ids": list (S,) ending with EOS, "labels": list (L,) = answer + EOS, "n_cut": int}, or None.
+    """
+    source_ids = tokenizer.encode(format_prompt(record, template), bos=False, eos=True)
+    target_ids = tokenizer.encode(record["output"], bos=False, eos=False)
+    return _seq2seq_example(record, source_ids, target_ids, tokenizer, template, max_source_len, max_target_len)
+
+
+def build_examples(records: list[dict], tokenizer, template: str = "alpaca", max_len: int = 2048, *,
+                   seq2seq: bool = False, max_target_len: int = 512) -> tuple[list[dict], BuildReport]:
+    """`build_example` (or `build_seq2seq_example` with seq2seq=True, max_len then being the source limit) over
+    many records, tokenizing in batches. Returns the kept examples in record order and a `BuildReport` that
+    counts every truncated and dropped record."""
+    prompts = tokenizer.encode_batch([format_prompt(r, template) for r in records], bos=False if seq2seq else None,
+                                     eos=seq2seq)
+    answers = tokenizer.encode_batch([r["output"] for r in records], bos=False, eos=False)
+    examples, dropped, n_truncated, tokens_cut = [], [], 0, 0
+    for i, (record, prompt_ids, answer_ids) in enumerate(zip(records, prompts, answers)):
+        if seq2seq:
+            ex = _seq2seq_example(record, prompt_ids, answer_ids, tokenizer, template, max_len, max_target_len)
+        else:
+            ex = _causal_example(record, prompt_ids, answer_ids, tokenizer, template, max_len)
+        if ex is None:
+            dropped.append(i)
+            continue
+        n_truncated += ex["n_cut"] > 0
+        tokens_cut += ex["n_cut"]
+        examples.append(ex)
+    return examples, BuildReport(len(records), n_truncated, tokens_cut, dropped)
+
+
+# --- batching -----------------------------------------------------------------------------------------------
+def _pad(seqs: list[list[int]], value: int, side: str, multiple_of: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    width = -(-width // multiple_of) * multiple_of
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if side == "right":
+            out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        else:
+            out[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def collate(examples: list[dict], pad_id: int, padding_side: str = "right", multiple_of: int = 8,
+            seq2seq: bool = False) -> dict[str, torch.Tensor]:
+    """Pad a list of examples into a batch.
+
+    Args:
+        examples: dicts with "input_ids" (list) and optionally "labels" (list); other keys are ignored.
+        pad_id: the id written into padding (`tokenizer.pad_id`; 0 for models without a pad token).
+        padding_side: "right" for training, "left" for generation (prompts end where generation starts).
+        multiple_of: the padded length is rounded up to a multiple of this (8 in the paper).
+        seq2seq: labels are T5 targets of their own length, right-padded with -100 independently of the inputs.
+    Returns:
+        input_ids (B, T) long, attention_mask (B, T) long (1 on tokens), labels (B, T) long with -100 on padding
+        ((B, T_target) for seq2seq) when the examples carry labels.
+    """
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    if not examples:
+        raise ValueError("collate: no examples")
+    ids = [e["input_ids"] for e in examples]
+    batch = {"input_ids": _pad(ids, pad_id, padding_side, multiple_of),
+             "attention_mask": _pad([[1] * len(s) for s in ids], 0, padding_side, multiple_of)}
+    if "labels" in examples[0]:
+        labels = [e["labels"] for e in examples]
+        if not seq2seq:
+            for i, (a, b) in enumerate(zip(ids, labels)):
+                if len(a) != len(b):
+                    raise ValueError(f"collate: example {i} has {len(a)} input_ids but {len(b)} labels")
+        batch["labels"] = _pad(labels, IGNORE_INDEX, "right" if seq2seq else padding_side, multiple_of)
+    return batch
+
+
+class LengthGroupedBatchSampler:
+    """Batches of indices of similar length, for less padding; deterministic and rank-aware.
+
+    Each epoch shuffles all indices (seed + epoch), sorts them by length within groups of `group_batches` global
+    batches, cuts global batches of `batch_size * world_size` and shuffles their order. A rank takes every
+    `world_size`-th index of each global batch, so all ranks see similar lengths at every step and the same number
+    of steps. Unless `drop_last`, the index list is wrapped around to fill the last global batch (as
+    `torch.utils.data.DistributedSampler` does), so a few examples repeat.
+
+    Args:
+        lengths: length (tokens) of each example, N values.
+        batch_size: examples per batch on one rank.
+        seed: shuffling seed; call `set_epoch(e)` each epoch for a new order.
+        rank, world_size: this process's place in distributed training.
+        drop_last: drop the incomplete last global batch instead of wrapping around.
+        group_batches: how many global batches are sorted together (larger: less padding, less randomness).
+    """
+
+    def __init__(self, lengths, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = False, group_batches: int = 50):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if batch_size < 1 or group_batches < 1:
+            raise ValueError(f"batch_size ({batch_size}) and group_batches ({group_batches}) must be >= 1")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.drop_last, self.group_batches, self.epoch = drop_last, group_batches, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n, g = len(self.lengths), self.batch_size * self.world_size
+        return n // g if self.drop_last else -(-n // g)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        g = self.batch_size * self.world_size
+        perm = rng.permutation(len(self.lengths))
+        perm = perm[:len(self) * g] if self.drop_last else np.resize(perm, len(self) * g)
+        batches = []
+        for start in range(0, len(perm), g * self.group_batches):
+            group = perm[start:start + g * self.group_batches]
+            group = group[np.argsort(-self.lengths[group], kind="stable")]
+            batches += [group[i:i + g] for i in range(0, len(group), g)]
+        for b in rng.permutation(len(batches)):
+            yield batches[b][self.rank::self.world_size].tolist()
+
+
+# --- sampling for studies -----------------------------------------------------------------------------------
+def sample_per_task(records: list[dict], n: int, seed: int = 0) -> list[dict]:
+    """At most `n` records per task (the paper caps training at 10K per task), chosen at random with `seed`
+    (independently per task, so adding a task does not change another's sample), in their original order."""
+    by_task: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_task.setdefault(r["task"], []).append(i)
+    keep = set()
+    for task, idx in by_task.items():
+        keep.update(idx if len(idx) <= n else random.Random(f"{seed}/{task}").sample(idx, n))
+    return [r for i, r in enumerate(records) if i in keep]
+
+
+def leave_one_category_out(records: list[dict], field: str, category: str) -> tuple[list[dict], list[dict]]:
+    """Split a user's records into in-domain records and an out-of-domain test of one held-out category.
+
+    Args:
+        records: record dicts that carry a top-level `field` (e.g. "category" added by the user).
+        field: the key naming each record's category.
+        category: the value to hold out.
+    Returns:
+        (kept, held_out): the records of other categories unchanged, and copies of the held-out ones with
+        `split` = "test" and `setting` switched from IND_* to OOD_* (OOD scoring rules key on that).
+    """
+    kept, held_out, seen = [], [], set()
+    for i, r in enumerate(records):
+        if field not in r:
+            raise RecordError("<records>", i, field, "missing (the category field for leave-one-category-out)")
+        seen.add(r[field])
+        if r[field] == category:
+            setting = r.get("setting", "IND_Diverse_Instruction")
+            held_out.append({**r, "split": "test", "setting": "OOD_" + setting.removeprefix("IND_")
+                             .removeprefix("OOD_")})
+        else:
+            kept.append(r)
+    if not held_out:
+        raise ValueError(f"no record has {field} == {category!r}; values present: {sorted(map(str, seen))[:20]}")
+    return kept, held_out
