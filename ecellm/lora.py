@@ -24,12 +24,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-# The paper's targets per family: every attention and MLP projection plus the LM head.
+# The paper's targets per family: every attention and MLP projection plus the LM head. Entries a model lacks are
+# skipped (original T5 has `wi`, T5 v1.1 / Flan-T5 have `wi_0`, `wi_1`).
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
     "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2", "lm_head"],
-    "t5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo", "lm_head"],
+    "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo", "lm_head"],
 }
 # The paper's Phi-2 target names come from the old remote-code layout; map them onto the native layout.
 PHI_ALIASES: dict[str, list[str]] = {"Wqkv": ["q_proj", "k_proj", "v_proj"], "out_proj": ["dense"], "linear": ["lm_head"]}
@@ -123,7 +124,7 @@ def _model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
-def _resolve_targets(model: nn.Module, targets: Targets | None) -> Targets:
+def _resolve_targets(model: nn.Module, targets: Targets | None, linear_names: list[str]) -> Targets:
     family = _model_type(model)
     if targets is None:
         if family not in DEFAULT_TARGETS:
@@ -131,7 +132,7 @@ def _resolve_targets(model: nn.Module, targets: Targets | None) -> Targets:
                 f"inject: no default LoRA targets for {type(model).__name__} (config.model_type={family!r}); "
                 f"pass targets=[...] (families with defaults: {sorted(DEFAULT_TARGETS)})"
             )
-        return DEFAULT_TARGETS[family]
+        return [t for t in DEFAULT_TARGETS[family] if any(matches(n, [t]) for n in linear_names)]
     if isinstance(targets, str):
         return targets
     targets = list(targets)
@@ -156,21 +157,22 @@ def inject(
         r, alpha, dropout, rslora: see `LoRALinear`.
         targets: module names to wrap: a list (each entry an exact module name or a dotted suffix such as
             `"q_proj"` or `"self_attn.q_proj"`) or a single regular expression matched against whole names.
-            None: the paper's targets for `model.config.model_type` (see `DEFAULT_TARGETS`). For Phi, the old names
+            None: the paper's targets for `model.config.model_type` (see `DEFAULT_TARGETS`; entries the model lacks
+            are skipped). For Phi, the old names
             `Wqkv`, `out_proj`, `linear` are accepted and mapped onto the native layout.
 
     Returns:
         `model`, with LoRA parameters trainable (fp32, on the base weights' device) and nothing else.
 
     Raises:
-        ValueError: `model` already holds LoRA layers; a list entry or the regex matches no `nn.Linear` (the message
+        ValueError: `model` already holds LoRA layers; a given list entry or regex matches no `nn.Linear` (the message
             lists the Linear names that exist); no default targets for this model.
     """
     existing = lora_layers(model)
     if existing:
         raise ValueError(f"inject: model already has LoRA layers (e.g. {next(iter(existing))!r}); inject once")
-    targets = _resolve_targets(model, targets)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    targets = _resolve_targets(model, targets, list(linears))
     chosen = [name for name in linears if matches(name, targets)]
     unmatched = [t for t in targets if not any(matches(n, [t]) for n in linears)] if isinstance(targets, list) else []
     if not chosen or unmatched:
@@ -439,6 +441,8 @@ def save_merged(model: nn.Module, path: str | Path, max_shard_size: int | str = 
     config = dict(raw)
     if config.get("tie_word_embeddings") and "lm_head" in lora_layers(model):
         config["tie_word_embeddings"] = False  # the merged head now differs from the embedding: store both
+        if _model_type(model) == "t5":  # old T5 configs let the tie also decide the output scaling: pin it
+            config["scale_decoder_outputs"] = model.config.scale_decoder_outputs
     dtypes = {t.dtype for t, _ in entries.values() if t.is_floating_point()}
     if len(dtypes) == 1:
         config.pop("torch_dtype", None)
