@@ -33,7 +33,9 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo", "lm_head"],
 }
 # The paper's Phi-2 target names come from the old remote-code layout; map them onto the native layout.
-PHI_ALIASES: dict[str, list[str]] = {"Wqkv": ["q_proj", "k_proj", "v_proj"], "out_proj": ["dense"], "linear": ["lm_head"]}
+PHI_ALIASES: dict[str, list[str]] = {
+    "Wqkv": ["q_proj", "k_proj", "v_proj"], "out_proj": ["dense"], "linear": ["lm_head"],
+}
 # PEFT's task_type per family (what PeftModel.from_pretrained uses to pick its wrapper class).
 TASK_TYPES: dict[str, str] = {"llama": "CAUSAL_LM", "mistral": "CAUSAL_LM", "phi": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
 
@@ -177,7 +179,9 @@ def inject(
     unmatched = [t for t in targets if not any(matches(n, [t]) for n in linears)] if isinstance(targets, list) else []
     if not chosen or unmatched:
         what = f"targets {unmatched}" if unmatched else f"targets {targets!r}"
-        raise ValueError(f"inject: {what} match no nn.Linear in {type(model).__name__}; Linear modules: {list(linears)}")
+        raise ValueError(
+            f"inject: {what} match no nn.Linear in {type(model).__name__}; Linear modules: {list(linears)}"
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:
@@ -347,9 +351,10 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     if not weights_file.is_file():
         raise FileNotFoundError(f"load_adapter: no {ADAPTER_WEIGHTS} in {path} (only safetensors adapters are read)")
     raw = load_file(str(weights_file))
+    key_pattern = re.escape(PEFT_PREFIX) + r"(.+)\.(lora_A\.weight|lora_B\.weight|base_layer\.(?:weight|bias))"
     lora: dict[str, dict[str, torch.Tensor]] = {}  # module -> {"lora_A.weight": ..., "base_layer.bias": ...}
     for key, tensor in raw.items():
-        m = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.(lora_A\.weight|lora_B\.weight|base_layer\.(?:weight|bias))", key)
+        m = re.fullmatch(key_pattern, key)
         if m is None:
             raise ValueError(f"{weights_file}: unexpected key {key!r} (expected {PEFT_PREFIX}<module>.lora_A.weight)")
         lora.setdefault(m[1], {})[m[2]] = tensor
@@ -473,5 +478,6 @@ def save_merged(model: nn.Module, path: str | Path, max_shard_size: int | str = 
             tensors[key] = (tensor if layer is None else layer.merged_weight()).detach().contiguous().cpu()
         save_file(tensors, str(path / name), metadata={"format": "pt"})
     if len(shards) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
+        weight_map = {key: name for name, keys in zip(names, shards) for key in keys}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")

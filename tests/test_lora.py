@@ -284,22 +284,29 @@ def _write_adapter(path, tensors, **config):
     save_file(tensors, str(path / "adapter_model.safetensors"))
 
 
-def test_load_adapter_errors_name_keys_and_shapes(tmp_path):
-    good = {"base_model.model.fc1.lora_A.weight": torch.zeros(2, 8), "base_model.model.fc1.lora_B.weight": torch.zeros(16, 2)}
-    cases = [
-        ("shape", good | {"base_model.model.fc1.lora_A.weight": torch.zeros(2, 9)}, {},
-         r"fc1.lora_A.weight has shape \(2, 9\), the model needs shape \(2, 8\)"),
-        ("unexpected", good | {"base_model.model.fc1.magic": torch.zeros(1)}, {}, "unexpected key 'base_model.model.fc1.magic'"),
-        ("offtarget", good | {"base_model.model.fc2.lora_A.weight": torch.zeros(2, 16)}, {}, r"weights for \['fc2'\]"),
-        ("missing", good, {"target_modules": ["fc1", "fc2"]}, r"no lora_A/lora_B weights for targeted modules \['fc2'\]"),
-        ("dora", good, {"use_dora": True}, "use_dora=True is not supported"),
-        ("type", good, {"peft_type": "IA3"}, "only 'LORA'"),
-        ("required", good, {"lora_alpha": None}, "required field 'lora_alpha' is missing"),
-    ]
-    for name, tensors, config, message in cases:
-        _write_adapter(tmp_path / name, tensors, **config)
-        with pytest.raises(ValueError, match=message):
-            lora.load_adapter(MLP(), tmp_path / name)
+A, B = "base_model.model.fc1.lora_A.weight", "base_model.model.fc1.lora_B.weight"
+GOOD = {A: torch.zeros(2, 8), B: torch.zeros(16, 2)}
+
+
+@pytest.mark.parametrize(
+    "tensors, config, message",
+    [
+        (GOOD | {A: torch.zeros(2, 9)}, {}, r"fc1.lora_A.weight has shape \(2, 9\), the model needs shape \(2, 8\)"),
+        (GOOD | {"base_model.model.fc1.magic": torch.zeros(1)}, {}, "unexpected key 'base_model.model.fc1.magic'"),
+        (GOOD | {"base_model.model.fc2.lora_A.weight": torch.zeros(2, 16)}, {}, r"weights for \['fc2'\]"),
+        (GOOD, {"target_modules": ["fc1", "fc2"]}, r"no lora_A/lora_B weights for targeted modules \['fc2'\]"),
+        (GOOD, {"use_dora": True}, "use_dora=True is not supported"),
+        (GOOD, {"peft_type": "IA3"}, "only 'LORA'"),
+        (GOOD, {"lora_alpha": None}, "required field 'lora_alpha' is missing"),
+    ],
+)
+def test_load_adapter_errors_name_keys_and_shapes(tmp_path, tensors, config, message):
+    _write_adapter(tmp_path / "adapter", tensors, **config)
+    with pytest.raises(ValueError, match=message):
+        lora.load_adapter(MLP(), tmp_path / "adapter")
+
+
+def test_load_adapter_without_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         lora.load_adapter(MLP(), tmp_path)
 

@@ -24,6 +24,10 @@ T5S = {  # Flan-T5 layout (gated `wi_0`/`wi_1`, no output scaling) and original 
     "t5-original": dict(feed_forward_proj="relu", tie_word_embeddings=True),
 }
 R, ALPHA = 4, 8
+pytestmark = [  # peft's advice about saving a targeted lm_head, expected here
+    pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers` to `True`:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning"),
+]
 
 
 def save_tiny_t5(name, path):
