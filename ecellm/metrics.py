@@ -533,21 +533,25 @@ def rouge_l(prediction: str, reference: str) -> float:
 class ModelEncoder:
     """BERTScore encoder from an ecellm model: the final hidden states (after the final norm) of each token.
 
-    Each text is encoded with the family's BOS (when it has one) and without EOS; the BOS row is left out of the
-    returned embeddings, like BERTScore leaves out ``<s>`` / ``</s>``. Decoder models are causal, so a token's
-    embedding sees only the tokens before it. These embeddings are not roberta-large's 17th layer, which the paper
-    used: F_BERT values differ from the paper's and compare only between runs with the same encoder.
+    Decoder models give ``model.hidden_states`` (causal: a token's embedding sees only the tokens before it);
+    encoder-decoder models (T5) give their encoder's output ``model.encode`` (bidirectional). Each text is encoded
+    with the family's BOS (when it has one) and without EOS; the BOS row is left out of the returned embeddings,
+    like BERTScore leaves out ``<s>`` / ``</s>``. These embeddings are not roberta-large's 17th layer, which the
+    paper used: F_BERT values differ from the paper's and compare only between runs with the same encoder.
 
     Args:
-        model: an ecellm model exposing ``hidden_states(input_ids, attention_mask) -> (B, T, H)``.
+        model: an ecellm model exposing ``hidden_states(input_ids, attention_mask) -> (B, T, H)`` (decoders) or
+            ``encode(input_ids, attention_mask) -> (B, T, H)`` (T5).
         tokenizer: its ecellm tokenizer (``encode``, ``bos_id``, ``pad_id``).
         batch_size: texts per forward pass.
         max_length: texts are cut to this many tokens (BOS included).
     """
 
     def __init__(self, model, tokenizer, *, batch_size: int = 16, max_length: int = 512):
-        if not hasattr(model, "hidden_states"):
-            raise TypeError(f"{type(model).__name__} has no hidden_states(input_ids, attention_mask) method")
+        self.embed = getattr(model, "hidden_states", None) or getattr(model, "encode", None)
+        if self.embed is None:
+            raise TypeError(f"{type(model).__name__} has neither hidden_states(input_ids, attention_mask) nor "
+                            "encode(input_ids, attention_mask)")
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.max_length = batch_size, max_length
         self.bos = tokenizer.bos_id is not None
@@ -575,6 +579,6 @@ class ModelEncoder:
             width = max(len(x) for x in ids)
             input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)  # (B, T)
             mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)  # (B, T)
-            hidden = self.model.hidden_states(input_ids, mask)  # (B, T, H)
+            hidden = self.embed(input_ids, mask)  # (B, T, H)
             out.extend(hidden[b, self.bos:len(x)].float().cpu() for b, x in enumerate(ids))
         return out

@@ -1,0 +1,176 @@
+"""ecellm.eval: prompts of every setting, references, and the entry point end to end on a tiny random model."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import ecellm.eval as ev
+from ecellm.data import TASK_BY_NAME, TASKS, format_prompt, load_records
+from ecellm.eval import build_prompt, derive_setting, main, markdown_table, one_shot_instruction, references
+from ecellm.lora import inject, save_adapter
+from ecellm.models import from_config
+from ecellm.synthetic import write_dataset
+
+LLAMA_SPM = Path(__file__).parent / "assets" / "tokenizers" / "llama2-spm" / "tokenizer.model"
+TINY = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 16, "intermediate_size": 32,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+        "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
+
+
+def record(task="Product_Matching", setting="IND_Diverse_Instruction", **kw):
+    return {"instruction": "Say yes or no.", "input": "{\"a\": 1}", "options": None, "output": "yes",
+            "task": task, "setting": setting, "split": "test", "few_shot_example": None, **kw}
+
+
+# --- prompts and settings ---------------------------------------------------------------------------------------
+def test_one_shot_prompt_places_the_demonstration_after_the_instruction():
+    demo = json.dumps({"input": "{\"a\": 2}", "options": "[\"A: x\", \"B: y\"]", "output": "B"})
+    rec = record(setting="IND_Diverse_Instruction_1-shot", few_shot_example=demo)
+    assert one_shot_instruction(rec) == ("Say yes or no.\n\n### Example Input:\n{\"a\": 2}\n\n### Example Options:\n"
+                                         "[\"A: x\", \"B: y\"]\n\n### Example Response:\nB")
+    prompt = build_prompt(rec, "alpaca")
+    assert prompt == format_prompt({**rec, "instruction": one_shot_instruction(rec)}, "alpaca")
+    assert prompt.count("### Response:") == 1 and prompt.endswith("### Response:\n")
+    verbatim = record(setting="OOD_Diverse_Instruction_1-shot", few_shot_example="Q: a? A: b")
+    assert one_shot_instruction(verbatim) == "Say yes or no.\n\n### Example:\nQ: a? A: b"
+    assert build_prompt(record(), "mistral") == format_prompt(record(), "mistral")  # other settings: unchanged
+    with pytest.raises(ValueError, match="no few_shot_example"):
+        build_prompt(record(setting="IND_Diverse_Instruction_1-shot"), "alpaca")
+
+
+def test_derive_single_unseen_and_one_shot_settings():
+    pm = TASK_BY_NAME["Product_Matching"]
+    base = [record(input="t0"), record(input="t1"), record(task="Answer_Generation", input="g0", output="ans"),
+            record(setting="OOD_Diverse_Instruction", task="Answer_Generation", input="o0")]
+    single = derive_setting(base, "IND_Single_Instruction")
+    assert [r["instruction"] for r in single] == [pm.seed_instruction] * 2 + [
+        TASK_BY_NAME["Answer_Generation"].seed_instruction]
+    assert {r["setting"] for r in single} == {"IND_Single_Instruction"}
+    unseen = derive_setting(base, "OOD_Unseen_Instruction")
+    assert [(r["input"], r["instruction"]) for r in unseen] == [("o0", TASK_BY_NAME["Answer_Generation"]
+                                                                  .unseen_instruction)]
+    train = [record(split="train", input=f"train{i}", output="no") for i in range(3)]
+    train += [record(task="Answer_Generation", split="train", input="gtrain0", output="a0")]
+    train += [record(split="val", input="val0")]  # not a training record: never a demonstration
+    shot = derive_setting(base, "IND_Diverse_Instruction_1-shot", train)
+    assert [json.loads(r["few_shot_example"]) for r in shot] == [
+        {"input": "train0", "output": "no"}, {"input": "train1", "output": "no"}, {"input": "gtrain0", "output": "a0"}]
+    assert [r["instruction"] for r in shot] == ["Say yes or no."] * 3
+    ood_shot = derive_setting(base, "OOD_Diverse_Instruction_1-shot", train)  # OOD takes IND training records
+    assert json.loads(ood_shot[0]["few_shot_example"]) == {"input": "gtrain0", "output": "a0"}
+    with pytest.raises(ValueError, match="test record 1 needs training record 1 .* hold 1"):
+        derive_setting(base + [record(task="Answer_Generation", input="g1")] * 2, "IND_Diverse_Instruction_1-shot",
+                       train)
+    with pytest.raises(ValueError, match="no OOD_Diverse_Instruction records"):
+        derive_setting(base[:3], "OOD_Single_Instruction")
+
+
+def test_references_for_qpr():
+    recs = [record(task="Query_Product_Rank", output="B,A"), record(task="QPR", output="A,B", esci_labels=["E", "I"])]
+    assert references("QPR", recs, [["S", "E"], ["E", "S"]]) == [
+        {"ranking": "B,A", "labels": ["S", "E"]}, {"ranking": "A,B", "labels": ["E", "I"]}]
+    with pytest.raises(ValueError, match="QPR record 0 .* --qpr-labels"):
+        references("QPR", recs)
+    assert references("PM", [record()]) == ["yes"]
+
+
+def test_markdown_table():
+    rows = [{"task": "SR", "setting": "IND_Diverse_Instruction", "metric": "hr@1", "hr@1": 0.25, "n": 4,
+             "n_failed": 1},
+            {"task": "QPR", "setting": "IND_Diverse_Instruction", "metric": "ndcg", "ndcg": 0.5,
+             "n_invalid_items": 3, "n": 2, "n_failed": 0}]
+    assert markdown_table(rows) == (
+        "| task | setting | metric | value | secondary | n | n_failed |\n|---|---|---|---|---|---|---|\n"
+        "| SR | IND_Diverse_Instruction | hr@1 | 0.250 |  | 4 | 1 |\n"
+        "| QPR | IND_Diverse_Instruction | ndcg | 0.500 | n_invalid_items 3 | 2 | 0 |\n")
+
+
+# --- end to end -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama checkpoint with the Llama-2 sentencepiece tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    model = from_config(TINY, device="cpu")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors",
+              metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(TINY))
+    shutil.copy(LLAMA_SPM, path / "tokenizer.model")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Synthetic ECInstruct files (2 test records per task) and QPR option labels consistent with the gold order."""
+    path = tmp_path_factory.mktemp("data")
+    write_dataset(path, n_per_task=3, n_eval_per_task=2, seed=0)
+    qpr = load_records(path / "test.json", tasks="QPR")
+    labels = [["ESCI"[r["output"].split(",").index(letter)] for letter in sorted(r["output"].split(","))]
+              for r in qpr]
+    (path / "label.json").write_text(json.dumps(labels))
+    return path
+
+
+def test_entry_point_end_to_end(tiny_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    settings = ["IND_Diverse_Instruction", "IND_Unseen_Instruction", "IND_Diverse_Instruction_1-shot"]
+    evaluation = main(["--model", str(tiny_dir), "--data", str(data_dir / "test.json"), "--setting", *settings,
+                       "--demos", str(data_dir / "train.json"), "--qpr-labels", str(data_dir / "label.json"),
+                       "--out", str(out), "--max-new-tokens", "6", "--batch-size", "16"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["n_records"] == 60 and results["config"]["template"] == "alpaca"
+    rows = results["results"]
+    assert {(r["task"], r["setting"]) for r in rows} == {(t.abbr, s) for t in TASKS for s in settings}
+    assert rows == evaluation["results"]
+    for r in rows:
+        assert r["n"] == 2 and 0 <= r["n_failed"] <= 2 and 0.0 <= r[r["metric"]] <= 1.0
+    table = (out / "results.md").read_text()
+    assert len(table.splitlines()) == 2 + 30 and "| AG | IND_Unseen_Instruction | f_bert |" in table
+    assert table in capsys.readouterr().out
+    gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(gens) == 60
+    unseen = [g for g in gens if g["setting"] == "IND_Unseen_Instruction"]
+    assert all(TASK_BY_NAME[g["task"]].unseen_instruction in g["prompt"] for g in unseen)
+    assert all("### Example Input:" in g["prompt"] for g in gens if g["setting"].endswith("1-shot"))
+    assert all(g["prediction"] == g["generation"].split("### Response:")[0].strip() for g in gens)
+
+
+def test_entry_point_with_adapter_and_sampling(tiny_dir, data_dir, tmp_path):
+    args = ["--model", str(tiny_dir), "--data", str(data_dir / "test.json"), "--tasks", "PM", "AG",
+            "--max-new-tokens", "5"]
+    base = main(args + ["--out", str(tmp_path / "base")])
+    model = from_config(TINY, device="cpu")
+    inject(model, r=2, alpha=4, targets=["q_proj", "v_proj", "lm_head"])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 1.0)
+    save_adapter(model, tmp_path / "adapter")
+    tuned = main(args + ["--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "tuned")])
+    assert [g["generation"] for g in tuned["generations"]] != [g["generation"] for g in base["generations"]]
+    sampled = main(args + ["--sample", "--seed", "3", "--out", str(tmp_path / "sampled")])
+    config = json.loads((tmp_path / "sampled" / "results.json").read_text())["config"]
+    assert (config["temperature"], config["top_p"]) == (0.15, 0.95)
+    again = main(args + ["--sample", "--seed", "3", "--out", str(tmp_path / "again")])
+    assert [g["generation"] for g in again["generations"]] == [g["generation"] for g in sampled["generations"]]
+
+
+def test_gold_answers_score_perfectly(tiny_dir, data_dir, monkeypatch):
+    """With generation replaced by the gold answers, every task's primary metric is 1 and nothing fails."""
+    from ecellm.models import from_pretrained
+    from ecellm.tokenizer import load_tokenizer
+
+    records = load_records(data_dir / "test.json", split="test")
+    gold = {build_prompt(r, "alpaca"): r["output"] for r in records}
+    monkeypatch.setattr(ev, "generate_text", lambda model, tok, prompts, **kw: [gold[p] for p in prompts])
+    labels = json.loads((data_dir / "label.json").read_text())
+    result = ev.evaluate(from_pretrained(tiny_dir), load_tokenizer(tiny_dir), records, qpr_labels=labels,
+                         progress=False)
+    assert len(result["results"]) == 10
+    for r in result["results"]:
+        assert r[r["metric"]] == pytest.approx(1.0) and r["n_failed"] == 0, r
