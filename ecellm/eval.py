@@ -1,7 +1,7 @@
 """Evaluation: generate answers to ECInstruct test records, parse and score them per task and setting as the paper does.
 
-    python -m ecellm.eval --model DIR [--adapter DIR] --data test.json --tasks PM SA --setting IND_Diverse_Instruction \\
-        --out results/
+    python -m ecellm.eval --model DIR [--adapter DIR] --data test.json --tasks PM SA \\
+        --setting IND_Diverse_Instruction OOD_Diverse_Instruction --out results/
 
 prints a table per task and setting (primary metric, secondary figures, n, n_failed) and writes `results.json`,
 `results.md` and the raw generations `generations.jsonl` to `--out`. In code: `evaluate(model, tokenizer, records)`.
@@ -164,6 +164,24 @@ def references(task: str, records: Sequence[dict], qpr_labels: Sequence[Sequence
     return refs
 
 
+def load_qpr_labels(path: str | Path) -> list[list[str]]:
+    """Read the reference code's `data_label/label.json`: per QPR test record, the ESCI labels of its options.
+
+    Args:
+        path: the JSON file, a list of lists of "E" / "S" / "C" / "I".
+    """
+    try:
+        labels = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(labels, list):
+        raise ValueError(f"{path}: expected a JSON list of label lists, got {type(labels).__name__}")
+    for i, entry in enumerate(labels):
+        if not isinstance(entry, list) or not all(label in ("E", "S", "C", "I") for label in entry):
+            raise ValueError(f"{path}: entry {i} is {entry!r}, expected a list of ESCI labels such as ['E', 'S']")
+    return labels
+
+
 # --- evaluation ---------------------------------------------------------------------------------------------
 def evaluate(
     model: torch.nn.Module,
@@ -301,7 +319,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, nargs="+", help="ECInstruct test file(s), JSON array or JSON Lines")
     p.add_argument("--split", default="test", help="records of this split (default: test)")
     p.add_argument("--tasks", nargs="+", help="task names or abbreviations (default: all in the data)")
-    p.add_argument("--setting", nargs="+", choices=SETTINGS, help="settings (default: those in the data)")
+    p.add_argument("--setting", nargs="+", choices=SETTINGS, metavar="SETTING",
+                   help=f"settings (default: those in the data); one of {', '.join(SETTINGS)}")
     p.add_argument("--demos", nargs="+", help="training file(s) giving 1-shot demonstrations")
     p.add_argument("--qpr-labels", help="the reference code's data_label/label.json (QPR option labels)")
     p.add_argument("--limit", type=int, help="at most this many records per task and setting")
@@ -334,9 +353,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(f"no {args.split} records{' of ' + ', '.join(tasks) if tasks else ''} in {args.data}")
     demos = load_records(args.demos, split="train", tasks=tasks) if args.demos else None
     records = select_records(records, args.setting, demos, args.limit)
-    qpr_labels = None
-    if args.qpr_labels:
-        qpr_labels = json.loads(Path(args.qpr_labels).read_text(encoding="utf-8"))
+    qpr_labels = load_qpr_labels(args.qpr_labels) if args.qpr_labels else None
 
     model = from_pretrained(args.model, dtype=dtype, device=args.device)
     tokenizer = load_tokenizer(args.tokenizer or args.model)

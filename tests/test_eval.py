@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 
 import ecellm.eval as ev
 from ecellm.data import TASK_BY_NAME, TASKS, format_prompt, load_records
-from ecellm.eval import build_prompt, derive_setting, main, markdown_table, one_shot_instruction, references
+from ecellm.eval import (build_prompt, derive_setting, load_qpr_labels, main, markdown_table, one_shot_instruction,
+                         references)
 from ecellm.lora import inject, save_adapter
 from ecellm.models import from_config
 from ecellm.synthetic import write_dataset
@@ -76,6 +77,17 @@ def test_references_for_qpr():
     with pytest.raises(ValueError, match="QPR record 0 .* --qpr-labels"):
         references("QPR", recs)
     assert references("PM", [record()]) == ["yes"]
+
+
+def test_load_qpr_labels(tmp_path):
+    (tmp_path / "label.json").write_text('[["E", "S"], ["C", "S", "E"]]')
+    assert load_qpr_labels(tmp_path / "label.json") == [["E", "S"], ["C", "S", "E"]]
+    (tmp_path / "bad.json").write_text('[["E", "X"]]')
+    with pytest.raises(ValueError, match=r"bad.json: entry 0 is \['E', 'X'\]"):
+        load_qpr_labels(tmp_path / "bad.json")
+    (tmp_path / "empty.json").write_text("")
+    with pytest.raises(ValueError, match="empty.json: not valid JSON"):
+        load_qpr_labels(tmp_path / "empty.json")
 
 
 def test_markdown_table():

@@ -3,12 +3,15 @@
 import json
 import random
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
 from ecellm.metrics import ModelEncoder, bertscore, rouge_l, score, task_abbr
+from ecellm.models import from_config
+from ecellm.tokenizer import load_tokenizer
 
 approx = pytest.approx
 
@@ -357,3 +360,29 @@ def test_model_encoder_drops_bos_and_padding():
     torch.testing.assert_close(out[0], alone)  # padding next to a longer text changes nothing
     assert enc.tokenize("abc") == [3 + ord(c) % 20 for c in "abc"]
     assert bertscore(["abc"], ["abc"], enc)["f"] == approx([1.0])
+
+
+ASSETS = Path(__file__).parent / "assets" / "tokenizers"
+
+
+@pytest.mark.parametrize("config, tokenizer_dir, bos", [
+    ({"model_type": "llama", "vocab_size": 32000, "hidden_size": 16, "intermediate_size": 32,
+      "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2, "bos_token_id": 1,
+      "eos_token_id": 2}, "llama2-spm", True),
+    ({"model_type": "t5", "vocab_size": 1000, "d_model": 16, "d_kv": 8, "d_ff": 32, "num_layers": 2,
+      "num_heads": 2, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}, "t5-style-spm", False),
+])
+def test_model_encoder_on_ecellm_models(config, tokenizer_dir, bos):
+    """Decoders embed with hidden_states (BOS row dropped), T5 with its encoder (no BOS); padding changes nothing."""
+    torch.manual_seed(0)
+    model = from_config(config, device="cpu").eval()
+    tok = load_tokenizer(ASSETS / tokenizer_dir)
+    assert (tok.bos_id is not None) == bos
+    enc = ModelEncoder(model, tok, batch_size=3)
+    texts = ["the battery lasts six hours", "ok", "it is made of steel and feels sturdy"]
+    out = enc(texts)
+    assert [x.shape[0] for x in out] == [len(tok.encode(t, bos=False, eos=False)) for t in texts]
+    for text, emb in zip(texts, out):
+        torch.testing.assert_close(enc([text])[0], emb, atol=1e-5, rtol=1e-5)
+    s = bertscore(texts, texts, enc)
+    assert s["f"] == approx([1.0] * 3)
