@@ -265,7 +265,12 @@ def _target_modules(model: nn.Module, chosen: list[str]) -> Targets:
     return "|".join(re.escape(n) for n in chosen)
 
 
-def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> None:
+def save_adapter(
+    model: nn.Module,
+    path: str | Path,
+    base_model_name_or_path: str | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write the LoRA weights in the PEFT on-disk format, loadable by `peft.PeftModel.from_pretrained`.
 
     Args:
@@ -273,6 +278,8 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
         path: directory to create; gets `adapter_config.json` and `adapter_model.safetensors` (fp32 tensors
             `base_model.model.<module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r)).
         base_model_name_or_path: recorded in the config (PEFT uses it to find the base model).
+        weights: the LoRA tensors by parameter name (`<module>.lora_A`, `<module>.lora_B`), to use instead of the
+            layers' own parameters: the full tensors gathered from an FSDP-sharded model.
     """
     layers, first = _lora_hparams(model)
     family = _model_type(model)
@@ -296,8 +303,9 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
     }
     tensors = {}
     for name, layer in layers.items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().float().contiguous().cpu()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().float().contiguous().cpu()
+        for kind in ("lora_A", "lora_B"):
+            tensor = getattr(layer, kind) if weights is None else weights[f"{name}.{kind}"]
+            tensors[f"{PEFT_PREFIX}{name}.{kind}.weight"] = tensor.detach().float().contiguous().cpu()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -328,6 +336,21 @@ def _read_adapter_config(path: Path) -> dict[str, Any]:
         if config.get(key) is None:
             raise ValueError(f"{file}: the required field {key!r} is missing")
     return config
+
+
+def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of a PEFT-format adapter directory, keyed by the parameter names of an injected model
+    (`<module>.lora_A`, `<module>.lora_B`): to restore a training run's LoRA weights in place."""
+    file = Path(path) / ADAPTER_WEIGHTS
+    out = {}
+    for key, tensor in load_file(str(file)).items():
+        m = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+\.lora_[AB])\.weight", key)
+        if m is None and ".base_layer." in key:
+            continue  # peft's copy of a targeted lm_head's base weight: not a LoRA tensor
+        if m is None:
+            raise ValueError(f"{file}: unexpected key {key!r} (expected {PEFT_PREFIX}<module>.lora_A.weight)")
+        out[m[1]] = tensor
+    return out
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
