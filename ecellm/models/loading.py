@@ -13,7 +13,8 @@ from safetensors import safe_open
 from torch import nn
 
 # Keys some checkpoints carry that hold no weights (rotary tables that are recomputed on the fly).
-IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+# (Old T5 conversions also carry a cross-attention position bias that T5 never uses.)
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".EncDecAttention.relative_attention_bias.weight")
 
 
 class CheckpointError(ValueError):
@@ -109,6 +110,12 @@ def load_checkpoint(
                 + (f" nor its tied aliases {names[1:]}" if len(names) > 1 else "")
             )
         tensor = loaded[found[0]]
+        for other in found[1:]:
+            if not torch.equal(loaded[other], tensor):
+                raise CheckpointError(
+                    f"checkpoint {path} holds different values for {found[0]!r} and {other!r}, which the config ties "
+                    "(tie_word_embeddings): set it to false in config.json if the checkpoint has its own head"
+                )
         value = nn.Parameter(tensor, requires_grad=tensor.is_floating_point()) if names[0] in params else tensor
         for n in names:
             state[n] = value  # the same object under every name keeps ties

@@ -227,3 +227,11 @@ def test_pickle_checkpoints_refused_unless_opted_in(tmp_path):
     ids = torch.arange(1, 9)[None]
     with torch.no_grad():
         assert close(ref(ids).logits, from_pretrained(tmp_path, allow_pickle=True)(ids))
+
+
+def test_tied_weights_with_different_values_are_refused(tmp_path):
+    """A config that ties lm_head to the embeddings while the file holds a different lm_head must not load silently."""
+    save_tiny_decoder("llama-tied-gqa", tmp_path)
+    _edit_checkpoint(tmp_path, lambda s: s.update({"lm_head.weight": s["model.embed_tokens.weight"] + 1.0}))
+    with pytest.raises(CheckpointError, match=r"different values for 'model.embed_tokens.weight' and 'lm_head.weight'"):
+        from_pretrained(tmp_path)
