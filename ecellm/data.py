@@ -241,8 +241,10 @@ def format_prompt(record: dict, template: str = "alpaca") -> str:
 
 def parse_response(text: str) -> str:
     """The model's answer in a decoded output: the text after `### Response:` (which also ends the mistral
-    template's `[/INST] ### Response:`) up to any repeated marker, stripped. Text without the marker (a decoded
-    continuation alone) is returned stripped."""
+    template's `[/INST] ### Response:`) up to any repeated marker, stripped.
+
+    Pass the prompt followed by its continuation, as the reference code does: a continuation alone that repeats
+    the marker would yield the text after the repeat. Text without any marker is returned stripped."""
     parts = text.split(TEMPLATES["alpaca"]["response_split"])
     return (parts[1] if len(parts) > 1 else parts[0]).strip()
 

@@ -14,7 +14,7 @@ pool, `input` / `options` / `output` formatted as `tasks.json` describes, `task`
          kind under other names ("<Other> Lens"), so the type alone does not give it away.
     MPC  query "<colour> <type>": same type and colour = E, same type other colour = S, accessory = C, else I
     PSI  yes iff the product is the S case above
-    QPR  2-4 products of distinct ESCI classes, ranked E > S > C > I
+    QPR  2-4 products of distinct ESCI classes, ranked E > S > C > I (labels kept in the record's `esci_labels`)
     AP   yes iff a review snippet states the asked attribute
     AG   the answer restates the snippet that states the asked attribute
 
@@ -241,7 +241,9 @@ def _qpr(rng, names):
     labels = rng.sample("ESCI", rng.choice((2, 2, 3, 4)))
     products = [f"{LETTERS[i]}: {_esci_title(rng, names, p, lab)}" for i, lab in enumerate(labels)]
     order = sorted(range(len(labels)), key=lambda i: "ESCI".index(labels[i]))
-    return json.dumps({"query": _query(p), "product list": products}), None, ",".join(LETTERS[i] for i in order)
+    ranking = ",".join(LETTERS[i] for i in order)
+    # each option's ESCI label, for NDCG (the real dataset keeps them in the reference repository's label.json)
+    return json.dumps({"query": _query(p), "product list": products}), None, ranking, {"esci_labels": labels}
 
 
 QA_FACTS = (  # (question, statement of the fact, answer) about a product p
@@ -314,12 +316,12 @@ def generate_records(task: str, n: int, split: str = "train", seed: int = 0, *, 
     records = []
     for i in range(n):
         if info.abbr == "SR":
-            text, options, output = _sr_record(rng, names, positions[i], sr_history_len, sr_full_items)
+            text, options, output, *extra = _sr_record(rng, names, positions[i], sr_history_len, sr_full_items)
         else:
-            text, options, output = GENERATORS[info.abbr](rng, names)
+            text, options, output, *extra = GENERATORS[info.abbr](rng, names)
         records.append({"instruction": rng.choice(info.instructions), "input": text, "options": options,
                         "output": output, "task": name, "setting": SETTING, "split": split,
-                        "few_shot_example": None, "synthetic": True})
+                        "few_shot_example": None, "synthetic": True, **(extra[0] if extra else {})})
     return records
 
 

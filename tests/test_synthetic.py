@@ -33,7 +33,8 @@ def test_files_load_with_the_real_loader(tmp_path):
     assert len(train) == 80 and not train.skipped and train.n_filtered == 0
     assert Counter(r["task"] for r in train) == {t.name: 8 for t in TASKS}
     test = load_records(paths["test"], split="test")
-    assert len(test) == 30 and all(set(r) == FIELDS and r["synthetic"] is True for r in test)
+    assert len(test) == 30 and all(set(r) - {"esci_labels"} == FIELDS and r["synthetic"] is True for r in test)
+    assert all(len(r["esci_labels"]) == len(json.loads(r["input"])["product list"]) for r in test if r["task"] == "Query_Product_Rank")
     for r in train:
         info = next(t for t in TASKS if t.name == r["task"])
         assert r["instruction"] in info.instructions
