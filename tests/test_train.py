@@ -164,3 +164,16 @@ def test_cli_flags_cover_every_field():
 def test_bad_global_batch_is_explained(setup, tmp_path):
     with pytest.raises(TrainingError, match="global_batch 6 must be a multiple of world_size x micro_batch"):
         train(config(setup, tmp_path, global_batch=6, micro_batch=4))
+
+
+def test_bf16_run_keeps_lora_and_optimizer_state_fp32(setup, tmp_path):
+    """bf16 base weights, fp32 LoRA weights and AdamW state; the loss stays finite and falls."""
+    out = tmp_path / "run"
+    summary = train(config(setup, out, dtype="bf16", epochs=2, lr=1e-2, global_batch=8, micro_batch=4))
+    losses = step_losses(out)
+    assert all(map(lambda x: x == x, losses)) and losses[-1] < losses[0]
+    state = torch.load(latest_checkpoint(out) / "trainer.pt", weights_only=False)
+    moments = [v["exp_avg"] for v in state["optimizer"]["state"].values()]
+    assert moments and all(m.dtype == torch.float32 for m in moments)
+    assert all(t.dtype == torch.float32 for t in adapter(out).values())
+    assert summary["steps"] == 10
