@@ -52,38 +52,41 @@ class RMSNorm(nn.Module):
 def rope_cos_sin(
     position_ids: torch.Tensor, rotary_dim: int, theta: float, scaling_factor: float = 1.0, dtype=torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosines and sines of the rotary embedding at the given positions.
+    """Cosines and signed sines of the rotary embedding at the given positions.
 
     Computed on the fly (a few thousand flops) rather than stored, so a model built on the meta device needs no buffer
-    re-initialisation. `scaling_factor` is linear RoPE scaling (positions divided by the factor).
+    re-initialisation. `scaling_factor` is linear RoPE scaling (positions divided by the factor). The sines of the
+    first half of the channels come negated, so `apply_rope` swaps the two halves without negating one of them.
 
     Args:
         position_ids: (B, T) integer positions.
         rotary_dim: number of rotated channels per head (even).
         theta: the RoPE base.
     Returns:
-        cos, sin: (B, T, rotary_dim) in `dtype`.
+        cos, sin: (B, T, rotary_dim) in `dtype`; `sin` is `(-sin(f), sin(f))` where `cos` is `(cos(f), cos(f))`.
     """
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=position_ids.device).float() / rotary_dim
     inv_freq = 1.0 / (theta**exponents) / scaling_factor  # (rotary_dim/2,)
     freqs = position_ids[:, :, None].float() * inv_freq  # (B, T, rotary_dim/2)
-    angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, rotary_dim)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first `cos.shape[-1]` channels of each head (the "rotate half" layout); the rest pass through.
 
+    With halves x1, x2: (x1 cos - x2 sin, x2 cos + x1 sin), computed as `x * cos + swap(x) * signed_sin`.
+
     Args:
         x: (B, nh, T, hs).
-        cos, sin: (B, T, rotary_dim) with rotary_dim <= hs.
+        cos, sin: (B, T, rotary_dim) from `rope_cos_sin` (signed sines), rotary_dim <= hs.
     """
     rotary_dim = cos.shape[-1]
     cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, rotary_dim)
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     half = rotary_dim // 2
-    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    rot = rot * cos + rotated * sin
+    swapped = torch.cat((rot[..., half:], rot[..., :half]), dim=-1)
+    rot = torch.addcmul(rot * cos, swapped, sin)
     return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
 
 
