@@ -70,6 +70,7 @@ class TrainConfig:
     group_by_length: bool = True  # batch examples of similar length together (less padding)
     eval_every: int = 0  # evaluate every N steps (0: at the end of each epoch)
     checkpoint_every: int = 50  # checkpoint every N steps (and at each epoch end)
+    keep_checkpoints: int = 2  # how many of the latest checkpoints to keep (0: all)
     seed: int = 42
     resume: bool = False
 
@@ -279,7 +280,16 @@ def save_adapter_dir(model: nn.Module, weights: dict[str, torch.Tensor], path: P
 
 
 def save_checkpoint(
-    out: Path, step: int, model: nn.Module, trainable: dict, optimizer, scheduler, d: Dist, state: dict, base: str
+    out: Path,
+    step: int,
+    trainable: dict,
+    optimizer,
+    scheduler,
+    d: Dist,
+    state: dict,
+    base: str,
+    model: nn.Module,
+    keep: int,
 ) -> Path:
     """Checkpoint the run at `step`; collective (every rank calls it). Returns the checkpoint directory."""
     weights = lora_weights(trainable)
@@ -301,8 +311,9 @@ def save_checkpoint(
         latest = out / "checkpoints" / "latest"
         latest.with_suffix(".tmp").write_text(final.name)
         os.replace(latest.with_suffix(".tmp"), latest)
-        for old in sorted((out / "checkpoints").glob("step_*"))[:-2]:  # keep the last two
-            shutil.rmtree(old, ignore_errors=True)
+        if keep:
+            for old in sorted((out / "checkpoints").glob("step_*"))[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
     d.barrier()
     return final
 
@@ -533,7 +544,9 @@ def train(config: TrainConfig) -> dict:
             if stop:
                 stopped_by = "SIGTERM"
             if stop or epoch_end or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                save_checkpoint(out, step, model, trainable, optimizer, scheduler, d, run_state(), model_dir)
+                save_checkpoint(
+                    out, step, trainable, optimizer, scheduler, d, run_state(), model_dir, model, config.keep_checkpoints
+                )
             if stopped_by:
                 log(f"SIGTERM: checkpoint saved at step {step}; resume with --resume")
                 break

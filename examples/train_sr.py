@@ -42,6 +42,7 @@ DEMO = dict(
 )
 README = Path(__file__).resolve().parent.parent / "README.md"
 BEGIN, END = "<!-- train_sr:begin -->", "<!-- train_sr:end -->"
+CURVE_BEGIN, CURVE_END = "<!-- train_sr_curve:begin -->", "<!-- train_sr_curve:end -->"
 
 
 def hr_at_1(model_dir: str, adapter: str | None, records: list[dict], rank: int, world: int, template: str) -> dict:
@@ -67,23 +68,40 @@ def hr_at_1(model_dir: str, adapter: str | None, records: list[dict], rank: int,
     return result
 
 
+def replace_block(begin: str, end: str, body: str) -> None:
+    """Replace the text between two README markers."""
+    text = README.read_text()
+    if begin not in text or end not in text:
+        print(f"README.md has no {begin} ... {end} block; figures not written", file=sys.stderr)
+        return
+    README.write_text(re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{body}\n{end}", text,
+                             flags=re.S))
+
+
+def learning_curve(run: Path, model_dir: str, records: list[dict], d, template: str, before: dict) -> list[dict]:
+    """HR@1 of every checkpoint the run kept, against training examples and minutes of training."""
+    steps = {x["step"]: x for x in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if x["type"] == "step"}
+    config = json.loads((run / "config.json").read_text())
+    rows = [{"step": 0, "examples": 0, "minutes": 0.0, "hr@1": before["hr@1"], "invalid": before["invalid"]}]
+    for checkpoint in sorted((run / "checkpoints").glob("step_*")):
+        step = int(checkpoint.name.split("_")[1])
+        result = hr_at_1(model_dir, str(checkpoint / "adapter"), records, d.rank, d.world, template)
+        rows.append({"step": step, "examples": step * config["global_batch"],
+                     "minutes": steps[step]["elapsed_s"] / 60, "hr@1": result["hr@1"], "invalid": result["invalid"]})
+    return rows
+
+
 def write_readme(before: dict, after: dict, summary: dict, args, minutes: float) -> None:
     """Put the measured figures between the README's train_sr markers."""
-    text = README.read_text()
-    if BEGIN not in text or END not in text:
-        print(f"README.md has no {BEGIN} ... {END} block; figures not written", file=sys.stderr)
-        return
-    block = (
-        f"{BEGIN}\n"
+    replace_block(BEGIN, END, (
         f"| | HR@1 | invalid outputs | n |\n|---|---|---|---|\n"
         f"| before tuning | {before['hr@1']:.3f} | {before['invalid']:.1%} | {before['n']} |\n"
         f"| after tuning | {after['hr@1']:.3f} | {after['invalid']:.1%} | {after['n']} |\n\n"
         f"Measured {time.strftime('%Y-%m-%d')} with `torchrun --standalone --nproc_per_node={summary['world_size']} "
         f"examples/train_sr.py` on this project's 2-core CPU machine: {summary['steps']} steps, "
         f"{args.n_train} training records, {summary['tokens_per_s']:.0f} tokens/s, {minutes:.1f} minutes end to end "
-        f"(chance HR@1 is 0.05).\n{END}"
-    )
-    README.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S))
+        f"(chance HR@1 is 0.05)."
+    ))
 
 
 def main() -> None:
@@ -96,6 +114,8 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=0, help="stop training after this many steps (0: all)")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--curve-every", type=int, default=0,
+                        help="checkpoint every N steps, then score each checkpoint: HR@1 against examples and minutes")
     parser.add_argument("--no-readme", action="store_true", help="do not write the figures into README.md")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -114,6 +134,8 @@ def main() -> None:
         config = dataclasses.replace(config, lr=args.lr)
     if args.max_steps:
         config = dataclasses.replace(config, max_steps=args.max_steps)
+    if args.curve_every:
+        config = dataclasses.replace(config, checkpoint_every=args.curve_every, keep_checkpoints=0)
     if not config.model:
         from ecellm.models.default import default_model_dir
 
@@ -128,16 +150,29 @@ def main() -> None:
     summary = train(config)
     after = hr_at_1(config.model, str(out / "run" / "best_adapter"), records, d.rank, d.world, template)
     minutes = (time.perf_counter() - start) / 60
+    curve = learning_curve(out / "run", config.model, records, d, template, before) if args.curve_every else None
 
     if d.main:
-        result = {"before": before, "after": after, "train": summary, "minutes": minutes, "config": vars(args)}
+        result = {"before": before, "after": after, "train": summary, "minutes": minutes, "config": vars(args),
+                  "curve": curve}
         (out / "results.json").write_text(json.dumps(result, indent=2))
         print(f"\nSequential recommendation, {len(records)} held-out records (chance HR@1 = 0.05):")
         print(f"  before tuning: HR@1 {before['hr@1']:.3f}, invalid {before['invalid']:.1%}")
         print(f"  after tuning:  HR@1 {after['hr@1']:.3f}, invalid {after['invalid']:.1%}")
         print(f"  {summary['steps']} steps, {minutes:.1f} minutes end to end; results in {out / 'results.json'}")
+        if curve:
+            table = "| training examples | minutes of training | HR@1 | invalid |\n|---|---|---|---|\n" + "\n".join(
+                f"| {r['examples']} | {r['minutes']:.1f} | {r['hr@1']:.3f} | {r['invalid']:.1%} |" for r in curve
+            )
+            print("\nLearning curve:\n" + table)
         if synthetic and not args.model and not args.no_readme:
-            write_readme(before, after, summary, args, minutes)
+            if curve:
+                replace_block(CURVE_BEGIN, CURVE_END, table + (
+                    f"\n\nMeasured {time.strftime('%Y-%m-%d')} with `torchrun --standalone --nproc_per_node={d.world} "
+                    f"examples/train_sr.py --n-train {args.n_train} --curve-every {args.curve_every}"
+                    + (f" --lr {args.lr}" if args.lr else "") + "` on the 2-core CPU machine."))
+            else:
+                write_readme(before, after, summary, args, minutes)
     if dist.is_initialized():
         dist.destroy_process_group()
 
