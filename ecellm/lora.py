@@ -87,9 +87,16 @@ class LoRALinear(nn.Module):
         if self.merged:
             return out
         h = x.to(self.lora_A.dtype)
-        if self.dropout > 0.0:
-            h = F.dropout(h, self.dropout, self.training)
-        h = F.linear(h, self.lora_A) * self.scaling  # (..., r): scale the thin tensor, not the wide one
+        scaling = self.scaling
+        if self.dropout > 0.0 and self.training:
+            if h.device.type == "cpu":
+                # F.dropout on CPU draws with bernoulli_ and rescales the wide input; one uniform draw and a bool mask
+                # are faster and lighter to keep for backward, and the 1/(1-p) goes onto the thin tensor below.
+                h = h * (torch.rand_like(h) >= self.dropout)
+                scaling = scaling / (1.0 - self.dropout)
+            else:
+                h = F.dropout(h, self.dropout)  # a fused kernel on GPUs
+        h = F.linear(h, self.lora_A) * scaling  # (..., r): scale the thin tensor, not the wide one
         return out.add_(F.linear(h, self.lora_B).to(out.dtype))  # in place: no second (..., out) buffer
 
     def delta_weight(self) -> torch.Tensor:

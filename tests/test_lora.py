@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -169,6 +170,23 @@ def test_dropout_only_in_training_and_skipped_at_zero():
     assert not torch.allclose(drop(x), drop(x))
     drop.eval()
     torch.testing.assert_close(drop(x), drop(x), rtol=0, atol=0)
+
+
+def test_dropout_drops_the_share_p_and_keeps_the_update_unbiased():
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(nn.Linear(8, 6), r=4, alpha=4, dropout=0.25)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(1, 8).expand(40000, 8)  # one input, 40000 independent dropout masks
+    base = F.linear(x[:1], layer.weight, layer.bias)
+    update = layer.eval()(x[:1]) - base  # (1, 6), no dropout
+    dropped = layer.train()(x) - base  # (40000, 6)
+    torch.testing.assert_close(dropped.mean(0, keepdim=True), update, rtol=0, atol=0.03 * update.abs().max().item())
+    with torch.no_grad():  # one input channel alone: its update is either dropped or scaled by 1 / (1 - p)
+        single = torch.zeros(40000, 8)
+        single[:, 3] = 1.0
+        kept = (layer(single) - F.linear(single, layer.weight, layer.bias)).abs().sum(-1) > 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01
 
 
 def test_merge_equals_unmerged_and_unmerge_restores():
