@@ -129,11 +129,13 @@ def machine() -> str:
             f"peft {peft_version}, Python {platform.python_version()}")
 
 
-def run_child(script: str, args: list[str]) -> dict:
-    """Run `python script --child ...` in a fresh process and return the JSON line it prints last."""
+def run_child(script: str, args: list[str], pythonpath: str | None = None) -> dict:
+    """Run `python script --child ...` in a fresh process (with `pythonpath` first on its path: another ecellm
+    source tree) and return the JSON line it prints last."""
     import json
 
-    out = subprocess.run([sys.executable, script, *args], check=True, capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None
+    out = subprocess.run([sys.executable, script, *args], check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

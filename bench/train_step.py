@@ -31,13 +31,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 
 
-def build(lib: str, path: Path, dropout: float, compile_: bool):
-    """The model with LoRA injected, in train mode, and a function batch -> loss."""
+def build(lib: str, path: Path, dropout: float, compile_: bool, device: str = "cpu", dtype=torch.float32):
+    """The model with LoRA injected (fp32 LoRA weights in both libraries), in train mode, and a function
+    batch -> loss."""
     if lib == "ecellm":
         from ecellm import lora
         from ecellm.models import causal_lm_loss, from_pretrained
 
-        model = lora.inject(from_pretrained(path), r=16, alpha=16, dropout=dropout, targets=common.LORA_TARGETS)
+        model = lora.inject(from_pretrained(path, dtype=dtype, device=device), r=16, alpha=16, dropout=dropout, targets=common.LORA_TARGETS)
         if compile_:
             model.model.compile()
 
@@ -47,7 +48,7 @@ def build(lib: str, path: Path, dropout: float, compile_: bool):
         import transformers
         from peft import LoraConfig, get_peft_model
 
-        base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
         config = LoraConfig(r=16, lora_alpha=16, lora_dropout=dropout, target_modules=common.LORA_TARGETS,
                             task_type="CAUSAL_LM")
         model = get_peft_model(base, config)
@@ -168,6 +169,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile both models")
     ap.add_argument("--no-limit", action="store_true", help="skip the FLOP/s and profile part")
     ap.add_argument("--root", default="/tmp/ecellm-bench", help="where the tiny checkpoint is written")
+    ap.add_argument("--before", help="another ecellm source tree (e.g. `git archive <commit> ecellm | tar -x -C DIR`) "
+                    "measured as a third library, for before/after figures of a change")
     ap.add_argument("--child", choices=["ecellm", "hf"], help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
@@ -182,13 +185,14 @@ def main() -> None:
     for name in args.models.split(","):
         path = common.model_dir(name, Path(args.root))
         for T in map(int, args.lengths.split(",")):
-            runs = {"ecellm": [], "hf": []}
+            libs = ["ecellm", "hf"] + (["before"] if args.before else [])
+            runs = {lib: [] for lib in libs}
             for rep in range(args.reps):
-                for lib in ("ecellm", "hf") if rep % 2 == 0 else ("hf", "ecellm"):
-                    flags = ["--child", lib, "--model-dir", str(path), "--seq-len", str(T), "--batch",
+                for lib in libs if rep % 2 == 0 else libs[::-1]:
+                    flags = ["--child", "ecellm" if lib == "before" else lib, "--model-dir", str(path), "--seq-len", str(T), "--batch",
                              str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads",
                              str(args.threads), "--dropout", str(args.dropout)] + (["--compile"] if args.compile else [])
-                    runs[lib].append(common.run_child(__file__, flags))
+                    runs[lib].append(common.run_child(__file__, flags, args.before if lib == "before" else None))
             e, h = ({k: [r[k] for r in runs[lib]] for k in ("tokens_per_s", "peak_mb")} for lib in ("ecellm", "hf"))
             tps = common.median(e["tokens_per_s"]) / common.median(h["tokens_per_s"])
             mem = common.median(e["peak_mb"]) / common.median(h["peak_mb"])
@@ -198,6 +202,12 @@ def main() -> None:
                   f"({common.spread(h['tokens_per_s'])}) -> {tps:.2f}x (target >= 1.2x); peak step memory "
                   f"ecellm {common.median(e['peak_mb']):.0f} MB vs {common.median(h['peak_mb']):.0f} MB -> "
                   f"{mem:.2f}x (target <= 0.9x)", flush=True)
+            if args.before:
+                b = {k: [r[k] for r in runs["before"]] for k in ("tokens_per_s", "peak_mb")}
+                print(f"  before ({args.before}): tokens/s {common.median(b['tokens_per_s']):.0f} "
+                      f"({common.spread(b['tokens_per_s'])}), {common.median(b['tokens_per_s']) / common.median(h['tokens_per_s']):.2f}x"
+                      f" the reference; peak {common.median(b['peak_mb']):.0f} MB; now/before tokens/s "
+                      f"{common.median(e['tokens_per_s']) / common.median(b['tokens_per_s']):.2f}x", flush=True)
     if args.no_limit:
         return
     for (name, T), (runs, path) in results.items():
