@@ -27,8 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("train")
-    model = make_tiny_checkpoint(base / "model")
-    write_dataset(base / "data", n_per_task=40, n_eval_per_task=8, seed=0, tasks=["SR"])
+    # Answers of very different lengths (a letter, yes/no, a sentence), so ranks and micro-batches carry different
+    # numbers of loss tokens and only a token-weighted loss makes N ranks equal one process.
+    tasks = ["SR", "PM", "AG"]
+    model = make_tiny_checkpoint(base / "model", tasks=tasks)
+    write_dataset(base / "data", n_per_task=16, n_eval_per_task=4, seed=0, tasks=tasks)
     return model, base / "data"
 
 
@@ -77,12 +80,14 @@ def test_two_fsdp_ranks_equal_one_process(setup, tmp_path):
     single = train(config(setup, tmp_path / "one"))
     finish(launch(config(setup, tmp_path / "two"), nproc=2))
     one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
-    assert len(one) == len(two) == single["total_steps"] == 10  # 40 records / 8 per step x 2 epochs
+    assert len(one) == len(two) == single["total_steps"] == 12  # 48 records / 8 per step x 2 epochs
     assert one == pytest.approx(two, rel=1e-5)
     a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
     assert a.keys() == b.keys() and len(a) > 0
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+        # Summation order differs between 1 and 2 processes; Adam's m / sqrt(v) magnifies that rounding in elements
+        # whose gradient is near zero, to ~1e-6. A wrongly weighted loss moves elements by ~lr (5e-3) per step.
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=2e-5)
     assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)  # it did train
 
 
@@ -127,7 +132,7 @@ def test_interrupted_checkpoint_write_leaves_previous_usable(setup, tmp_path, mo
     state = torch.load(previous / "trainer.pt", weights_only=False)
     assert state["step"] == int(previous.name.split("_")[1])
     # and a resume from it runs to the end
-    assert train(config(setup, out, epochs=2, checkpoint_every=2, resume=True))["steps"] == 10
+    assert train(config(setup, out, epochs=2, checkpoint_every=2, resume=True))["steps"] == 12
 
 
 def test_non_finite_loss_stops_with_the_step(setup, tmp_path, monkeypatch):
@@ -176,4 +181,4 @@ def test_bf16_run_keeps_lora_and_optimizer_state_fp32(setup, tmp_path):
     moments = [v["exp_avg"] for v in state["optimizer"]["state"].values()]
     assert moments and all(m.dtype == torch.float32 for m in moments)
     assert all(t.dtype == torch.float32 for t in adapter(out).values())
-    assert summary["steps"] == 10
+    assert summary["steps"] == 12
