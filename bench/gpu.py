@@ -84,9 +84,9 @@ def fsdp_run(root: Path, steps: int) -> dict | None:
     data, out = root / "data", root / "run"
     subprocess.run([sys.executable, "-m", "ecellm.synthetic", "--out", str(data), "--n-per-task", "2000",
                     "--n-eval-per-task", "50", "--tasks", "SR"], check=True, capture_output=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "ecellm.train", "--data", str(data),
-           "--out", str(out), "--tasks", "SR", "--dtype", "bf16", "--max-steps", str(steps), "--global-batch", "64",
-           "--micro-batch", "16", "--checkpoint-every", "100000", "--max-val-examples", "64"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "ecellm.train",
+           "--data", str(data), "--out", str(out), "--tasks", "SR", "--dtype", "bf16", "--max-steps", str(steps),
+           "--global-batch", "64", "--micro-batch", "16", "--checkpoint-every", "100000", "--max-val-examples", "64"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stderr[-3000:]}")
@@ -129,8 +129,9 @@ def train_section(path: Path, args) -> None:
     for T in map(int, args.lengths.split(",")):
         r = train_compare(path, args.batch, T, args.reps, args.steps, args.compile)
         e, h = r["ecellm"], r["hf"]
+        ratio = e["tokens_per_s"] / h["tokens_per_s"]
         print(f"gpu train B={args.batch} T={T}: tokens/s ecellm {e['tokens_per_s']:.0f} ({e['spread']}) vs "
-              f"transformers+peft {h['tokens_per_s']:.0f} ({h['spread']}) -> {e['tokens_per_s'] / h['tokens_per_s']:.2f}x;"
+              f"transformers+peft {h['tokens_per_s']:.0f} ({h['spread']}) -> {ratio:.2f}x;"
               f" peak memory {e['peak_mb']:.0f} MB vs {h['peak_mb']:.0f} MB -> {e['peak_mb'] / h['peak_mb']:.2f}x",
               flush=True)
         if "ecellm+compile" in r:

@@ -38,7 +38,8 @@ def build(lib: str, path: Path, dropout: float, compile_: bool, device: str = "c
         from ecellm import lora
         from ecellm.models import causal_lm_loss, from_pretrained
 
-        model = lora.inject(from_pretrained(path, dtype=dtype, device=device), r=16, alpha=16, dropout=dropout, targets=common.LORA_TARGETS)
+        model = from_pretrained(path, dtype=dtype, device=device)
+        lora.inject(model, r=16, alpha=16, dropout=dropout, targets=common.LORA_TARGETS)
         if compile_:
             model.model.compile()
 
@@ -189,9 +190,10 @@ def main() -> None:
             runs = {lib: [] for lib in libs}
             for rep in range(args.reps):
                 for lib in libs if rep % 2 == 0 else libs[::-1]:
-                    flags = ["--child", "ecellm" if lib == "before" else lib, "--model-dir", str(path), "--seq-len", str(T), "--batch",
-                             str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads",
-                             str(args.threads), "--dropout", str(args.dropout)] + (["--compile"] if args.compile else [])
+                    flags = ["--child", "ecellm" if lib == "before" else lib, "--model-dir", str(path),
+                             "--seq-len", str(T), "--batch", str(args.batch), "--steps", str(args.steps),
+                             "--warmup", str(args.warmup), "--threads", str(args.threads), "--dropout",
+                             str(args.dropout)] + (["--compile"] if args.compile else [])
                     runs[lib].append(common.run_child(__file__, flags, args.before if lib == "before" else None))
             e, h = ({k: [r[k] for r in runs[lib]] for k in ("tokens_per_s", "peak_mb")} for lib in ("ecellm", "hf"))
             tps = common.median(e["tokens_per_s"]) / common.median(h["tokens_per_s"])
@@ -204,15 +206,17 @@ def main() -> None:
                   f"{mem:.2f}x (target <= 0.9x)", flush=True)
             if args.before:
                 b = {k: [r[k] for r in runs["before"]] for k in ("tokens_per_s", "peak_mb")}
-                print(f"  before ({args.before}): tokens/s {common.median(b['tokens_per_s']):.0f} "
-                      f"({common.spread(b['tokens_per_s'])}), {common.median(b['tokens_per_s']) / common.median(h['tokens_per_s']):.2f}x"
-                      f" the reference; peak {common.median(b['peak_mb']):.0f} MB; now/before tokens/s "
-                      f"{common.median(e['tokens_per_s']) / common.median(b['tokens_per_s']):.2f}x", flush=True)
+                b_tps = common.median(b["tokens_per_s"])
+                print(f"  before ({args.before}): tokens/s {b_tps:.0f} ({common.spread(b['tokens_per_s'])}), "
+                      f"{b_tps / common.median(h['tokens_per_s']):.2f}x the reference; peak "
+                      f"{common.median(b['peak_mb']):.0f} MB; now/before tokens/s "
+                      f"{common.median(e['tokens_per_s']) / b_tps:.2f}x", flush=True)
     if args.no_limit:
         return
     for (name, T), (runs, path) in results.items():
         c = json.loads((path / "config.json").read_text())
-        flops = step_flops(c, args.batch, T, n_labelled=2 * args.batch)
+        labels = common.sr_batch(args.batch, T)["labels"]
+        flops = step_flops(c, args.batch, T, n_labelled=int((labels[:, 1:] != -100).sum()))
         H, I = c["hidden_size"], c["intermediate_size"]
         peak = matmul_peak(args.batch * T, [(H, I), (I, H), (H, H)], args.threads)
         step_s = common.median([r["step_s"] for r in runs["ecellm"]])
