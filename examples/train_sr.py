@@ -23,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from ecellm.data import load_records
