@@ -222,6 +222,7 @@ def evaluate(
          "generations": per record {"index", "task", "setting", "prompt", "generation", "prediction",
          "reference"}}; "generation" is the decoded continuation, "prediction" the answer read from it.
     """
+    model.eval()  # no dropout (LoRA's included) while generating
     groups: dict[tuple[str, str], list[int]] = {}
     for i, r in enumerate(records):
         groups.setdefault((resolve_task(r["task"]), r["setting"]), []).append(i)

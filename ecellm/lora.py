@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +195,9 @@ def inject(
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(linears[name], r, alpha, dropout, rslora))
+        layer = LoRALinear(linears[name], r, alpha, dropout, rslora)
+        layer.train(linears[name].training)  # an eval-mode model stays in eval mode (no dropout)
+        setattr(parent, child, layer)
     return model
 
 
@@ -331,7 +334,10 @@ def _read_adapter_config(path: Path) -> dict[str, Any]:
     file = path / ADAPTER_CONFIG
     if not file.is_file():
         raise FileNotFoundError(f"load_adapter: no {ADAPTER_CONFIG} in {path}")
-    config = json.loads(file.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from e
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{file}: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters are supported")
     for key in _UNSUPPORTED_FIELDS:
@@ -465,10 +471,14 @@ def save_merged(model: nn.Module, path: str | Path, max_shard_size: int | str = 
 
     Args:
         model: an ecellm model (needs `model.config.raw`, the config.json dict it was built from), LoRA optional.
-        path: directory to create; gets `config.json` and `model.safetensors`, or, past `max_shard_size`,
-            `model-0000i-of-0000n.safetensors` shards plus `model.safetensors.index.json`.
+        path: directory to create (absent or empty); gets `config.json` and `model.safetensors`, or, past
+            `max_shard_size`, `model-0000i-of-0000n.safetensors` shards plus `model.safetensors.index.json`. It is
+            written under a temporary name beside it and renamed when complete, so a crash leaves no half checkpoint.
         max_shard_size: shard size limit, in bytes or as a string such as "5GB".
     """
+    final = Path(path)
+    if final.exists() and any(final.iterdir()):
+        raise FileExistsError(f"save_merged: {final} exists and is not empty; choose a new directory")
     raw = getattr(getattr(model, "config", None), "raw", None)
     if not isinstance(raw, dict) or not raw:
         raise ValueError(f"save_merged: {type(model).__name__} has no config.raw (the config.json dict) to write")
@@ -495,8 +505,8 @@ def save_merged(model: nn.Module, path: str | Path, max_shard_size: int | str = 
         size += nbytes
         total += nbytes
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))  # renamed into place when complete
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)
@@ -511,3 +521,7 @@ def save_merged(model: nn.Module, path: str | Path, max_shard_size: int | str = 
         weight_map = {key: name for name, keys in zip(names, shards) for key in keys}
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    path.chmod(0o755)
+    if final.exists():
+        final.rmdir()
+    path.rename(final)

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from . import lora
 from .data import IGNORE_INDEX, LengthGroupedBatchSampler, build_examples, collate, load_records, sample_per_task
-from .models import causal_lm_loss, from_pretrained
+from .models import causal_lm_loss, from_pretrained, seq2seq_lm_loss
 from .tokenizer import load_tokenizer
 
 
@@ -143,11 +143,18 @@ def enable_activation_checkpointing(blocks: list[nn.Module]) -> None:
 
 
 def shard(model: nn.Module, d: Dist, dtype: torch.dtype) -> nn.Module:
-    """FSDP2: shard each transformer block, then the root, over the device mesh."""
+    """FSDP2: shard each transformer block, then the root, over the device mesh.
+
+    Compute runs in `dtype` (FSDP2 casts every parameter of a unit, LoRA's included, to it); gradients are reduced
+    and kept in fp32 for the fp32 LoRA weights and optimizer state. T5 is sharded as one unit at the root: its
+    stacks use block 0's relative-position table and every decoder block's cross-attention projections outside those
+    blocks' own forward, where a per-block unit would not have gathered them.
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for block in transformer_blocks(model):
+    blocks = [] if model.config.model_type == "t5" else transformer_blocks(model)
+    for block in blocks:
         fully_shard(block, mesh=d.mesh, mp_policy=mp)
     fully_shard(model, mesh=d.mesh, mp_policy=mp)
     return model
@@ -176,6 +183,10 @@ def load_examples(config: TrainConfig, tokenizer, template: str, seq2seq: bool, 
         raise TrainingError(f"no {split} records in {config.data} for setting={config.setting!r}, tasks={tasks}")
     examples, report = build_examples(records, tokenizer, template, config.max_len, seq2seq=seq2seq)
     log(f"{split}: {report}")
+    if not examples:
+        raise TrainingError(
+            f"{split}: all {len(records)} records in {config.data} were dropped as longer than max_len={config.max_len}"
+        )
     for ex in examples:
         labels = ex["labels"] if seq2seq else ex["labels"][1:]  # decoder label t is predicted from position t-1
         ex["n_loss_tokens"] = sum(label != IGNORE_INDEX for label in labels)
@@ -194,8 +205,6 @@ def micro_batches(examples: list[dict], indices: list[int], size: int) -> list[l
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], seq2seq: bool) -> torch.Tensor:
     """Summed token cross-entropy of one micro-batch (divided later by the step's token count)."""
     if seq2seq:
-        from .models import seq2seq_lm_loss
-
         return seq2seq_lm_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], reduction="sum")
     return causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"], reduction="sum")
 
@@ -242,6 +251,8 @@ def load_optimizer_state(trainable: dict[str, nn.Parameter], optimizer: torch.op
         for key, value in saved["state"][name].items():
             if torch.is_tensor(value) and isinstance(p, DTensor) and value.shape == p.shape:
                 value = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
+            elif torch.is_tensor(value) and key != "step":
+                value = value.to(p.device)
             restored[key] = value
         optimizer.state[p] = restored
     for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
@@ -269,14 +280,12 @@ def _atomic_dir(final: Path, write) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write(tmp)
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
     if final.exists():
-        shutil.rmtree(final)
+        final.rename(old)  # the previous version stays on disk until the new one is in place
     tmp.rename(final)
-
-
-def save_adapter_dir(model: nn.Module, weights: dict[str, torch.Tensor], path: Path, base: str) -> None:
-    """Write a PEFT-format adapter from gathered LoRA weights (works for sharded and plain models alike)."""
-    lora.save_adapter(model, path, base_model_name_or_path=base, weights=weights)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(
@@ -303,7 +312,7 @@ def save_checkpoint(
     if d.main:
 
         def write(tmp: Path) -> None:
-            save_adapter_dir(model, weights, tmp / "adapter", base)
+            lora.save_adapter(model, tmp / "adapter", base_model_name_or_path=base, weights=weights)
             trainer = {"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rngs, **state}
             torch.save(trainer, tmp / "trainer.pt")
 
@@ -412,7 +421,13 @@ def train(config: TrainConfig) -> dict:
     if checkpoint is not None:
         trainer_state = torch.load(checkpoint / "trainer.pt", weights_only=False)
         saved = lora.read_adapter_weights(checkpoint / "adapter")
-        params = dict(model.named_parameters())
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        wrong = sorted(set(saved) ^ set(params)) + [n for n in saved if n in params and saved[n].shape != params[n].shape]
+        if wrong or len(trainer_state["rng"]) != d.world:
+            raise TrainingError(
+                f"{checkpoint} does not fit this run (it was written with other LoRA settings or "
+                f"{len(trainer_state['rng'])} ranks, this run has {d.world}): differing LoRA tensors {wrong[:6]}"
+            )
         with torch.no_grad():
             for name, tensor in saved.items():
                 params[name].copy_(tensor)
@@ -472,7 +487,10 @@ def train(config: TrainConfig) -> dict:
         if improved:
             best_val, best_step = val, step
             if d.main:
-                _atomic_dir(out / "best_adapter", lambda tmp: save_adapter_dir(model, weights, tmp, model_dir))
+                _atomic_dir(
+                    out / "best_adapter",
+                    lambda tmp: lora.save_adapter(model, tmp, base_model_name_or_path=model_dir, weights=weights),
+                )
         d.barrier()
         write_log({"type": "eval", "step": step, "epoch": epoch, "val_loss": val, "best_val_loss": best_val})
         log(f"step {step}: validation loss {val:.4f}" + (" (best so far, adapter kept)" if improved else ""))
@@ -556,7 +574,9 @@ def train(config: TrainConfig) -> dict:
 
     weights = lora_weights(trainable)
     if d.main and not stopped_by:
-        _atomic_dir(out / "adapter", lambda tmp: save_adapter_dir(model, weights, tmp, model_dir))
+        _atomic_dir(
+            out / "adapter", lambda tmp: lora.save_adapter(model, tmp, base_model_name_or_path=model_dir, weights=weights)
+        )
     elapsed = time.perf_counter() - start_time
     summary = {
         "steps": step,

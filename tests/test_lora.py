@@ -338,3 +338,21 @@ def test_load_adapter_reads_peft_base_layer_weight(tmp_path):
     _write_adapter(tmp_path / "a", tensors, target_modules=["lm_head"])
     model = lora.load_adapter(TinyLM(), tmp_path / "a")
     assert torch.equal(model.lm_head.weight, head) and model.lm_head.weight is model.embed_tokens.weight
+
+
+def test_inject_keeps_the_models_eval_mode():
+    """A model in eval mode must not get LoRA layers in training mode (dropout would run while evaluating)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    lora.inject(model, r=2, dropout=0.5, targets=["0"])
+    assert not model[0].training
+    x = torch.randn(3, 4)
+    assert torch.equal(model(x), model(x))
+    model.train()
+    assert model[0].training
+
+
+def test_save_merged_refuses_a_non_empty_directory(tmp_path):
+    (tmp_path / "old.txt").write_text("keep me")
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(FileExistsError, match="not empty"):
+        lora.save_merged(model, tmp_path)

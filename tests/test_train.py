@@ -91,6 +91,33 @@ def test_two_fsdp_ranks_equal_one_process(setup, tmp_path):
     assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)  # it did train
 
 
+def test_t5_two_fsdp_ranks_equal_one_process(tmp_path):
+    tasks = ["SR", "PM", "AG"]
+    model = make_tiny_checkpoint(tmp_path / "t5", tasks=tasks, family="t5")
+    write_dataset(tmp_path / "data", n_per_task=8, n_eval_per_task=4, seed=0, tasks=tasks)
+    setup = (model, tmp_path / "data")
+    single = train(config(setup, tmp_path / "one", epochs=1))
+    finish(launch(config(setup, tmp_path / "two", epochs=1), nproc=2))
+    one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    assert len(one) == single["total_steps"] == 3 and one == pytest.approx(two, rel=1e-5)
+    a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    assert any("EncDecAttention" in k for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=2e-5)
+
+
+def test_resume_refuses_a_checkpoint_of_other_lora_settings(setup, tmp_path):
+    out = tmp_path / "run"
+    train(config(setup, out, epochs=1, checkpoint_every=2))
+    with pytest.raises(TrainingError, match="does not fit this run"):
+        train(config(setup, out, epochs=1, lora_r=4, resume=True))
+
+
+def test_all_records_too_long_is_explained(setup, tmp_path):
+    with pytest.raises(TrainingError, match="train: all 48 records .* dropped as longer than max_len=8"):
+        train(config(setup, tmp_path, max_len=8))
+
+
 def test_sigterm_then_resume_equals_uninterrupted(setup, tmp_path):
     reference = train(config(setup, tmp_path / "ref", checkpoint_every=100))
     cfg = config(setup, tmp_path / "run", checkpoint_every=100)
