@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from .models.loss import IGNORE_INDEX  # -100: positions without loss
 
 
 # --- the 10 tasks -------------------------------------------------------------------------------------------

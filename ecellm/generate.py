@@ -76,8 +76,8 @@ def generate(
     state, logits = model.start_decoding(input_ids, attention_mask, max_new_tokens)
     for step in range(max_new_tokens):
         tokens = _choose(logits, temperature, top_p, generator)  # (B,)
-        for row, token in enumerate(tokens.tolist()):
-            if not done[row]:
+        for row, (token, finished) in enumerate(zip(tokens.tolist(), done.tolist())):  # one sync per step
+            if not finished:
                 outputs[row].append(token)
         done |= torch.isin(tokens, eos)
         if bool(done.all()) or step == max_new_tokens - 1:

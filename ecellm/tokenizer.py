@@ -216,7 +216,7 @@ def load_tokenizer(path: str | Path, family: str | None = None) -> Tokenizer:
     model_config = _read_json(directory / "config.json")
 
     # the family and its BOS/EOS defaults
-    tokenizer_json = json.loads(file.read_text(encoding="utf-8")) if file.suffix == ".json" else None
+    tokenizer_json = _read_json(file) if file.suffix == ".json" else None
     template = _template_rule(tokenizer_json.get("post_processor")) if tokenizer_json else None
     add_bos = add_eos = None  # None: the family's rule
     if family is None:

@@ -139,7 +139,9 @@ def main() -> None:
         from ecellm.models.default import default_model_dir
 
         config = dataclasses.replace(config, model=str(default_model_dir()))
-    test_file = next(p for p in (Path(data) / "test.json", Path(data) / "test.jsonl") if p.is_file())
+    test_file = next((p for p in (Path(data) / "test.json", Path(data) / "test.jsonl") if p.is_file()), None)
+    if test_file is None:
+        raise FileNotFoundError(f"no test.json or test.jsonl in {data} (held-out records to score HR@1 on)")
     records = list(load_records(test_file, split="test", setting="IND_Diverse_Instruction", tasks=["SR"]))
     records = records[: args.n_test]
     family = json.loads((Path(config.model) / "config.json").read_text())["model_type"]

