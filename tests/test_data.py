@@ -30,16 +30,6 @@ SPEC = {
 OPTION_TASKS = {"PRP", "SA", "SR", "MPC"}
 
 
-@pytest.fixture(scope="module")
-def llama():
-    return load_tokenizer(ASSETS / "llama2-spm")
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return load_tokenizer(ASSETS / "gpt2-bpe")
-
-
 def _record(task="SR", **overrides):
     return {**generate_records(task, 1, "train", seed=3)[0], **overrides}
 

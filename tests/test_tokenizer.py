@@ -14,26 +14,6 @@ LLAMA_VECTORS = json.loads((ASSETS / "llama2-spm" / "testvectors.json").read_tex
 GPT2_VECTORS = json.loads((ASSETS / "gpt2-bpe" / "testvectors.json").read_text(encoding="utf-8"))
 
 
-@pytest.fixture(scope="module")
-def llama():
-    return load_tokenizer(ASSETS / "llama2-spm")
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return load_tokenizer(ASSETS / "gpt2-bpe")
-
-
-@pytest.fixture(scope="module")
-def mistral():
-    return load_tokenizer(ASSETS / "mistral-v1")
-
-
-@pytest.fixture(scope="module")
-def t5():
-    return load_tokenizer(ASSETS / "t5-style-spm")
-
-
 def test_vector_counts():
     assert len(LLAMA_VECTORS) == 47 and len(GPT2_VECTORS) == 47
 
