@@ -4,7 +4,9 @@
 
 With no argument it tunes the embedded default, SmolLM2-135M-Instruct, on a synthetic SR set (seeded, written to
 `<out>/data`) with the demo recipe below, sized to finish within about 15 minutes on a 2-core CPU, then reports HR@1
-and the share of invalid outputs on held-out records, before and after tuning, and writes them into README.md.
+and the share of invalid outputs on held-out records, before and after tuning. Everything goes to the run folder
+(`--out`, default `~/ecellm-runs/train_sr-<date>-<time>`): `results.json`, `results.md` (the table to paste, with the
+command, machine and date), the synthetic data and the training run. Nothing is written into the repository.
 
 `--model DIR --data DIR` switch to your checkpoint (any supported family) and the real ECInstruct files; the paper's
 recipe (`ecellm.train.TrainConfig` defaults) is then the default instead of the demo recipe.
@@ -18,7 +20,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
+import ast
+import os
+import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -39,9 +44,6 @@ DEMO = dict(
     lr=1e-3, lora_r=16, lora_alpha=32.0, lora_dropout=0.05, epochs=1, global_batch=8, micro_batch=4,
     max_len=512, dtype="fp32", warmup_ratio=0.05, eval_every=0, checkpoint_every=25, max_val_examples=32,
 )
-README = Path(__file__).resolve().parent.parent / "README.md"
-BEGIN, END = "<!-- train_sr:begin -->", "<!-- train_sr:end -->"
-CURVE_BEGIN, CURVE_END = "<!-- train_sr_curve:begin -->", "<!-- train_sr_curve:end -->"
 
 
 def hr_at_1(model_dir: str, adapter: str | None, records: list[dict], rank: int, world: int, template: str) -> dict:
@@ -67,16 +69,6 @@ def hr_at_1(model_dir: str, adapter: str | None, records: list[dict], rank: int,
     return result
 
 
-def replace_block(begin: str, end: str, body: str) -> None:
-    """Replace the text between two README markers."""
-    text = README.read_text()
-    if begin not in text or end not in text:
-        print(f"README.md has no {begin} ... {end} block; figures not written", file=sys.stderr)
-        return
-    README.write_text(re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{body}\n{end}", text,
-                             flags=re.S))
-
-
 def learning_curve(run: Path, model_dir: str, records: list[dict], d, template: str, before: dict) -> list[dict]:
     """HR@1 of every checkpoint the run kept, against training examples and minutes of training."""
     steps = {x["step"]: x for x in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if x["type"] == "step"}
@@ -90,24 +82,60 @@ def learning_curve(run: Path, model_dir: str, records: list[dict], d, template: 
     return rows
 
 
-def write_readme(before: dict, after: dict, summary: dict, args, minutes: float) -> None:
-    """Put the measured figures between the README's train_sr markers."""
-    replace_block(BEGIN, END, (
-        f"| | HR@1 | invalid outputs | n |\n|---|---|---|---|\n"
-        f"| before tuning | {before['hr@1']:.3f} | {before['invalid']:.1%} | {before['n']} |\n"
-        f"| after tuning | {after['hr@1']:.3f} | {after['invalid']:.1%} | {after['n']} |\n\n"
-        f"Measured {time.strftime('%Y-%m-%d')} with `torchrun --standalone --nproc_per_node={summary['world_size']} "
-        f"examples/train_sr.py` on this project's 2-core CPU machine: {summary['steps']} steps, "
-        f"{args.n_train} training records, {summary['tokens_per_s']:.0f} tokens/s, {minutes:.1f} minutes end to end "
-        f"(chance HR@1 is 0.05)."
-    ))
+def chance_hr_at_1(records: list[dict]) -> float:
+    """HR@1 of a uniform guess: the mean over records of 1 / number of options."""
+    return sum(1 / len(ast.literal_eval(r["options"])) for r in records) / len(records)
+
+
+def machine() -> str:
+    """CPU model and core count (or the GPU's name), for the results' provenance."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
+        platform.processor()
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def results_markdown(results: dict) -> str:
+    """The before/after table, the curve if any, and how they were measured."""
+    sr = results["tasks"]["SR"]
+    lines = [
+        "| | HR@1 | invalid outputs | n |", "|---|---|---|---|",
+        f"| before tuning | {sr['before']['hr@1']:.3f} | {sr['before']['invalid']:.1%} | {sr['before']['n']} |",
+        f"| after tuning | {sr['after']['hr@1']:.3f} | {sr['after']['invalid']:.1%} | {sr['after']['n']} |",
+        f"| chance | {sr['baseline']:.3f} | | |", "",
+        f"Measured {results['date']} with `{results['command']}` on {results['machine']}: {results['steps']} steps "
+        f"of global batch {results['global_batch']}, {results['tokens_per_s']:.0f} tokens/s, "
+        f"{results['minutes']:.1f} minutes end to end.",
+    ]
+    if results["curve"]:
+        lines += ["", "| training examples | minutes of training | HR@1 | invalid |", "|---|---|---|---|"]
+        lines += [f"| {r['examples']} | {r['minutes']:.1f} | {r['hr@1']:.3f} | {r['invalid']:.1%} |"
+                  for r in results["curve"]]
+    return "\n".join(lines) + "\n"
+
+
+def launcher(world: int) -> list[str]:
+    """How this process was started, for the results' command line."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return ["torchrun", "--standalone", f"--nproc_per_node={world}"]
+    return ["python"]
+
+
+def default_out(d) -> Path:
+    """`$ECELLM_RUNS/train_sr-<date>-<time>` (default `~/ecellm-runs`), the same on every rank: a new folder each run."""
+    stamp = [time.strftime("%Y%m%d-%H%M%S")]
+    if d.world > 1:
+        dist.broadcast_object_list(stamp, src=0)
+    root = Path(os.environ.get("ECELLM_RUNS", Path.home() / "ecellm-runs"))
+    return root / f"train_sr-{stamp[0]}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="", help="checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--data", default="", help="ECInstruct directory (train.json, validation.json, test.json)")
-    parser.add_argument("--out", default="runs/train_sr")
+    parser.add_argument("--out", default="",
+                        help="run folder (default: $ECELLM_RUNS or ~/ecellm-runs, then train_sr-<date>-<time>)")
     parser.add_argument("--n-train", type=int, default=320, help="synthetic training records")
     parser.add_argument("--n-test", type=int, default=100, help="held-out records scored before and after")
     parser.add_argument("--max-steps", type=int, default=0, help="stop training after this many steps (0: all)")
@@ -115,12 +143,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--curve-every", type=int, default=0,
                         help="checkpoint every N steps, then score each checkpoint: HR@1 against examples and minutes")
-    parser.add_argument("--no-readme", action="store_true", help="do not write the figures into README.md")
     args = parser.parse_args()
     start = time.perf_counter()
 
     d = setup_distributed()
-    out = Path(args.out)
+    out = Path(args.out) if args.out else default_out(d)
     synthetic = not args.data
     data = args.data or str(out / "data")
     if synthetic and d.main:
@@ -154,26 +181,23 @@ def main() -> None:
     curve = learning_curve(out / "run", config.model, records, d, template, before) if args.curve_every else None
 
     if d.main:
-        result = {"before": before, "after": after, "train": summary, "minutes": minutes, "config": vars(args),
-                  "curve": curve}
-        (out / "results.json").write_text(json.dumps(result, indent=2))
-        print(f"\nSequential recommendation, {len(records)} held-out records (chance HR@1 = 0.05):")
+        results = {
+            "minutes": minutes,
+            "tasks": {"SR": {"metric": "hr@1", "before": before, "after": after,
+                             "baseline": chance_hr_at_1(records)}},
+            "steps": summary["steps"], "global_batch": config.global_batch, "tokens_per_s": summary["tokens_per_s"],
+            "curve": curve, "train": summary, "args": vars(args), "date": time.strftime("%Y-%m-%d"),
+            "machine": machine(), "world_size": d.world,
+            "command": shlex.join(launcher(d.world) + sys.argv),
+        }
+        (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False))
+        (out / "results.md").write_text(results_markdown(results))
+        print(f"\nSequential recommendation, {len(records)} held-out records (chance HR@1 = "
+              f"{results['tasks']['SR']['baseline']:.2f}):")
         print(f"  before tuning: HR@1 {before['hr@1']:.3f}, invalid {before['invalid']:.1%}")
         print(f"  after tuning:  HR@1 {after['hr@1']:.3f}, invalid {after['invalid']:.1%}")
-        print(f"  {summary['steps']} steps, {minutes:.1f} minutes end to end; results in {out / 'results.json'}")
-        if curve:
-            table = "| training examples | minutes of training | HR@1 | invalid |\n|---|---|---|---|\n" + "\n".join(
-                f"| {r['examples']} | {r['minutes']:.1f} | {r['hr@1']:.3f} | {r['invalid']:.1%} |" for r in curve
-            )
-            print("\nLearning curve:\n" + table)
-        if synthetic and not args.model and not args.no_readme:
-            if curve:
-                replace_block(CURVE_BEGIN, CURVE_END, table + (
-                    f"\n\nMeasured {time.strftime('%Y-%m-%d')} with `torchrun --standalone --nproc_per_node={d.world} "
-                    f"examples/train_sr.py --n-train {args.n_train} --curve-every {args.curve_every}"
-                    + (f" --lr {args.lr}" if args.lr else "") + "` on the 2-core CPU machine."))
-            else:
-                write_readme(before, after, summary, args, minutes)
+        print(f"  {summary['steps']} steps, {minutes:.1f} minutes end to end")
+        print(f"  results: {out / 'results.json'} and {out / 'results.md'}")
     if dist.is_initialized():
         dist.destroy_process_group()
 

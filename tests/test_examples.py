@@ -1,0 +1,45 @@
+"""examples/train_sr.py on a tiny model: results land in the run folder only, in the documented layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ecellm.synthetic import write_dataset
+
+from .tiny_checkpoint import make_tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def repository_files() -> dict[str, float]:
+    """Every file under the repository (outside .git) with its modification time."""
+    return {str(p): p.stat().st_mtime for p in ROOT.rglob("*") if p.is_file() and ".git" not in p.parts
+            and "__pycache__" not in p.parts and ".pytest_cache" not in p.parts}
+
+
+def test_train_sr_writes_results_to_the_run_folder_only(tmp_path):
+    model = make_tiny_checkpoint(tmp_path / "model")
+    write_dataset(tmp_path / "data", n_per_task=40, n_eval_per_task=6, tasks=["SR"])
+    runs = tmp_path / "runs"
+    before = repository_files()
+    cmd = [sys.executable, "examples/train_sr.py", "--model", str(model), "--data", str(tmp_path / "data"),
+           "--n-test", "6", "--max-steps", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "ECELLM_RUNS": str(runs)}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert repository_files() == before, "the example wrote into the repository"
+
+    (out,) = runs.glob("train_sr-*")  # the default run folder: a new one under $ECELLM_RUNS
+    results = json.loads((out / "results.json").read_text())
+    sr = results["tasks"]["SR"]
+    assert sr["metric"] == "hr@1" and sr["baseline"] == pytest.approx(0.05)
+    assert sr["before"]["n"] == sr["after"]["n"] == 6
+    assert 0.0 <= sr["after"]["invalid"] <= 1.0 and results["minutes"] > 0 and results["steps"] == 1
+    markdown = (out / "results.md").read_text()
+    assert "| before tuning |" in markdown and "examples/train_sr.py" in markdown
