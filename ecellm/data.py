@@ -245,13 +245,20 @@ def format_prompt(record: dict, template: str = "alpaca") -> str:
     return "".join(_prompt_parts(record, template))
 
 
-def parse_response(text: str) -> str:
-    """The model's answer in a decoded output: the text after `### Response:` (which also ends the mistral
-    template's `[/INST] ### Response:`) up to any repeated marker, stripped.
+def parse_response(text: str, template: str = "alpaca") -> str:
+    """The model's answer in a decoded output, as the reference's `Prompter.get_response` (utils/prompter.py line
+    47-48): the text between the template's own response marker (`### Response:` for alpaca, `[/INST] ### Response:`
+    for mistral) and the next one, stripped.
 
-    Pass the prompt followed by its continuation, as the reference code does: a continuation alone that repeats
-    the marker would yield the text after the repeat. Text without any marker is returned stripped."""
-    parts = text.split(TEMPLATES["alpaca"]["response_split"])
+    Args:
+        text: the prompt followed by its continuation, as the reference code passes it (a continuation alone that
+            repeats the marker would yield the text after the repeat). Text without the marker is returned
+            stripped (the reference raises IndexError).
+        template: "alpaca" or "mistral", the template the prompt was built with.
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; expected one of {sorted(TEMPLATES)}")
+    parts = text.split(TEMPLATES[template]["response_split"])
     return (parts[1] if len(parts) > 1 else parts[0]).strip()
 
 

@@ -230,8 +230,8 @@ def evaluate(
     prompts = [build_prompt(r, template) for r in records]
     generations = generate_text(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                 temperature=temperature, top_p=top_p, seed=seed, progress=progress)
-    # As the reference: the answer is the decoded text after the prompt's response marker, up to a repeated one.
-    predictions = [parse_response(p + g) for p, g in zip(prompts, generations)]
+    # As the reference: the answer is the decoded text after the template's response marker, up to a repeat.
+    predictions = [parse_response(p + g, template) for p, g in zip(prompts, generations)]
     results = []
     task_order = [t.name for t in TASKS]
     for (task, setting), idx in sorted(groups.items(), key=lambda kv: (task_order.index(kv[0][0]),

@@ -76,6 +76,19 @@ def test_parse_response():
     assert parse_response("### Response:\nA\n### Response:\nB") == "A"
 
 
+def test_parse_response_splits_on_the_templates_own_marker():
+    r = _record("PM", instruction="Answer after the line '### Response:' with yes or no.")
+    mistral = format_prompt(r, "mistral")
+    assert parse_response(mistral + "yes", "mistral") == "yes"  # alpaca's marker would give "with yes or no. ..."
+    assert parse_response(mistral + "yes", "alpaca").startswith("' with yes or no.")
+    # a bare marker in the continuation is text for mistral (its marker is "[/INST] ### Response:")
+    assert parse_response(mistral + "no\n### Response:\nyes", "mistral") == "no\n### Response:\nyes"
+    # the alpaca template has no other marker: the reference reads the instruction's text there too
+    assert parse_response(format_prompt(r, "alpaca") + "no", "alpaca").startswith("' with yes or no.\n\n### Input:")
+    with pytest.raises(ValueError, match="unknown template 'chatml'"):
+        parse_response("x", "chatml")
+
+
 def test_resolve_task():
     assert resolve_task("SR") == resolve_task("sr") == "Sequential_Recommendation"
     assert resolve_task("Sequential Recommendation") == "Sequential_Recommendation"
