@@ -212,7 +212,9 @@ def evaluate(
         temperature: 0 for greedy decoding; the paper's sampling is temperature 0.15 with top_p 0.95.
         top_p: nucleus-sampling mass.
         seed: seed of sampling (ignored when greedy).
-        paper_compat: score with the reference evaluation's defects (see `ecellm.metrics`).
+        paper_compat: score with the reference evaluation's defects (see `ecellm.metrics`). In both modes AVE
+            outputs of a T5 model (`model.config.model_type == "t5"`) are parsed as evaluate_T5.py does
+            (`ecellm.metrics.parse_ave_t5`: Flan-T5 cannot write braces), others as evaluate.py does.
         encoder: AG's BERTScore encoder; default `ModelEncoder(model, tokenizer)` (the evaluated model itself).
         qpr_labels: ESCI labels of the QPR options, per QPR record of each setting in order (see `references`).
         progress: show a tqdm progress bar.
@@ -232,6 +234,7 @@ def evaluate(
                                 temperature=temperature, top_p=top_p, seed=seed, progress=progress)
     # As the reference: the answer is the decoded text after the template's response marker, up to a repeat.
     predictions = [parse_response(p + g, template) for p, g in zip(prompts, generations)]
+    ave_parser = "t5" if model.config.model_type == "t5" else "json"
     results = []
     task_order = [t.name for t in TASKS]
     for (task, setting), idx in sorted(groups.items(), key=lambda kv: (task_order.index(kv[0][0]),
@@ -239,7 +242,7 @@ def evaluate(
         if task == "Answer_Generation" and encoder is None:
             encoder = ModelEncoder(model, tokenizer, batch_size=batch_size)
         result = score(task, [predictions[i] for i in idx], refs[task, setting], setting=setting,
-                       paper_compat=paper_compat, encoder=encoder)
+                       paper_compat=paper_compat, ave_parser=ave_parser, encoder=encoder)
         results.append({"task": result.pop("task"), "setting": setting, **result})
     gens = [{"index": i, "task": r["task"], "setting": r["setting"], "prompt": prompts[i], "generation": generations[i],
              "prediction": predictions[i], "reference": r["output"]} for i, r in enumerate(records)]

@@ -186,3 +186,26 @@ def test_gold_answers_score_perfectly(tiny_dir, data_dir, monkeypatch):
     assert len(result["results"]) == 10
     for r in result["results"]:
         assert r[r["metric"]] == pytest.approx(1.0) and r["n_failed"] == 0, r
+
+
+@pytest.mark.parametrize("paper_compat", [False, True])
+def test_ave_of_a_t5_model_uses_evaluate_t5_parser(data_dir, monkeypatch, paper_compat):
+    """Flan-T5 writes AVE lists without braces: parsed as evaluate_T5.py does for a T5 model, in both modes."""
+    from types import SimpleNamespace
+
+    records = load_records(data_dir / "test.json", split="test", tasks="AVE")
+    two = [{"attribute": "color", "value": "red", "source": "title"}, {"attribute": "size", "value": "XL",
+                                                                        "source": "description"}]
+    records.append({**records[0], "input": "another product", "output": json.dumps(two)})
+    brace_less = {build_prompt(r, "alpaca"): r["output"].replace("{", "").replace("}", "") for r in records}
+    monkeypatch.setattr(ev, "generate_text", lambda model, tok, prompts, **kw: [brace_less[p] for p in prompts])
+    results = {}
+    for model_type in ("t5", "llama"):
+        model = SimpleNamespace(config=SimpleNamespace(model_type=model_type), eval=lambda: None)
+        [results[model_type]] = ev.evaluate(model, None, records, paper_compat=paper_compat,
+                                            progress=False)["results"]
+    assert results["t5"]["n_failed"] == 0 and results["t5"]["precision"] == 1.0
+    n_gold = sum(len(json.loads(r["output"])) for r in records)
+    assert n_gold > len(records)  # an output holds several items: paper_compat keeps the last of each only
+    assert results["t5"]["recall"] == pytest.approx(len(records) / n_gold if paper_compat else 1.0)
+    assert results["llama"]["n_failed"] == len(records) and results["llama"]["f1"] == 0.0
