@@ -515,13 +515,14 @@ def _seq2seq_example(record, source_ids, target_ids, tokenizer, template, max_so
 
 
 def build_seq2seq_example(record: dict, tokenizer, template: str = "alpaca", max_source_len: int = 2048,
-                          max_target_len: int = 512) -> dict | None:
+                          max_target_len: int = 2048) -> dict | None:
     """One encoder-decoder (T5) example: the prompt is the encoder input, the answer the target.
 
     Args:
         record, tokenizer, template: as `build_example`.
         max_source_len: the longest encoder input (prompt + EOS); a longer one loses the end of its `input` text.
-        max_target_len: the longest target (answer + EOS); a longer answer drops the record (never cut).
+        max_target_len: the longest target (answer + EOS); a longer answer drops the record (never cut). The
+            reference's one cutoff_len, 2048, limits the target too (finetune_T5.py line 171, where it cuts).
     Returns:
         {"input_ids": list (S,) ending with EOS, "labels": list (L,) = answer + EOS, "n_cut": int}, or None.
     """
@@ -531,7 +532,7 @@ def build_seq2seq_example(record: dict, tokenizer, template: str = "alpaca", max
 
 
 def build_examples(records: list[dict], tokenizer, template: str = "alpaca", max_len: int = 2048, *,
-                   seq2seq: bool = False, max_target_len: int = 512) -> tuple[list[dict], BuildReport]:
+                   seq2seq: bool = False, max_target_len: int = 2048) -> tuple[list[dict], BuildReport]:
     """`build_example` (or `build_seq2seq_example` with seq2seq=True, max_len then being the source limit) over
     many records, tokenizing in batches. Returns the kept examples in record order and a `BuildReport` that
     counts every truncated and dropped record."""

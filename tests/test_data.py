@@ -342,6 +342,17 @@ def test_seq2seq_example():
     assert examples == [ex] and report.dropped == [1]
 
 
+def test_seq2seq_target_limit_is_the_references_cutoff(t5):
+    # finetune_T5.py line 163-171: prompt and answer each limited by cutoff_len (finetune.sh: 2048), not 512.
+    r = _record("AG", output="a long answer that goes on " * 120)
+    n_target = len(t5.encode(r["output"]))
+    assert 512 < n_target <= 2048
+    ex = build_seq2seq_example(r, t5)
+    assert ex is not None and ex["labels"] == t5.encode(r["output"])
+    examples, report = build_examples([r], t5, seq2seq=True)
+    assert examples == [ex] and report.dropped == []
+
+
 # --- batching -----------------------------------------------------------------------------------------------
 def test_collate_padding():
     examples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
