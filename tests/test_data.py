@@ -214,12 +214,12 @@ def test_broken_json_array(tmp_path):
 # --- examples -----------------------------------------------------------------------------------------------
 # The reference's training example (finetune.py line 188-239 with finetune.sh line 68-69: train_on_inputs False,
 # add_eos_token False), run with a transformers tokenizer built as the models' tokenizer.json files are (for
-# Llama-2 / Mistral: Prepend("▁") + Replace(" ", "▁") normalizer, byte-fallback BPE, "<s> $A" post-processor).
+# Llama-2 / Mistral: Prepend("▁") + Replace(" ", "▁") normalizer, byte-fallback BPE whose merges follow the
+# sentencepiece scores, "<s> $A" post-processor).
 def _reference_tokenizer(name: str):
     import sentencepiece as spm
     from tokenizers import Tokenizer, models, normalizers, processors
     from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import generate_merges
 
     if name == "gpt2":
         return PreTrainedTokenizerFast(tokenizer_file=str(ASSETS / "gpt2-bpe" / "tokenizer.json"),
@@ -227,11 +227,21 @@ def _reference_tokenizer(name: str):
     sp = spm.SentencePieceProcessor(model_file=str(ASSETS / {"llama": "llama2-spm", "mistral": "mistral-v1"}[name]
                                                    / "tokenizer.model"))
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
-    merges = generate_merges(vocab, {piece: sp.get_score(i) for piece, i in vocab.items()})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    splits = [(piece[:k], piece[k:], sp.get_score(i)) for piece, i in vocab.items() for k in range(1, len(piece))]
+    merges = sorted((m for m in splits if m[0] in vocab and m[1] in vocab),
+                    key=lambda m: (-m[2], vocab[m[0]], vocab[m[1]]))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(left, right) for left, right, _ in merges], unk_token="<unk>",
+                               fuse_unk=True, byte_fallback=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_reference_tokenizer_is_llama2s():
+    vectors = json.loads((ASSETS / "llama2-spm" / "testvectors.json").read_text(encoding="utf-8"))
+    reference = _reference_tokenizer("llama")
+    assert len(vectors) == 47
+    assert all(reference(v["text"], add_special_tokens=False)["input_ids"] == v["ids"] for v in vectors)
 
 
 def _reference_example(hf_tokenizer, prompt: str, output: str, cutoff_len: int = 2048) -> dict:
