@@ -9,10 +9,16 @@ The facts implemented here (fields, settings, splits, task names, templates) are
     for idx in sampler:
         batch = collate([examples[i] for i in idx], tokenizer.pad_id)   # (B, T) tensors
 
-Tokenization choice: a training example is `encode(prompt)` followed by `encode(answer) + [EOS]`, tokenized
-separately and concatenated, so the loss mask starts exactly at the first answer token (tokenizing the joined text
-and re-measuring the prompt can merge tokens across the boundary). With sentencepiece this gives the answer its own
-leading "▁" (e.g. "▁A" rather than "A" after the prompt's newline); generation decodes it back to the same text.
+Tokenization: as the reference code (finetune.py line 213-239), a decoder-only training example is the
+tokenization of prompt + answer as ONE text, the first `len(encode(prompt))` labels masked, then EOS. With
+sentencepiece (Llama-2, Mistral) the answer after the prompt's newline therefore starts with "A" (29909), not
+"▁A" (319) as a separate tokenization would give. Where joint tokenization merges the prompt's last token with the
+answer's first (byte-level BPE only, for an answer that is a newline or starts with a newline and more
+whitespace: the prompt's final newline and the answer's first become one double-newline token; sentencepiece's
+newline is a byte token that never merges), the masked length is still the prompt's own, as in the reference: the
+merged token is masked and the answer's first newline is never a target. A record too long for `max_len` loses
+the end of its `input` text, never its answer (the reference cut the end of the joined text, answer and EOS
+included). T5 follows finetune_T5.py line 153-174: the prompt + EOS is the encoder input, the answer + EOS the target.
 """
 
 import json
@@ -239,13 +245,20 @@ def format_prompt(record: dict, template: str = "alpaca") -> str:
     return "".join(_prompt_parts(record, template))
 
 
-def parse_response(text: str) -> str:
-    """The model's answer in a decoded output: the text after `### Response:` (which also ends the mistral
-    template's `[/INST] ### Response:`) up to any repeated marker, stripped.
+def parse_response(text: str, template: str = "alpaca") -> str:
+    """The model's answer in a decoded output, as the reference's `Prompter.get_response` (utils/prompter.py line
+    47-48): the text between the template's own response marker (`### Response:` for alpaca, `[/INST] ### Response:`
+    for mistral) and the next one, stripped.
 
-    Pass the prompt followed by its continuation, as the reference code does: a continuation alone that repeats
-    the marker would yield the text after the repeat. Text without any marker is returned stripped."""
-    parts = text.split(TEMPLATES["alpaca"]["response_split"])
+    Args:
+        text: the prompt followed by its continuation, as the reference code passes it (a continuation alone that
+            repeats the marker would yield the text after the repeat). Text without the marker is returned
+            stripped (the reference raises IndexError).
+        template: "alpaca" or "mistral", the template the prompt was built with.
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; expected one of {sorted(TEMPLATES)}")
+    parts = text.split(TEMPLATES[template]["response_split"])
     return (parts[1] if len(parts) > 1 else parts[0]).strip()
 
 
@@ -459,8 +472,8 @@ def _fit_prompt(ids: list[int], budget: int, record: dict, tokenizer, template: 
     return ids[:n_head + keep] + ids[len(ids) - n_tail:]
 
 
-def _causal_example(record, prompt_ids, answer_ids, tokenizer, template, max_len) -> dict | None:
-    answer_ids = answer_ids + [tokenizer.eos_id]
+def _causal_example(record, full_ids, n_prompt, tokenizer, template, max_len) -> dict | None:
+    prompt_ids, answer_ids = full_ids[:n_prompt], full_ids[n_prompt:] + [tokenizer.eos_id]
     fitted = _fit_prompt(prompt_ids, max_len - len(answer_ids), record, tokenizer, template, eos=False)
     if fitted is None:
         return None
@@ -469,11 +482,14 @@ def _causal_example(record, prompt_ids, answer_ids, tokenizer, template, max_len
 
 
 def build_example(record: dict, tokenizer, template: str = "alpaca", max_len: int = 2048) -> dict | None:
-    """One decoder-only training example: prompt tokens masked, answer + EOS in the loss.
+    """One decoder-only training example, tokenized and masked as the reference code does.
+
+    `encode(prompt + answer)` followed by EOS; the first `len(encode(prompt))` labels are -100 (see the module
+    docstring for the tokens this gives at the prompt/answer boundary).
 
     Args:
         record: an ECInstruct record (`instruction`, `input`, `options`, `output`).
-        tokenizer: an `ecellm.tokenizer.Tokenizer`; the prompt gets the family's BOS rule, never an EOS.
+        tokenizer: an `ecellm.tokenizer.Tokenizer`; the text gets the family's BOS rule, never an EOS of its own.
         template: "alpaca" or "mistral".
         max_len: the longest sequence allowed. A longer example loses the end of its `input` text (the answer
             is never cut); if even the rest of the prompt plus the answer do not fit, the record is dropped.
@@ -481,9 +497,10 @@ def build_example(record: dict, tokenizer, template: str = "alpaca", max_len: in
         {"input_ids": list (L,), "labels": list (L,) with -100 on the prompt, "n_cut": prompt tokens removed},
         or None when the record is dropped.
     """
-    prompt_ids = tokenizer.encode(format_prompt(record, template), eos=False)
-    answer_ids = tokenizer.encode(record["output"], bos=False, eos=False)
-    return _causal_example(record, prompt_ids, answer_ids, tokenizer, template, max_len)
+    prompt = format_prompt(record, template)
+    full_ids = tokenizer.encode(prompt + record["output"], eos=False)
+    n_prompt = len(tokenizer.encode(prompt, eos=False))
+    return _causal_example(record, full_ids, n_prompt, tokenizer, template, max_len)
 
 
 def _seq2seq_example(record, source_ids, target_ids, tokenizer, template, max_source_len,
@@ -498,13 +515,14 @@ def _seq2seq_example(record, source_ids, target_ids, tokenizer, template, max_so
 
 
 def build_seq2seq_example(record: dict, tokenizer, template: str = "alpaca", max_source_len: int = 2048,
-                          max_target_len: int = 512) -> dict | None:
+                          max_target_len: int = 2048) -> dict | None:
     """One encoder-decoder (T5) example: the prompt is the encoder input, the answer the target.
 
     Args:
         record, tokenizer, template: as `build_example`.
         max_source_len: the longest encoder input (prompt + EOS); a longer one loses the end of its `input` text.
-        max_target_len: the longest target (answer + EOS); a longer answer drops the record (never cut).
+        max_target_len: the longest target (answer + EOS); a longer answer drops the record (never cut). The
+            reference's one cutoff_len, 2048, limits the target too (finetune_T5.py line 171, where it cuts).
     Returns:
         {"input_ids": list (S,) ending with EOS, "labels": list (L,) = answer + EOS, "n_cut": int}, or None.
     """
@@ -514,19 +532,22 @@ def build_seq2seq_example(record: dict, tokenizer, template: str = "alpaca", max
 
 
 def build_examples(records: list[dict], tokenizer, template: str = "alpaca", max_len: int = 2048, *,
-                   seq2seq: bool = False, max_target_len: int = 512) -> tuple[list[dict], BuildReport]:
+                   seq2seq: bool = False, max_target_len: int = 2048) -> tuple[list[dict], BuildReport]:
     """`build_example` (or `build_seq2seq_example` with seq2seq=True, max_len then being the source limit) over
     many records, tokenizing in batches. Returns the kept examples in record order and a `BuildReport` that
     counts every truncated and dropped record."""
-    prompts = tokenizer.encode_batch([format_prompt(r, template) for r in records], bos=False if seq2seq else None,
-                                     eos=seq2seq)
-    answers = tokenizer.encode_batch([r["output"] for r in records], bos=False, eos=False)
+    texts = [format_prompt(r, template) for r in records]
+    prompts = tokenizer.encode_batch(texts, bos=False if seq2seq else None, eos=seq2seq)
+    if seq2seq:
+        targets = tokenizer.encode_batch([r["output"] for r in records], bos=False, eos=False)
+    else:
+        targets = tokenizer.encode_batch([t + r["output"] for t, r in zip(texts, records)], eos=False)
     examples, dropped, n_truncated, tokens_cut = [], [], 0, 0
-    for i, (record, prompt_ids, answer_ids) in enumerate(zip(records, prompts, answers)):
+    for i, (record, prompt_ids, target_ids) in enumerate(zip(records, prompts, targets)):
         if seq2seq:
-            ex = _seq2seq_example(record, prompt_ids, answer_ids, tokenizer, template, max_len, max_target_len)
+            ex = _seq2seq_example(record, prompt_ids, target_ids, tokenizer, template, max_len, max_target_len)
         else:
-            ex = _causal_example(record, prompt_ids, answer_ids, tokenizer, template, max_len)
+            ex = _causal_example(record, target_ids, len(prompt_ids), tokenizer, template, max_len)
         if ex is None:
             dropped.append(i)
             continue

@@ -16,9 +16,14 @@ unless the record already carries a `few_shot_example`.
 1-shot prompts. The reference code does not say how `few_shot_example` enters the prompt; ecellm puts the
 demonstration after the instruction, in the template's own section style (see `one_shot_instruction`).
 
-Decoding. Greedy by default (the reference's choice for merged models); `--sample` uses the paper's sampling for
-base + adapter runs (temperature 0.15, top-p 0.95). An adapter given with `--adapter` is merged into the weights
-before generation (same outputs up to rounding, faster).
+Decoding, as the reference: a run with `--adapter` samples at temperature 0.15, top-p 0.95 (inference.py line
+126-136, inference_T5.py line 106-115), seeded by `--seed` (default 0) so a run repeats exactly; a model without an
+adapter (a merged or base model) is decoded greedily (inference_merged.py line 99-109, `do_sample` commented out).
+`--greedy` and `--sample` force either. An adapter is merged into the weights before generation (same outputs up to
+rounding, faster; inference_T5.py merges too).
+
+Answers, as the reference: the text after the template's response marker in prompt + continuation
+(`ecellm.data.parse_response`, utils/prompter.py line 47-48); for T5 the raw continuation (inference_T5.py line 118).
 """
 
 import argparse
@@ -212,7 +217,9 @@ def evaluate(
         temperature: 0 for greedy decoding; the paper's sampling is temperature 0.15 with top_p 0.95.
         top_p: nucleus-sampling mass.
         seed: seed of sampling (ignored when greedy).
-        paper_compat: score with the reference evaluation's defects (see `ecellm.metrics`).
+        paper_compat: score with the reference evaluation's defects (see `ecellm.metrics`). In both modes AVE
+            outputs of a T5 model (`model.config.model_type == "t5"`) are parsed as evaluate_T5.py does
+            (`ecellm.metrics.parse_ave_t5`: Flan-T5 cannot write braces), others as evaluate.py does.
         encoder: AG's BERTScore encoder; default `ModelEncoder(model, tokenizer)` (the evaluated model itself).
         qpr_labels: ESCI labels of the QPR options, per QPR record of each setting in order (see `references`).
         progress: show a tqdm progress bar.
@@ -220,7 +227,8 @@ def evaluate(
         {"results": one `score` dict per (task, setting) with "setting" added, in the paper's task order, then
          setting order,
          "generations": per record {"index", "task", "setting", "prompt", "generation", "prediction",
-         "reference"}}; "generation" is the decoded continuation, "prediction" the answer read from it.
+         "reference"}}; "generation" is the decoded continuation, "prediction" the answer read from it (the text
+         after the template's response marker in prompt + generation, stripped; for T5 the generation itself).
     """
     model.eval()  # no dropout (LoRA's included) while generating
     groups: dict[tuple[str, str], list[int]] = {}
@@ -230,8 +238,9 @@ def evaluate(
     prompts = [build_prompt(r, template) for r in records]
     generations = generate_text(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                 temperature=temperature, top_p=top_p, seed=seed, progress=progress)
-    # As the reference: the answer is the decoded text after the prompt's response marker, up to a repeated one.
-    predictions = [parse_response(p + g) for p, g in zip(prompts, generations)]
+    seq2seq = model.config.model_type == "t5"
+    predictions = generations if seq2seq else [parse_response(p + g, template) for p, g in zip(prompts, generations)]
+    ave_parser = "t5" if seq2seq else "json"
     results = []
     task_order = [t.name for t in TASKS]
     for (task, setting), idx in sorted(groups.items(), key=lambda kv: (task_order.index(kv[0][0]),
@@ -239,7 +248,7 @@ def evaluate(
         if task == "Answer_Generation" and encoder is None:
             encoder = ModelEncoder(model, tokenizer, batch_size=batch_size)
         result = score(task, [predictions[i] for i in idx], refs[task, setting], setting=setting,
-                       paper_compat=paper_compat, encoder=encoder)
+                       paper_compat=paper_compat, ave_parser=ave_parser, encoder=encoder)
         results.append({"task": result.pop("task"), "setting": setting, **result})
     gens = [{"index": i, "task": r["task"], "setting": r["setting"], "prompt": prompts[i], "generation": generations[i],
              "prediction": predictions[i], "reference": r["output"]} for i, r in enumerate(records)]
@@ -329,10 +338,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--template", choices=("alpaca", "mistral"), help="default: mistral for Mistral, else alpaca")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--sample", action="store_true", help="the paper's sampling: temperature 0.15, top-p 0.95")
+    decoding = p.add_mutually_exclusive_group()
+    decoding.add_argument("--sample", action="store_true",
+                          help="the reference's sampling, temperature 0.15, top-p 0.95 (default with --adapter)")
+    decoding.add_argument("--greedy", action="store_true", help="greedy decoding (default without --adapter)")
     p.add_argument("--temperature", type=float, help="sampling temperature (overrides --sample's)")
     p.add_argument("--top-p", type=float, help="nucleus mass (overrides --sample's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--paper-compat", action="store_true", help="score with the reference evaluation's defects")
     p.add_argument("--bertscore-model", help="checkpoint whose embeddings score AG (default: the evaluated model)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
@@ -361,7 +373,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.adapter:
         model = merge(load_adapter(model, args.adapter)).eval()
     template = args.template or ("mistral" if model.config.model_type == "mistral" else "alpaca")
-    sampling = PAPER_SAMPLING if args.sample else {"temperature": 0.0, "top_p": 1.0}
+    sample = args.sample or (args.adapter is not None and not args.greedy)  # the reference's choice (docstring)
+    sampling = PAPER_SAMPLING if sample else {"temperature": 0.0, "top_p": 1.0}
     temperature = sampling["temperature"] if args.temperature is None else args.temperature
     top_p = sampling["top_p"] if args.top_p is None else args.top_p
     encoder = None

@@ -15,12 +15,19 @@ Parsing follows the reference code exactly. The reference code has defects; by d
 - AVE: the reference counts every (gold, predicted) pair that matches, so a triple predicted twice, or one
   predicted triple matching several gold triples under the relaxed OOD rule, scores several hits (recall can
   exceed 1). ecellm counts the hits of a maximum one-to-one matching. ``paper_compat`` counts all pairs.
+- AVE of Flan-T5 (``ave_parser="t5"``, which ``ecellm.eval`` picks for T5 models in both modes): the reference's
+  evaluate_T5.py parser keeps only the last item of each output (an indentation slip); ecellm keeps every item
+  (see ``parse_ave_t5``). ``paper_compat`` keeps the last.
 - QPR: the reference takes the ideal DCG from the predicted items' own gains, so a ranking that leaves the relevant
   products out (or repeats the best one) can score 1.0. ecellm takes the ideal DCG from all the options' gains and
   skips repeated letters. ``paper_compat`` does as the reference.
 
 The reference adds epsilons (1e-6, 1e-8) to some denominators; ecellm divides exactly and returns 0.0 where a
-denominator is zero, so paper-compatible figures agree with the reference to about 1e-6.
+denominator is zero. Paper-compatible figures agree with the reference to about 1e-6, except QPR: its NDCG divides
+by (ideal DCG + 1e-6), and a record whose predicted items with a gain are all labelled C has an ideal DCG of
+2**0.01 - 1 = 0.00696, so the epsilon lowers the reference's NDCG by up to 1e-6 / 0.00696 = 1.44e-4 per record (an
+exhaustive comparison over every labelling of 1-4 options and every predicted ranking measured at most 1.4375e-4),
+and the mean by at most as much.
 """
 
 import json
@@ -84,6 +91,7 @@ def score(
     setting: str | None = None,
     ood: bool | None = None,
     paper_compat: bool = False,
+    ave_parser: str = "json",
     encoder: Encoder | None = None,
     idf: bool = False,
 ) -> dict:
@@ -99,6 +107,8 @@ def score(
         ood: alternative to ``setting``: True turns on the relaxed OOD rules. Must agree with ``setting`` if both
             are given.
         paper_compat: reproduce the reference evaluation's defects (see the module docstring).
+        ave_parser: AVE only: ``"json"`` (evaluate.py) or ``"t5"`` (evaluate_T5.py, for Flan-T5, whose vocabulary
+            has no braces; see ``parse_ave_t5``).
         encoder: AG only, required there: token-embedding encoder for BERTScore (see ``bertscore``,
             ``ModelEncoder``).
         idf: AG only: weight BERTScore tokens by idf over the references (off by default, as in the paper).
@@ -129,7 +139,7 @@ def score(
     elif abbr == "QPR":
         result = score_qpr(predictions, references, paper_compat=paper_compat)
     elif abbr == "AVE":
-        result = score_ave(predictions, references, ood=ood, paper_compat=paper_compat)
+        result = score_ave(predictions, references, ood=ood, paper_compat=paper_compat, parser=ave_parser)
     else:
         if encoder is None:
             raise ValueError("AG: BERTScore needs an encoder, e.g. encoder=ModelEncoder(model, tokenizer)")
@@ -371,34 +381,76 @@ def _max_matching(edges: list[list[int]], n_right: int) -> int:
     return sum(augment(left, set()) for left in range(len(edges)))
 
 
+def parse_ave_json(text: str) -> list | None:
+    """evaluate.py's AVE parser (line 37-47): the output as JSON, ``[]`` when that is not a list, None (failed)
+    when it is not JSON.
+
+    Args:
+        text: a generated response.
+    """
+    try:
+        items = json.loads(text)
+    except ValueError:
+        return None
+    return items if isinstance(items, list) else []
+
+
+def parse_ave_t5(text: str, *, paper_compat: bool = False) -> list | None:
+    """evaluate_T5.py's AVE parser (``process_pred``, line 32-46), for Flan-T5: its vocabulary has no ``{`` or ``}``,
+    so its outputs read ``["attribute": "Color", "value": "red", "source": "title", "attribute": ...]``.
+
+    The brackets ``[`` ``]`` are removed, the text is split on ``, "attribute"``, each piece gets back a leading
+    ``"attribute"`` (when it lacks one) and braces, and is parsed as a JSON object; pieces that do not parse are
+    left out. An output with braces does not parse (the pieces then hold them twice), as in the reference.
+    Default: every piece that parses is an item. ``paper_compat``: only the last piece counts (the reference's
+    ``if res != ''`` sits after its loop, by an indentation slip).
+
+    Args:
+        text: a generated response.
+    Returns:
+        the items, or None (failed) when none parses (the reference's ``#invalid``).
+    """
+    items = []
+    for piece in text.replace("[", "").replace("]", "").split(', "attribute"'):
+        if not piece.startswith('"attribute"'):
+            piece = '"attribute"' + piece
+        try:
+            items.append(json.loads("{" + piece + "}"))
+        except ValueError:
+            items.append(None)
+    items = [item for item in (items[-1:] if paper_compat else items) if item is not None]
+    return items or None
+
+
 def score_ave(
-    predictions: Sequence[str], references: Sequence[str], *, ood: bool = False, paper_compat: bool = False
+    predictions: Sequence[str], references: Sequence[str], *, ood: bool = False, paper_compat: bool = False,
+    parser: str = "json",
 ) -> dict:
     """AVE: F1 over (attribute, value, source) triples, with precision and recall pooled over all records.
 
-    As the reference: each prediction is parsed as JSON; unparseable output is failed and counts as an empty list;
-    valid JSON that is not a list counts as an empty list (not failed). A predicted item hits a gold triple when it
-    is a dict with equal attribute, value and source; with ``ood`` a relaxed hit also counts (``_ave_relaxed``).
-    recall = hits / gold triples; precision = hits / predicted items that have an ``attribute``; F1 from those.
+    As the reference: each prediction is parsed (``parse_ave_json``, or ``parse_ave_t5`` for Flan-T5); a failed
+    output counts as an empty list. A predicted item hits a gold triple when it is a dict with equal attribute,
+    value and source; with ``ood`` a relaxed hit also counts (``_ave_relaxed``). recall = hits / gold triples;
+    precision = hits / predicted items that have an ``attribute``; F1 from those.
     Default: hits are the size of a maximum one-to-one matching between predicted items and gold triples, and an
     item counts for precision when it is a dict with an ``attribute`` key.
     ``paper_compat``: every matching (gold, predicted) pair is a hit, so duplicates count again; an item counts for
     precision when ``"attribute" in item`` (true also for a string containing the word).
 
     Args:
-        predictions: generated responses, JSON lists.
+        predictions: generated responses, JSON lists (or Flan-T5's brace-less lists).
         references: gold outputs, JSON lists of ``{"attribute", "value", "source"}``.
         ood: accept the relaxed OOD match (the reference does when the setting name contains ``OOD``).
+        parser: ``"json"`` (evaluate.py) or ``"t5"`` (evaluate_T5.py).
     """
+    if parser not in ("json", "t5"):
+        raise ValueError(f"AVE: unknown parser {parser!r}; expected 'json' or 't5'")
     hits = n_gold = n_pred = n_failed = 0
     for i, (text, ref) in enumerate(zip(predictions, references)):
         gold = _ave_gold(ref, i)
-        try:
-            items = json.loads(text)
-        except ValueError:
+        items = parse_ave_t5(text, paper_compat=paper_compat) if parser == "t5" else parse_ave_json(text)
+        if items is None:
             items, n_failed = [], n_failed + 1
-        if not isinstance(items, list):
-            items = []
         edges = [[k for k, g in enumerate(gold) if _ave_exact(p, g) or (ood and _ave_relaxed(p, g))] for p in items]
         if paper_compat:
             hits += sum(len(e) for e in edges)

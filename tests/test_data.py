@@ -76,6 +76,19 @@ def test_parse_response():
     assert parse_response("### Response:\nA\n### Response:\nB") == "A"
 
 
+def test_parse_response_splits_on_the_templates_own_marker():
+    r = _record("PM", instruction="Answer after the line '### Response:' with yes or no.")
+    mistral = format_prompt(r, "mistral")
+    assert parse_response(mistral + "yes", "mistral") == "yes"  # alpaca's marker would give "with yes or no. ..."
+    assert parse_response(mistral + "yes", "alpaca").startswith("' with yes or no.")
+    # a bare marker in the continuation is text for mistral (its marker is "[/INST] ### Response:")
+    assert parse_response(mistral + "no\n### Response:\nyes", "mistral") == "no\n### Response:\nyes"
+    # the alpaca template has no other marker: the reference reads the instruction's text there too
+    assert parse_response(format_prompt(r, "alpaca") + "no", "alpaca").startswith("' with yes or no.\n\n### Input:")
+    with pytest.raises(ValueError, match="unknown template 'chatml'"):
+        parse_response("x", "chatml")
+
+
 def test_resolve_task():
     assert resolve_task("SR") == resolve_task("sr") == "Sequential_Recommendation"
     assert resolve_task("Sequential Recommendation") == "Sequential_Recommendation"
@@ -199,18 +212,99 @@ def test_broken_json_array(tmp_path):
 
 
 # --- examples -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("tok_name", ["llama", "gpt2"])
-@pytest.mark.parametrize("abbr", ["SR", "AVE", "AG"])
-def test_masking_covers_answer_and_eos(request, tok_name, abbr):
+# The reference's training example (finetune.py line 188-239 with finetune.sh line 68-69: train_on_inputs False,
+# add_eos_token False), run with a transformers tokenizer built as the models' tokenizer.json files are (for
+# Llama-2 / Mistral: Prepend("▁") + Replace(" ", "▁") normalizer, byte-fallback BPE whose merges follow the
+# sentencepiece scores, "<s> $A" post-processor).
+def _reference_tokenizer(name: str):
+    import sentencepiece as spm
+    from tokenizers import Tokenizer, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    if name == "gpt2":
+        return PreTrainedTokenizerFast(tokenizer_file=str(ASSETS / "gpt2-bpe" / "tokenizer.json"),
+                                       eos_token="<|endoftext|>")
+    sp = spm.SentencePieceProcessor(model_file=str(ASSETS / {"llama": "llama2-spm", "mistral": "mistral-v1"}[name]
+                                                   / "tokenizer.model"))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    splits = [(piece[:k], piece[k:], sp.get_score(i)) for piece, i in vocab.items() for k in range(1, len(piece))]
+    merges = sorted((m for m in splits if m[0] in vocab and m[1] in vocab),
+                    key=lambda m: (-m[2], vocab[m[0]], vocab[m[1]]))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(left, right) for left, right, _ in merges], unk_token="<unk>",
+                               fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_reference_tokenizer_is_llama2s():
+    vectors = json.loads((ASSETS / "llama2-spm" / "testvectors.json").read_text(encoding="utf-8"))
+    reference = _reference_tokenizer("llama")
+    assert len(vectors) == 47
+    assert all(reference(v["text"], add_special_tokens=False)["input_ids"] == v["ids"] for v in vectors)
+
+
+def _reference_example(hf_tokenizer, prompt: str, output: str, cutoff_len: int = 2048) -> dict:
+    def tokenize(text, add_eos_token=True):  # finetune.py line 188-206
+        ids = hf_tokenizer(text, truncation=True, max_length=cutoff_len, padding=False)["input_ids"]
+        if ids[-1] != hf_tokenizer.eos_token_id and len(ids) < cutoff_len and add_eos_token:
+            ids.append(hf_tokenizer.eos_token_id)
+        return ids
+
+    full = tokenize(prompt + output if output else prompt)  # line 213-220 (prompter.py line 41-42)
+    user_prompt_len = len(tokenize(prompt, add_eos_token=False))  # line 222-233
+    return {"input_ids": full, "labels": [-100] * user_prompt_len + full[user_prompt_len:]}  # line 235-239
+
+
+ODD_ANSWERS = ["Très bien, ça marche — 100 % coton ✓", "日本語の回答です。", "😀 great", "Line one\nLine two\n\n- item",
+               " yes", "42 inches", "(B) maybe", ".5 lbs", "'quoted'", "A", "B: positive", "yes\n",
+               '[{"attribute": "Color", "value": "Bleu ciel", "source": "title"}, '
+               '{"attribute": "Größe", "value": null, "source": "None"}]']
+
+
+def _varied_records() -> list[dict]:
+    records = [r for t in TASKS for r in generate_records(t.abbr, 2, "train", seed=5)]
+    return records + [{**records[i % len(records)], "output": answer} for i, answer in enumerate(ODD_ANSWERS)]
+
+
+@pytest.mark.parametrize("template", ["alpaca", "mistral"])
+@pytest.mark.parametrize("tok_name", ["llama", "mistral", "gpt2"])
+def test_examples_match_reference_procedure(request, tok_name, template):
+    tok, reference = request.getfixturevalue(tok_name), _reference_tokenizer(tok_name)
+    records = _varied_records()
+    assert len(records) >= 30 and any(r["task"] == "Attribute_Value_Extraction" for r in records[:20])
+    examples, report = build_examples(records, tok, template)
+    assert len(examples) == len(records) and report.n_truncated == 0
+    for r, ex in zip(records, examples):
+        assert ex == {**_reference_example(reference, format_prompt(r, template), r["output"]), "n_cut": 0}
+        assert ex == build_example(r, tok, template)
+        assert tok.decode([t for t in ex["labels"] if t != -100]).strip(" ") == r["output"].strip(" ")
+
+
+@pytest.mark.parametrize("tok_name", ["llama", "mistral"])
+def test_sentencepiece_answer_starts_without_word_marker(request, tok_name):
     tok = request.getfixturevalue(tok_name)
-    r = _record(abbr)
-    ex = build_example(r, tok, "alpaca", max_len=2048)
-    prompt_ids = tok.encode(format_prompt(r))
-    answer_ids = tok.encode(r["output"], bos=False) + [tok.eos_id]
-    assert ex["input_ids"] == prompt_ids + answer_ids and ex["n_cut"] == 0
-    assert ex["labels"] == [-100] * len(prompt_ids) + answer_ids
-    assert (tok.bos_id == ex["input_ids"][0]) == (tok_name == "llama")
-    assert tok.decode([t for t in ex["labels"] if t != -100]) == r["output"]
+    ex = build_example(_record("SA", output="A: very positive"), tok)
+    first = next(t for t in ex["labels"] if t != -100)
+    assert first == tok.token_to_id("A") != tok.token_to_id("▁A")  # Llama-2: 29909, not 319
+    if tok_name == "llama":
+        assert (first, tok.token_to_id("▁A")) == (29909, 319)
+
+
+def test_byte_level_bpe_ids_unchanged_and_boundary_merge(gpt2):
+    for r in _varied_records():  # no answer starts with a newline: joint == separate tokenization
+        ex = build_example(r, gpt2)
+        prompt_ids = gpt2.encode(format_prompt(r))
+        assert ex["input_ids"] == prompt_ids + gpt2.encode(r["output"]) + [gpt2.eos_id]
+        assert ex["labels"] == [-100] * len(prompt_ids) + gpt2.encode(r["output"]) + [gpt2.eos_id]
+    # "\n\nhello" after the prompt's final "\n": the first two newlines join into one token ("\n\n", 628), which
+    # the prompt's length masks, as the reference does; the answer's targets start at its second newline.
+    r = _record("AG", output="\n\nhello")
+    ex = build_example(r, gpt2)
+    n_prompt = len(gpt2.encode(format_prompt(r)))
+    assert ex["input_ids"][n_prompt - 1] == 628 and ex["labels"][n_prompt - 1] == -100
+    assert ex["labels"][n_prompt:] == [198, 31373, gpt2.eos_id]
+    assert ex == {**_reference_example(_reference_tokenizer("gpt2"), format_prompt(r), r["output"]), "n_cut": 0}
 
 
 def test_truncation_keeps_answer_and_marker(llama):
@@ -218,7 +312,7 @@ def test_truncation_keeps_answer_and_marker(llama):
     r["input"] = json.dumps({"question": "Does it fit?", "document": ["filler text that repeats " * 60]})
     full = build_example(r, llama, max_len=4096)
     ex = build_example(r, llama, max_len=200)
-    answer = llama.encode(r["output"], bos=False) + [llama.eos_id]
+    answer = [t for t in full["labels"] if t != -100]  # the untruncated example's answer + EOS, kept whole
     assert len(ex["input_ids"]) == 200 and ex["n_cut"] == len(full["input_ids"]) - 200
     assert ex["input_ids"][-len(answer):] == answer and ex["labels"][-len(answer):] == answer
     assert sum(t != -100 for t in ex["labels"]) == len(answer)
@@ -256,6 +350,17 @@ def test_seq2seq_example():
     examples, report = build_examples([r, {**r, "output": "word " * 20}], t5, max_len=2048, seq2seq=True,
                                       max_target_len=8)
     assert examples == [ex] and report.dropped == [1]
+
+
+def test_seq2seq_target_limit_is_the_references_cutoff(t5):
+    # finetune_T5.py line 163-171: prompt and answer each limited by cutoff_len (finetune.sh: 2048), not 512.
+    r = _record("AG", output="a long answer that goes on " * 120)
+    n_target = len(t5.encode(r["output"]))
+    assert 512 < n_target <= 2048
+    ex = build_seq2seq_example(r, t5)
+    assert ex is not None and ex["labels"] == t5.encode(r["output"])
+    examples, report = build_examples([r], t5, seq2seq=True)
+    assert examples == [ex] and report.dropped == []
 
 
 # --- batching -----------------------------------------------------------------------------------------------

@@ -165,6 +165,15 @@ def test_entry_point_with_adapter_and_sampling(tiny_dir, data_dir, tmp_path):
     save_adapter(model, tmp_path / "adapter")
     tuned = main(args + ["--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "tuned")])
     assert [g["generation"] for g in tuned["generations"]] != [g["generation"] for g in base["generations"]]
+    decoding = {name: json.loads((tmp_path / name / "results.json").read_text())["config"]
+                for name in ("base", "tuned")}
+    assert (decoding["base"]["temperature"], decoding["base"]["top_p"]) == (0.0, 1.0)  # no adapter: greedy
+    assert (decoding["tuned"]["temperature"], decoding["tuned"]["top_p"], decoding["tuned"]["seed"]) == (
+        0.15, 0.95, 0)  # an adapter run samples as inference.py, seeded
+    main(args + ["--adapter", str(tmp_path / "adapter"), "--greedy", "--out", str(tmp_path / "greedy")])
+    assert json.loads((tmp_path / "greedy" / "results.json").read_text())["config"]["temperature"] == 0.0
+    with pytest.raises(SystemExit):
+        main(args + ["--greedy", "--sample", "--out", str(tmp_path / "both")])
     sampled = main(args + ["--sample", "--seed", "3", "--out", str(tmp_path / "sampled")])
     config = json.loads((tmp_path / "sampled" / "results.json").read_text())["config"]
     assert (config["temperature"], config["top_p"]) == (0.15, 0.95)
@@ -186,3 +195,41 @@ def test_gold_answers_score_perfectly(tiny_dir, data_dir, monkeypatch):
     assert len(result["results"]) == 10
     for r in result["results"]:
         assert r[r["metric"]] == pytest.approx(1.0) and r["n_failed"] == 0, r
+
+
+@pytest.mark.parametrize("paper_compat", [False, True])
+def test_ave_of_a_t5_model_uses_evaluate_t5_parser(data_dir, monkeypatch, paper_compat):
+    """Flan-T5 writes AVE lists without braces: parsed as evaluate_T5.py does for a T5 model, in both modes."""
+    from types import SimpleNamespace
+
+    records = load_records(data_dir / "test.json", split="test", tasks="AVE")
+    two = [{"attribute": "color", "value": "red", "source": "title"}, {"attribute": "size", "value": "XL",
+                                                                        "source": "description"}]
+    records.append({**records[0], "input": "another product", "output": json.dumps(two)})
+    brace_less = {build_prompt(r, "alpaca"): r["output"].replace("{", "").replace("}", "") for r in records}
+    monkeypatch.setattr(ev, "generate_text", lambda model, tok, prompts, **kw: [brace_less[p] for p in prompts])
+    results = {}
+    for model_type in ("t5", "llama"):
+        model = SimpleNamespace(config=SimpleNamespace(model_type=model_type), eval=lambda: None)
+        [results[model_type]] = ev.evaluate(model, None, records, paper_compat=paper_compat,
+                                            progress=False)["results"]
+    assert results["t5"]["n_failed"] == 0 and results["t5"]["precision"] == 1.0
+    n_gold = sum(len(json.loads(r["output"])) for r in records)
+    assert n_gold > len(records)  # an output holds several items: paper_compat keeps the last of each only
+    assert results["t5"]["recall"] == pytest.approx(len(records) / n_gold if paper_compat else 1.0)
+    assert results["llama"]["n_failed"] == len(records) and results["llama"]["f1"] == 0.0
+
+
+def test_predictions_follow_the_reference_per_family(monkeypatch):
+    """Decoders: the text after the template's own marker in prompt + continuation; T5: the raw continuation."""
+    from types import SimpleNamespace
+
+    records = [record(instruction="Reply after '### Response:' with yes or no.")]
+    monkeypatch.setattr(ev, "generate_text", lambda model, tok, prompts, **kw: [" no\n### Response: yes"])
+    predictions = {}
+    for model_type, template in (("mistral", "mistral"), ("llama", "alpaca"), ("t5", "alpaca")):
+        model = SimpleNamespace(config=SimpleNamespace(model_type=model_type), eval=lambda: None)
+        [gen] = ev.evaluate(model, None, records, template=template, progress=False)["generations"]
+        predictions[model_type] = gen["prediction"]
+    assert predictions == {"mistral": "no\n### Response: yes", "llama": "' with yes or no.\n\n### Input:\n{\"a\": 1}",
+                           "t5": " no\n### Response: yes"}

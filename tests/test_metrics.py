@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
-from ecellm.metrics import ModelEncoder, bertscore, rouge_l, score, task_abbr
+from ecellm.metrics import ModelEncoder, bertscore, parse_ave_t5, rouge_l, score, task_abbr
 from ecellm.models import from_config
 from ecellm.tokenizer import load_tokenizer
 
@@ -164,6 +164,14 @@ def test_qpr_hand_worked(pred, ndcg, compat_ndcg, invalid, failed):
     assert c["n_invalid_items"] == (0 if pred == "C,C,C" else invalid)
 
 
+def test_qpr_differs_from_the_reference_epsilon_by_at_most_1_44e_4():
+    # evaluate.py line 274: dcg / (idcg + 1e-6). One C-labelled item ranked alone: idcg = 2**0.01 - 1.
+    idcg = 2**0.01 - 1
+    reference = idcg / (idcg + 1e-6)
+    ours = score("QPR", ["A"], [{"ranking": "A,B", "labels": ["C", "I"]}], paper_compat=True)["ndcg"]
+    assert ours == 1.0 and ours - reference == approx(1.4375e-4, abs=1e-8)
+
+
 def test_qpr_averages_over_all_outputs():
     refs = [QPR_REF, {"ranking": "A,B", "labels": ["E", "S"]}]
     assert score("QPR", ["C,B,A", "B,A"], refs)["ndcg"] == approx(
@@ -258,6 +266,94 @@ def test_ave_precision_denominator():
     assert score("AVE", pred, gold, paper_compat=True)["precision"] == 0.5  # the string counts there
     with pytest.raises(ValueError, match="AVE reference 0"):
         score("AVE", ["[]"], ["no json"])
+
+
+# Flan-T5 (no "{" or "}" in its vocabulary): evaluate_T5.py's AVE branch.
+def _evaluate_t5_ave(prediction_list, label_list, setting):
+    """evaluate_T5.py line 32-128, transcribed (dict counters summed; the per-attribute top-5 loop prints nothing)."""
+    def process_pred(preds):
+        preds = preds.replace('[', '').replace(']', '')
+        extracted = []
+        for pred in preds.split(', \"attribute\"'):
+            if not pred.startswith('\"attribute\"'):
+                pred = '\"attribute\"' + pred
+            pred = '{' + pred + '}'
+            try:
+                res = json.loads(pred)
+            except Exception:
+                res = ''
+        if res != '':
+            extracted.append(res)
+        return extracted
+
+    idx2pred = {i: process_pred(p) for i, p in enumerate(prediction_list)}
+    pred_skipped = sum(len(v) == 0 for v in idx2pred.values())
+    hit = count_label = count_pred = 0
+    for i, text in enumerate(label_list):
+        for label in json.loads(text):
+            count_label += 1
+            for pred in idx2pred[i]:
+                if pred["attribute"] == label["attribute"] and pred["value"] == label["value"] and \
+                        pred["source"] == label["source"]:
+                    hit += 1
+                elif 'OOD' in setting and pred["attribute"] == label["attribute"] and pred["value"] is not None \
+                        and pred["source"] is not None and (str(pred["value"]) in str(label["value"]) or str(
+                        label["value"]) in str(pred["value"])) and (pred["source"] in label["source"] or
+                                                                   label["source"] in pred["source"]):
+                    hit += 1
+    count_pred = sum("attribute" in pred for preds in idx2pred.values() for pred in preds)
+    recall, precision = hit / count_label, hit / (count_pred + 1e-6)
+    return {"recall": recall, "precision": precision, "f1": 2 * recall * precision / (recall + precision + 1e-6),
+            "n_failed": pred_skipped}
+
+
+def brace_less(items: list) -> str:
+    """A JSON list as Flan-T5 writes it: the braces it cannot produce left out."""
+    return json.dumps(items).replace("{", "").replace("}", "")
+
+
+T5_GOLD = [
+    json.dumps([triple("Color", "Red", "title"), triple("Size", "XL", "description")]),
+    json.dumps([triple("Brand", "Acme", "title")]),
+    json.dumps([triple("Color", "Black", "title")]),
+    json.dumps([triple("Color", "Blue", "title")]),
+    json.dumps([triple("Material", "cotton", "feature"), triple("Color", "navy", "title")]),
+]
+T5_PRED = [
+    brace_less([triple("Color", "Red", "title"), triple("Size", "XL", "description")]),
+    brace_less([triple("Brand", "Acme", "title")]),
+    "None",
+    json.dumps([triple("Color", "Blue", "title")]),  # braces: the pieces do not parse (nor in the reference)
+    brace_less([triple("Material", "cotton blend", "feature"), triple("Color", "navy", "title")]),
+]
+
+
+def test_parse_ave_t5():
+    assert T5_PRED[0] == '["attribute": "Color", "value": "Red", "source": "title", "attribute": "Size", ' \
+                         '"value": "XL", "source": "description"]'
+    both = [triple("Color", "Red", "title"), triple("Size", "XL", "description")]
+    assert parse_ave_t5(T5_PRED[0]) == both
+    assert parse_ave_t5(T5_PRED[0], paper_compat=True) == both[1:]  # the reference keeps the last piece only
+    assert parse_ave_t5('["attribute": "a", "value": null, "source": "None"]') == [triple("a", None, "None")]
+    assert parse_ave_t5('"attribute": "a", "value": "b", "source": "c", "attribute": broken') == [triple("a", "b", "c")]
+    assert parse_ave_t5('"attribute": "a", "value": "b", "source": "c", "attribute": broken', paper_compat=True) is None
+    assert parse_ave_t5(T5_PRED[3]) is None and parse_ave_t5("") is None and parse_ave_t5("None") is None
+
+
+@pytest.mark.parametrize("setting", ["IND_Diverse_Instruction", "OOD_Diverse_Instruction"])
+def test_ave_t5_parser_on_brace_less_outputs(setting):
+    ood = setting.startswith("OOD")
+    hits = 4 + ood  # 2 + 1 + navy (+ "cotton blend" ~ "cotton" under the relaxed OOD rule)
+    r = score("AVE", T5_PRED, T5_GOLD, setting=setting, ave_parser="t5")
+    assert (r["precision"], r["recall"], r["n_failed"]) == approx((hits / 5, hits / 7, 2))
+    compat = score("AVE", T5_PRED, T5_GOLD, setting=setting, ave_parser="t5", paper_compat=True)
+    assert (compat["precision"], compat["recall"], compat["n_failed"]) == approx((1.0, 3 / 7, 2))  # last pieces
+    reference = _evaluate_t5_ave(T5_PRED, T5_GOLD, setting)
+    assert {k: compat[k] for k in reference} == approx(reference, abs=1e-5)
+    as_json = score("AVE", T5_PRED, T5_GOLD, setting=setting)  # evaluate.py's parser fails on every brace-less one
+    assert as_json["n_failed"] == 4 and as_json["recall"] == approx(1 / 7)
+    with pytest.raises(ValueError, match="unknown parser 'yaml'"):
+        score("AVE", T5_PRED, T5_GOLD, ave_parser="yaml")
 
 
 # --------------------------------------------------------------------------------------------- answer generation
