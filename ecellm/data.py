@@ -304,7 +304,8 @@ def _check_record(rec) -> tuple[str | None, str, str] | None:
             return (field, f"mistyped field {field!r}",
                     f"is {type(rec[field]).__name__}, expected a string or null")
     for field in REQUIRED_FIELDS + OPTIONAL_FIELDS:
-        surrogate = _SURROGATE.search(rec.get(field) or "")
+        text = rec.get(field) or ""
+        surrogate = None if text.isascii() else _SURROGATE.search(text)  # isascii() is free: CPython knows it
         if surrogate:
             return (field, f"invalid text in field {field!r}",
                     f"holds a lone surrogate {surrogate[0].encode('unicode_escape').decode()} at character "
