@@ -297,11 +297,14 @@ class Records(list):
         return "\n".join(lines)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a lone surrogate: json.loads accepts "\\ud800", UTF-8 cannot hold it
+
+
 def _check_record(rec) -> tuple[str | None, str, str] | None:
     """(field, reason, message) for a bad record, None for a good one. Canonicalizes rec["task"] in place.
 
-    The reason is what `Records.skipped` counts: "missing field 'x'", "mistyped field 'x'", "unknown task",
-    "unknown setting", "unknown split", "not a JSON object"."""
+    The reason is what `Records.skipped` counts: "missing field 'x'", "mistyped field 'x'", "invalid text in field
+    'x'" (a lone surrogate), "unknown task", "unknown setting", "unknown split", "not a JSON object"."""
     if not isinstance(rec, dict):
         return None, "not a JSON object", f"not a JSON object but {type(rec).__name__}"
     for field in REQUIRED_FIELDS:
@@ -313,6 +316,13 @@ def _check_record(rec) -> tuple[str | None, str, str] | None:
         if rec.get(field) is not None and not isinstance(rec[field], str):
             return (field, f"mistyped field {field!r}",
                     f"is {type(rec[field]).__name__}, expected a string or null")
+    for field in REQUIRED_FIELDS + OPTIONAL_FIELDS:
+        text = rec.get(field) or ""
+        surrogate = None if text.isascii() else _SURROGATE.search(text)  # isascii() is free: CPython knows it
+        if surrogate:
+            return (field, f"invalid text in field {field!r}",
+                    f"holds a lone surrogate {surrogate[0].encode('unicode_escape').decode()} at character "
+                    f"{surrogate.start()}, which is not valid Unicode (a JSON escape such as \\ud800 without its pair)")
     task = _TASK_LOOKUP.get(rec["task"].lower().replace(" ", "_"))
     if task is None:
         return "task", "unknown task", f"unknown task {rec['task']!r}"
@@ -356,17 +366,27 @@ def _read_array(text: str, file: Path):
                                                  "expected ',' or ']' (a broken JSON array cannot be skipped past)")
 
 
+def _decode(data: bytes, file: Path, index: int | None, line_offset: int = 0) -> str:
+    """`data` as UTF-8 text, or a RecordError naming the file, the line and the byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = line_offset + data.count(b"\n", 0, e.start) + 1
+        raise RecordError(file, index, None, f"not UTF-8 text: byte 0x{data[e.start]:02x} on line {line} "
+                                             f"({e.reason}); save the file as UTF-8") from None
+
+
 def _read_file(file: Path, skip_bad: bool, skipped: Counter):
     """Yield (index, record) of a JSON array or JSON Lines file; broken JSON lines are skipped when asked."""
-    with open(file, encoding="utf-8") as f:
+    with open(file, "rb") as f:
         start = f.read(4096).lstrip()
-    if start.startswith("["):
-        text = file.read_text(encoding="utf-8")
-        yield from _read_array(text, file)
+    if start.startswith(b"["):
+        yield from _read_array(_decode(file.read_bytes(), file, None), file)
         return
-    with open(file, encoding="utf-8") as f:
+    with open(file, "rb") as f:
         index = 0
-        for lineno, line in enumerate(f, 1):
+        for lineno, raw in enumerate(f, 1):
+            line = _decode(raw, file, index, lineno - 1)
             if not line.strip():
                 continue
             try:

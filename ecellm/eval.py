@@ -306,8 +306,10 @@ def select_records(records: Sequence[dict], settings: Sequence[str] | None, demo
         records: test records (already filtered to the wanted tasks).
         settings: setting names; None takes the settings present in `records`.
         demos: training records for building 1-shot settings.
-        limit: keep at most this many records per task and setting (the first ones).
+        limit: keep at most this many records per task and setting (the first ones); positive.
     """
+    if limit is not None and limit <= 0:
+        raise ValueError(f"select_records: limit={limit}; expected a positive number of records (or None for all)")
     present = sorted({r["setting"] for r in records}, key=SETTINGS.index)
     out = []
     for setting in settings or present:
@@ -321,6 +323,25 @@ def select_records(records: Sequence[dict], settings: Sequence[str] | None, demo
     return out
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _task(name: str) -> str:
+    """An argparse type: a task name or abbreviation, as the data names it."""
+    try:
+        return resolve_task(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ecellm.eval", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
@@ -328,16 +349,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="LoRA adapter directory (PEFT format), merged into the model")
     p.add_argument("--data", required=True, nargs="+", help="ECInstruct test file(s), JSON array or JSON Lines")
     p.add_argument("--split", default="test", help="records of this split (default: test)")
-    p.add_argument("--tasks", nargs="+", help="task names or abbreviations (default: all in the data)")
+    p.add_argument("--tasks", nargs="+", type=_task, help="task names or abbreviations (default: all in the data)")
     p.add_argument("--setting", nargs="+", choices=SETTINGS, metavar="SETTING",
                    help=f"settings (default: those in the data); one of {', '.join(SETTINGS)}")
     p.add_argument("--demos", nargs="+", help="training file(s) giving 1-shot demonstrations")
     p.add_argument("--qpr-labels", help="the reference code's data_label/label.json (QPR option labels)")
-    p.add_argument("--limit", type=int, help="at most this many records per task and setting")
+    p.add_argument("--limit", type=_positive_int, help="at most this many records per task and setting")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--template", choices=("alpaca", "mistral"), help="default: mistral for Mistral, else alpaca")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=100)
     decoding = p.add_mutually_exclusive_group()
     decoding.add_argument("--sample", action="store_true",
                           help="the reference's sampling, temperature 0.15, top-p 0.95 (default with --adapter)")
@@ -360,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     args = _parser().parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    tasks = None if args.tasks is None else [resolve_task(t) for t in args.tasks]
+    tasks = args.tasks
     records = load_records(args.data, split=args.split, tasks=tasks)
     if not records:
         raise SystemExit(f"no {args.split} records{' of ' + ', '.join(tasks) if tasks else ''} in {args.data}")
@@ -370,6 +391,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     model = from_pretrained(args.model, dtype=dtype, device=args.device)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
+    tokenizer.check_fits(model.config.vocab_size, args.model)
     if args.adapter:
         model = merge(load_adapter(model, args.adapter)).eval()
     template = args.template or ("mistral" if model.config.model_type == "mistral" else "alpaca")
@@ -379,8 +401,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     top_p = sampling["top_p"] if args.top_p is None else args.top_p
     encoder = None
     if args.bertscore_model:
-        encoder = ModelEncoder(from_pretrained(args.bertscore_model, dtype=dtype, device=args.device),
-                               load_tokenizer(args.bertscore_model), batch_size=args.batch_size)
+        bert_model = from_pretrained(args.bertscore_model, dtype=dtype, device=args.device)
+        bert_tokenizer = load_tokenizer(args.bertscore_model)
+        bert_tokenizer.check_fits(bert_model.config.vocab_size, args.bertscore_model)
+        encoder = ModelEncoder(bert_model, bert_tokenizer, batch_size=args.batch_size)
 
     start = time.time()
     evaluation = evaluate(model, tokenizer, records, template=template, batch_size=args.batch_size,

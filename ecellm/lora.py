@@ -22,8 +22,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
+
+from .models.config import positive
+from .models.loading import check_finite_tensor, read_safetensors
 
 # The paper's targets per family: every attention and MLP projection plus the LM head. Entries a model lacks are
 # skipped (original T5 has `wi`, T5 v1.1 / Flan-T5 have `wi_0`, `wi_1`).
@@ -348,15 +351,43 @@ def _read_adapter_config(path: Path) -> dict[str, Any]:
     for key in ("r", "lora_alpha", "target_modules"):
         if config.get(key) is None:
             raise ValueError(f"{file}: the required field {key!r} is missing")
+    positive(config["r"], f"{file}: r", integer=True)
+    alpha, dropout = config["lora_alpha"], config.get("lora_dropout", 0.0)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ValueError(f"{file}: lora_alpha is {alpha!r}; expected a number")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{file}: lora_dropout is {dropout!r}; expected a number in [0, 1)")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise ValueError(f"{file}: use_rslora is {config['use_rslora']!r}; expected true or false")
+    targets = config["target_modules"]
+    if not (isinstance(targets, str) or isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise ValueError(f"{file}: target_modules is {targets!r}; expected a list of module names or a regex")
     return config
+
+
+def _read_adapter_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of `adapter_model.safetensors`, each checked to be floating-point and finite."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file (only safetensors adapters are read)")
+    tensors = dict(read_safetensors(file))
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{file}: {key} has dtype {tensor.dtype}; LoRA weights must be floating-point")
+        check_finite_tensor(tensor, key, file)
+    return tensors
 
 
 def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The LoRA tensors of a PEFT-format adapter directory, keyed by the parameter names of an injected model
-    (`<module>.lora_A`, `<module>.lora_B`): to restore a training run's LoRA weights in place."""
+    (`<module>.lora_A`, `<module>.lora_B`): to restore a training run's LoRA weights in place.
+
+    Raises:
+        CheckpointError: the file is unreadable (empty, truncated) or a tensor holds NaN or Inf, naming it.
+        ValueError: an integer tensor or a key that is not a LoRA weight, naming the file and key.
+    """
     file = Path(path) / ADAPTER_WEIGHTS
     out = {}
-    for key, tensor in load_file(str(file)).items():
+    for key, tensor in _read_adapter_tensors(file).items():
         m = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+\.lora_[AB])\.weight", key)
         if m is None and ".base_layer." in key:
             continue  # peft's copy of a targeted lm_head's base weight: not a LoRA tensor
@@ -366,8 +397,31 @@ def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _check_adapter_shapes(lora: dict[str, dict[str, torch.Tensor]], linears: dict[str, nn.Linear], r: int,
+                          weights_file: Path) -> None:
+    """Every tensor of the adapter has the shape its module needs: lora_A (r, in), lora_B (out, r), base_layer.*
+    the base's own."""
+    for name, tensors in lora.items():
+        base = linears[name]
+        needs = {
+            "lora_A.weight": (r, base.in_features),
+            "lora_B.weight": (base.out_features, r),
+            "base_layer.weight": tuple(base.weight.shape),
+            "base_layer.bias": None if base.bias is None else tuple(base.bias.shape),
+        }
+        for kind, tensor in tensors.items():
+            if tuple(tensor.shape) != needs[kind]:
+                need = "no such tensor" if needs[kind] is None else f"shape {needs[kind]}"
+                raise ValueError(
+                    f"{weights_file}: {PEFT_PREFIX}{name}.{kind} has shape {tuple(tensor.shape)}, the model needs "
+                    f"{need} (r={r} in adapter_config.json)"
+                )
+
+
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Inject LoRA as a PEFT-format adapter directory says and load its weights (written by us or by peft).
+
+    Everything is checked before the model is touched, so a failed load leaves `model` exactly as it was.
 
     Args:
         model: the base model, without LoRA layers, with module names as in the adapter's keys.
@@ -378,24 +432,27 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         `<module>.base_layer.weight` / `.bias` that peft saves for a targeted `lm_head` are copied into the base.
 
     Raises:
-        ValueError: unsupported config fields; weights for modules the config does not target or that are not
-            `nn.Linear`; targeted modules without weights; unknown keys; shape mismatches (each error names them).
+        ValueError: unsupported or invalid config fields; weights for modules the config does not target or that are
+            not `nn.Linear`; targeted modules without weights; unknown keys; shape mismatches; integer tensors; a
+            model that already has LoRA layers (each error names the file and key).
+        CheckpointError: an empty or truncated weights file, or a tensor holding NaN or Inf.
     """
     path = Path(path)
     config = _read_adapter_config(path)
     weights_file = path / ADAPTER_WEIGHTS
-    if not weights_file.is_file():
-        raise FileNotFoundError(f"load_adapter: no {ADAPTER_WEIGHTS} in {path} (only safetensors adapters are read)")
-    raw = load_file(str(weights_file))
     key_pattern = re.escape(PEFT_PREFIX) + r"(.+)\.(lora_A\.weight|lora_B\.weight|base_layer\.(?:weight|bias))"
     lora: dict[str, dict[str, torch.Tensor]] = {}  # module -> {"lora_A.weight": ..., "base_layer.bias": ...}
-    for key, tensor in raw.items():
+    for key, tensor in _read_adapter_tensors(weights_file).items():
         m = re.fullmatch(key_pattern, key)
         if m is None:
             raise ValueError(f"{weights_file}: unexpected key {key!r} (expected {PEFT_PREFIX}<module>.lora_A.weight)")
         lora.setdefault(m[1], {})[m[2]] = tensor
+    existing = lora_layers(model)
+    if existing:
+        raise ValueError(f"load_adapter {path}: the model already has LoRA layers (e.g. {next(iter(existing))!r}); "
+                         "load an adapter into a model without them")
     targets = config["target_modules"]
-    linears = {name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
     off_target = sorted(n for n in lora if n not in linears or not matches(n, targets))
     if off_target:
         raise ValueError(
@@ -407,6 +464,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     )
     if missing:
         raise ValueError(f"{weights_file}: no lora_A/lora_B weights for targeted modules {missing}")
+    _check_adapter_shapes(lora, linears, config["r"], weights_file)
+
     inject(
         model,
         r=config["r"],
@@ -418,17 +477,10 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     layers = lora_layers(model)
     with torch.no_grad():
         for name, tensors in lora.items():
-            layer = layers[name]
             for kind, tensor in tensors.items():
                 # "lora_A.weight" -> layer.lora_A, "base_layer.bias" -> layer.bias, ...
-                dest = getattr(layer, kind.split(".")[1] if kind.startswith("base_layer") else kind.split(".")[0])
-                if dest is None or tensor.shape != dest.shape:
-                    needs = "no such tensor" if dest is None else f"shape {tuple(dest.shape)}"
-                    raise ValueError(
-                        f"{weights_file}: {PEFT_PREFIX}{name}.{kind} has shape {tuple(tensor.shape)}, the model needs "
-                        f"{needs}"
-                    )
-                dest.copy_(tensor)
+                part, attr = kind.split(".")
+                getattr(layers[name], attr if part == "base_layer" else part).copy_(tensor)
     return model
 
 

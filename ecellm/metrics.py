@@ -116,10 +116,14 @@ def score(
     Returns:
         dict with ``task`` (abbreviation), ``metric`` (the key of the primary figure), the primary and secondary
         figures, ``n`` and ``n_failed``.
+    Raises:
+        ValueError: unknown task, lists of different lengths or empty lists.
     """
     abbr = task_abbr(task)
     if len(predictions) != len(references):
         raise ValueError(f"{abbr}: {len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        raise ValueError(f"{abbr}: no predictions to score; a metric over 0 records is undefined, not 0")
     for i, p in enumerate(predictions):
         if not isinstance(p, str):
             raise TypeError(f"{abbr}: prediction {i} is {type(p).__name__}, expected str")

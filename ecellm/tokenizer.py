@@ -146,13 +146,32 @@ class Tokenizer:
             ids: token ids, length L.
             skip_special_tokens: drop BOS/EOS/PAD/UNK and other control or special tokens. The pad-0 fallback
                 of a model without a pad token is not dropped (id 0 is a real token there).
+        Raises:
+            ValueError: an id outside [0, vocab_size), naming it.
         """
         ids = [int(i) for i in ids]
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"{self.path}: decode: id {bad} is out of range (the tokenizer has ids 0 to "
+                             f"{self.vocab_size - 1})")
         if skip_special_tokens:
             ids = [i for i in ids if i not in self._skip]
         if self._spm:
             return self.backend.decode(ids)
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def check_fits(self, vocab_size: int, model: str) -> None:
+        """Refuse to pair this tokenizer with a model whose embedding has fewer rows than the tokenizer has ids
+        (an id past the embedding would fail deep inside the model). A larger embedding (padded) is fine.
+
+        Args:
+            vocab_size: the model's embedding rows (`model.config.vocab_size`).
+            model: where the model came from, for the message.
+        """
+        if self.vocab_size > vocab_size:
+            raise ValueError(f"the tokenizer {self.path} has {self.vocab_size} ids but the model {model} embeds only "
+                             f"{vocab_size} (its config.json vocab_size): ids past {vocab_size - 1} would fail inside "
+                             "the model; use the tokenizer that belongs to this model")
 
     def __repr__(self) -> str:
         return (f"Tokenizer({self.path!r}, family={self.family!r}, vocab_size={self.vocab_size}, "
@@ -165,7 +184,7 @@ def _read_json(path: Path) -> dict:
         return {}
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
@@ -217,6 +236,9 @@ def load_tokenizer(path: str | Path, family: str | None = None) -> Tokenizer:
 
     # the family and its BOS/EOS defaults
     tokenizer_json = _read_json(file) if file.suffix == ".json" else None
+    if tokenizer_json is not None and not isinstance(tokenizer_json, dict):
+        raise ValueError(f"{file}: expected a JSON object (a `tokenizers` tokenizer.json), got "
+                         f"{type(tokenizer_json).__name__}")
     template = _template_rule(tokenizer_json.get("post_processor")) if tokenizer_json else None
     add_bos = add_eos = None  # None: the family's rule
     if family is None:
@@ -232,10 +254,16 @@ def load_tokenizer(path: str | Path, family: str | None = None) -> Tokenizer:
         raise ValueError(f"{path}: unknown tokenizer family {family!r}; expected one of {sorted(FAMILY_RULES)}")
 
     if tokenizer_json is not None:
-        backend = _HFTokenizersJSON.from_str(json.dumps(tokenizer_json))
+        try:
+            backend = _HFTokenizersJSON.from_file(str(file))
+        except Exception as e:  # the Rust library raises a bare Exception for a schema it cannot read
+            raise ValueError(f"{file}: not a `tokenizers` tokenizer.json ({e})") from None
         lookup = backend.token_to_id
     else:
-        backend = spm.SentencePieceProcessor(model_file=str(file))
+        try:
+            backend = spm.SentencePieceProcessor(model_file=str(file))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{file}: not a sentencepiece model ({e})") from None
 
         def lookup(token: str) -> int | None:
             i = backend.piece_to_id(token)

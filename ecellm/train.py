@@ -389,6 +389,7 @@ def train(config: TrainConfig) -> dict:
     dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
     tokenizer = load_tokenizer(model_dir)
     model = from_pretrained(model_dir, dtype=dtype, device="cpu")
+    tokenizer.check_fits(model.config.vocab_size, model_dir)
     family = model.config.model_type
     seq2seq = family == "t5"
     template = config.template or ("mistral" if family == "mistral" else "alpaca")

@@ -168,6 +168,30 @@ def test_bad_record_errors(tmp_path, fmt, change, field, reason):
     assert len(ok) == 17 and ok.n_read == 18 and ok.skipped == Counter({reason: 1})
 
 
+@pytest.mark.parametrize("fmt", ["json", "jsonl"])
+def test_lone_surrogate_is_a_bad_record(tmp_path, fmt):
+    """json.loads accepts an unpaired "\\ud83d"; such text cannot be encoded, so it is refused where it enters."""
+    records = _mixed_records()
+    records[2]["input"] = "caf\ud83d"
+    path = _write(tmp_path / f"bad.{fmt}", records, fmt)  # json.dumps writes the escape "\\ud83d"
+    with pytest.raises(RecordError, match=r"bad.json.?: record 2: field 'input': holds a lone surrogate \\ud83d at "
+                                          r"character 3"):
+        load_records(path)
+    assert load_records(path, skip_bad=True).skipped == Counter({"invalid text in field 'input'": 1})
+
+
+@pytest.mark.parametrize("fmt, where", [("json", "bad.json: "), ("jsonl", "bad.jsonl: record 1: ")])
+def test_non_utf8_file_names_file_and_line(tmp_path, fmt, where):
+    records = _mixed_records()[:3]
+    records[1]["input"] = "caf\u00e9"
+    path = _write(tmp_path / f"bad.{fmt}", records, fmt)
+    text = path.read_text(encoding="utf-8").replace("\\u00e9", "\u00e9")  # a raw é, then saved as Latin-1
+    path.write_bytes(text.encode("latin-1"))
+    line = text[:text.index("caf\u00e9")].count("\n") + 1
+    with pytest.raises(RecordError, match=f"{where}not UTF-8 text: byte 0xe9 on line {line} "):
+        load_records(path)
+
+
 def test_skip_counts_are_exact(tmp_path):
     records = _mixed_records()
     for i, (change, _, _) in enumerate(BAD_CASES):

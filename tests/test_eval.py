@@ -233,3 +233,33 @@ def test_predictions_follow_the_reference_per_family(monkeypatch):
         predictions[model_type] = gen["prediction"]
     assert predictions == {"mistral": "no\n### Response: yes", "llama": "' with yes or no.\n\n### Input:\n{\"a\": 1}",
                            "t5": " no\n### Response: yes"}
+
+
+# --- command-line errors ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags, message", [
+    (["--limit", "0"], "argument --limit: 0 is not a positive integer"),
+    (["--limit", "-3"], "argument --limit: -3 is not a positive integer"),
+    (["--batch-size", "0"], "argument --batch-size: 0 is not a positive integer"),
+    (["--tasks", "PM", "XX"], "argument --tasks: unknown task 'XX'; expected one of"),
+])
+def test_bad_command_line_values_are_argparse_errors(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path), "--data", str(tmp_path / "test.json"), "--out", str(tmp_path), *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"python -m ecellm.eval: error: {message}")
+
+
+def test_select_records_refuses_a_limit_of_zero():
+    with pytest.raises(ValueError, match="limit=0; expected a positive number"):
+        ev.select_records([record()], None, limit=0)
+
+
+def test_tokenizer_larger_than_the_model_embedding_is_refused(data_dir, tmp_path):
+    config = TINY | {"vocab_size": 1000}
+    save_file(from_config(config, device="cpu").state_dict(), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shutil.copy(LLAMA_SPM, tmp_path / "tokenizer.model")
+    with pytest.raises(ValueError, match=r"the tokenizer .* has 32000 ids but the model .* embeds only 1000 "
+                                         r"\(its config.json vocab_size\)"):
+        main(["--model", str(tmp_path), "--data", str(data_dir / "test.json"), "--out", str(tmp_path / "out")])

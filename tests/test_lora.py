@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ecellm import lora
+from ecellm.models import CheckpointError
 
 
 class MLP(nn.Module):
@@ -338,6 +339,91 @@ def test_load_adapter_reads_peft_base_layer_weight(tmp_path):
     _write_adapter(tmp_path / "a", tensors, target_modules=["lm_head"])
     model = lora.load_adapter(TinyLM(), tmp_path / "a")
     assert torch.equal(model.lm_head.weight, head) and model.lm_head.weight is model.embed_tokens.weight
+
+
+def _good_adapter(path) -> dict[str, torch.Tensor]:
+    """An adapter on TinyLM's fc1, fc2 and lm_head (r=2), written to `path`; returns its tensors."""
+    model = lora.inject(TinyLM(), r=2, alpha=4, targets=["fc1", "fc2", "lm_head"])
+    randomize_lora(model)
+    lora.save_adapter(model, path)
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def _poison(key: str, value: float):
+    def change(tensors):
+        tensors[key] = tensors[key].clone()
+        tensors[key][0, 0] = value
+    return change
+
+
+HEAD_A = "base_model.model.lm_head.lora_A.weight"
+FC2_B = "base_model.model.blocks.1.fc2.lora_B.weight"
+BAD_ADAPTERS = [  # (change to the tensors, change to adapter_config.json, error type, message)
+    (lambda t: t.update({FC2_B: torch.zeros(8, 3)}), {}, ValueError,
+     r"blocks.1.fc2.lora_B.weight has shape \(8, 3\), the model needs shape \(8, 2\)"),
+    (None, {"r": 4}, ValueError, r"lora_A.weight has shape \(2, 8\), the model needs shape \(4, 8\) \(r=4"),
+    (lambda t: t.update({"base_model.model.lm_head.base_layer.weight": torch.zeros(11, 7)}), {}, ValueError,
+     r"lm_head.base_layer.weight has shape \(11, 7\), the model needs shape \(11, 8\)"),
+    (lambda t: t.update({"base_model.model.lm_head.base_layer.bias": torch.zeros(11)}), {}, ValueError,
+     r"lm_head.base_layer.bias has shape \(11,\), the model needs no such tensor"),
+    (lambda t: t.update({"base_model.model.blocks.0.fc3.lora_A.weight": torch.zeros(2, 8)}), {}, ValueError,
+     r"weights for \['blocks.0.fc3'\], which are not nn.Linear modules"),
+    (None, {"target_modules": ["q_proj", "v_proj"]}, ValueError, r"weights for \['blocks.0.fc1'"),
+    (_poison(FC2_B, float("nan")), {}, CheckpointError, r"blocks.1.fc2.lora_B.weight' in .* holds 1 NaN or Inf"),
+    (_poison(HEAD_A, float("inf")), {}, CheckpointError, r"lm_head.lora_A.weight' in .* holds 1 NaN or Inf"),
+    (lambda t: t.update({FC2_B: torch.zeros(8, 2, dtype=torch.int32)}), {}, ValueError,
+     r"adapter_model.safetensors: base_model.model.blocks.1.fc2.lora_B.weight has dtype torch.int32"),
+    (None, {"r": 0}, ValueError, r"adapter_config.json: r is 0; expected a positive integer"),
+    (None, {"r": "2"}, ValueError, r"adapter_config.json: r is '2'"),
+    (None, {"lora_dropout": 1.5}, ValueError, r"lora_dropout is 1.5; expected a number in \[0, 1\)"),
+    (None, {"lora_alpha": "x"}, ValueError, r"lora_alpha is 'x'; expected a number"),
+    (None, {"target_modules": 3}, ValueError, r"target_modules is 3"),
+]
+
+
+@pytest.mark.parametrize("change_tensors, change_config, error, message", BAD_ADAPTERS, ids=[
+    "rank-of-one-tensor", "rank-in-config", "base-weight-shape", "bias-for-biasless-base", "unknown-module",
+    "other-architecture", "nan", "inf", "integer-dtype", "r-zero", "r-string", "dropout-range", "alpha-string",
+    "targets-type",
+])
+def test_failed_load_adapter_leaves_the_model_as_it_was(tmp_path, change_tensors, change_config, error, message):
+    tensors = _good_adapter(tmp_path)
+    if change_tensors is not None:
+        change_tensors(tensors)
+        save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    config_file = tmp_path / "adapter_config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | change_config))
+    model = TinyLM()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = {name: type(m) for name, m in model.named_modules()}
+    for _ in range(2):  # the retry gives the same error, not "already has LoRA layers"
+        with pytest.raises(error, match=message):
+            lora.load_adapter(model, tmp_path)
+        assert {name: type(m) for name, m in model.named_modules()} == types
+        assert model.state_dict().keys() == before.keys()
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("keep", [0, 30, 0.5])  # empty, a header cut short, half the file
+def test_truncated_adapter_names_the_file(tmp_path, keep):
+    _good_adapter(tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: int(keep * len(data)) if isinstance(keep, float) else keep])
+    model = TinyLM()
+    for read in (lambda: lora.load_adapter(model, tmp_path), lambda: lora.read_adapter_weights(tmp_path)):
+        with pytest.raises(CheckpointError, match=rf"{file}: not a readable safetensors file"):
+            read()
+    assert not lora.lora_layers(model)
+
+
+def test_read_adapter_weights_refuses_non_finite_values(tmp_path):
+    tensors = _good_adapter(tmp_path)
+    _poison(FC2_B, float("nan"))(tensors)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"'base_model.model.blocks.1.fc2.lora_B.weight' in .* holds 1 NaN"):
+        lora.read_adapter_weights(tmp_path)
 
 
 def test_inject_keeps_the_models_eval_mode():

@@ -482,3 +482,10 @@ def test_model_encoder_on_ecellm_models(config, tokenizer_dir, bos):
         torch.testing.assert_close(enc([text])[0], emb, atol=1e-5, rtol=1e-5)
     s = bertscore(texts, texts, enc)
     assert s["f"] == approx([1.0] * 3)
+
+
+# ------------------------------------------------------------------------------------------------------ bad inputs
+@pytest.mark.parametrize("task", ["PM", "PSI", "AP", "PRP", "SA", "MPC", "SR", "QPR", "AVE", "AG"])
+def test_score_of_empty_lists_is_an_error(task):
+    with pytest.raises(ValueError, match=rf"{task}: no predictions to score"):
+        score(task, [], [], encoder=lambda texts: [])

@@ -165,3 +165,37 @@ def test_unknown_special_token_in_config(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|eot|>"}}))
     with pytest.raises(ValueError, match=r"eos_token '<\|eot\|>' .* not in the vocabulary"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"model": {"type": "Nope"}}', "not a `tokenizers` tokenizer.json"),
+    ("{}", "not a `tokenizers` tokenizer.json"),
+    ('["a", "b"]', "expected a JSON object"),
+])
+def test_tokenizer_json_with_the_wrong_schema_names_the_file(tmp_path, text, message):
+    (tmp_path / "tokenizer.json").write_text(text)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'tokenizer.json'}: {message}"):
+        load_tokenizer(tmp_path)
+
+
+def test_corrupt_sentencepiece_model_names_the_file(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'tokenizer.model'}: not a sentencepiece model"):
+        load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("bad", [-1, "size"])
+def test_decode_of_an_out_of_range_id_names_it(request, name, bad):
+    tok = request.getfixturevalue(name)
+    bad = tok.vocab_size if bad == "size" else bad
+    with pytest.raises(ValueError, match=rf"decode: id {bad} is out of range \(the tokenizer has ids 0 to "
+                                         rf"{tok.vocab_size - 1}\)"):
+        tok.decode([5, bad, 6])
+
+
+def test_check_fits_refuses_a_model_with_a_smaller_embedding(llama):
+    llama.check_fits(32000, "m")  # equal
+    llama.check_fits(32064, "m")  # a padded embedding
+    with pytest.raises(ValueError, match=r"the tokenizer .*llama2-spm has 32000 ids but the model m embeds only 100 "):
+        llama.check_fits(100, "m")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ecellm import train as train_mod
 from ecellm.synthetic import write_dataset
@@ -209,3 +209,17 @@ def test_bf16_run_keeps_lora_and_optimizer_state_fp32(setup, tmp_path):
     assert moments and all(m.dtype == torch.float32 for m in moments)
     assert all(t.dtype == torch.float32 for t in adapter(out).values())
     assert summary["steps"] == 12
+
+
+def test_tokenizer_larger_than_the_embedding_is_refused(setup, tmp_path):
+    """A model whose embedding has fewer rows than its tokenizer has ids: refused by name before training."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).write_bytes((setup[0] / name).read_bytes())
+    cfg = json.loads((setup[0] / "config.json").read_text()) | {"vocab_size": 300}
+    (model / "config.json").write_text(json.dumps(cfg))
+    weights = load_file(setup[0] / "model.safetensors")
+    save_file({k: v[:300] if v.shape[0] == 384 else v for k, v in weights.items()}, model / "model.safetensors")
+    with pytest.raises(ValueError, match=r"the tokenizer .* has 384 ids but the model .*model embeds only 300"):
+        train(config((model, setup[1]), tmp_path / "run"))

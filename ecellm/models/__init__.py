@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ConfigError, read_config_file
+from .config import ConfigError, config_file, read_config_file
 from .llama import LlamaConfig, LlamaForCausalLM
 from .loading import CheckpointError, load_checkpoint
 from .loss import IGNORE_INDEX, causal_lm_loss, seq2seq_lm_loss
@@ -49,8 +49,14 @@ def from_config(
         dtype: parameter dtype.
         device: where to allocate parameters.
     """
-    raw = config if isinstance(config, dict) else read_config_file(config)
-    parsed = parse_config(raw)
+    if isinstance(config, dict):
+        raw, parsed = config, parse_config(config)
+    else:
+        raw = read_config_file(config)
+        try:
+            parsed = parse_config(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{config_file(config)}: {e}") from None
     with torch.device(device):
         model = FAMILIES[raw["model_type"]][1](parsed)
     return model.to(dtype)
@@ -61,6 +67,7 @@ def from_pretrained(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     allow_pickle: bool = False,
+    check_finite: bool = True,
 ) -> nn.Module:
     """Load a Hugging Face checkpoint directory (`config.json` + safetensors, sharded or not).
 
@@ -72,9 +79,13 @@ def from_pretrained(
         dtype: parameter dtype (the checkpoint's own dtype is ignored).
         device: where the weights go.
         allow_pickle: also accept `pytorch_model.bin` files (loaded with `torch.load(weights_only=True)`).
+        check_finite: refuse a weight holding NaN or Inf, naming it (False skips the pass over the weights).
+    Raises:
+        ConfigError: config.json unreadable or with invalid values, naming the file and field.
+        CheckpointError: weight files unreadable or not fitting the config, naming the file and tensor.
     """
     model = from_config(path, dtype=dtype, device="meta")
-    load_checkpoint(model, path, dtype, device, allow_pickle)
+    load_checkpoint(model, path, dtype, device, allow_pickle, check_finite)
     return model.eval()
 
 

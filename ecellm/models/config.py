@@ -11,16 +11,25 @@ class ConfigError(ValueError):
     """A config.json that is unreadable, incomplete or asks for something ecellm does not support."""
 
 
+# Decoder-only config.json fields (Llama, Mistral, Phi) that must be positive integers when present.
+DECODER_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim")
+
+
+def config_file(path: str | Path) -> Path:
+    """`config.json` given the file or its directory."""
+    path = Path(path)
+    return path / "config.json" if path.is_dir() else path
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Parse `config.json` (given the file or its directory), with errors that name the file."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
+    path = config_file(path)
     if not path.is_file():
         raise ConfigError(f"no config.json at {path}")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(config, dict):
         raise ConfigError(f"{path} must hold a JSON object, got {type(config).__name__}")
@@ -34,6 +43,35 @@ def require(config: dict[str, Any], key: str, family: str) -> Any:
     return config[key]
 
 
+def positive(value: Any, field: str, integer: bool = False) -> int | float:
+    """`value` if it is a positive number (an integer when `integer`), else an error naming the field."""
+    kinds = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:
+        raise ConfigError(f"{field} is {value!r}; expected a positive {'integer' if integer else 'number'}")
+    return value
+
+
+def check_values(
+    config: dict[str, Any], family: str, integers: tuple[str, ...] = (), numbers: tuple[str, ...] = ()
+) -> None:
+    """Refuse, naming the field, a present (non-null) value that is not a positive integer (`integers`) or a
+    positive number (`numbers`)."""
+    for keys, integer in ((integers, True), (numbers, False)):
+        for key in keys:
+            if config.get(key) is not None:
+                positive(config[key], f"{family} config.json field {key!r}", integer)
+
+
+def check_heads(config: dict[str, Any], family: str, width_key: str, heads_key: str, kv_heads_key: str) -> None:
+    """Attention heads that split the model: without an explicit `head_dim` the heads must divide the width, and
+    the key/value heads must divide the query heads (grouped-query attention)."""
+    width, heads, kv_heads = config[width_key], config[heads_key], config.get(kv_heads_key) or config[heads_key]
+    if config.get("head_dim") is None and width % heads:
+        raise ConfigError(f"{family} config.json: {heads_key}={heads} does not divide {width_key}={width}")
+    if heads % kv_heads:
+        raise ConfigError(f"{family} config.json: {kv_heads_key}={kv_heads} does not divide {heads_key}={heads}")
+
+
 def _rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     # transformers >= 5 writes `rope_parameters`; older releases `rope_theta` + `rope_scaling` at the top level.
     return config.get("rope_parameters") or {}
@@ -42,7 +80,7 @@ def _rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
 def rope_theta(config: dict[str, Any], default: float = 10000.0) -> float:
     """The RoPE base: `rope_parameters.rope_theta` (new) or `rope_theta` (old)."""
     value = _rope_parameters(config).get("rope_theta", config.get("rope_theta"))
-    return float(default if value is None else value)
+    return float(default if value is None else positive(value, "config.json field 'rope_theta'"))
 
 
 def rope_scaling_factor(config: dict[str, Any]) -> float:
@@ -54,14 +92,18 @@ def rope_scaling_factor(config: dict[str, Any]) -> float:
     if kind in (None, "default"):
         return 1.0
     if kind == "linear":
-        return float(params["factor"])
+        return float(positive(params.get("factor"), "linear rope scaling's 'factor' in config.json"))
     raise ConfigError(f"rope scaling type {kind!r} is not supported (supported: 'default', 'linear')")
 
 
 def partial_rotary_factor(config: dict[str, Any], default: float = 1.0) -> float:
     """Share of each head that is rotated: `rope_parameters.partial_rotary_factor` (new) or the top level (old)."""
     value = _rope_parameters(config).get("partial_rotary_factor", config.get("partial_rotary_factor"))
-    return float(default if value is None else value)
+    if value is None:
+        return default
+    if positive(value, "config.json field 'partial_rotary_factor'") > 1:
+        raise ConfigError(f"config.json field 'partial_rotary_factor' is {value!r}; expected a share in (0, 1]")
+    return float(value)
 
 
 def checkpoint_dtype(config: dict[str, Any]) -> str | None:

@@ -47,8 +47,10 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
         family = d.get("model_type", "llama")
+        cfg.check_values(d, family, integers=cfg.DECODER_SIZES + ("sliding_window",), numbers=("rms_norm_eps",))
         hidden = cfg.require(d, "hidden_size", family)
         heads = cfg.require(d, "num_attention_heads", family)
+        cfg.check_heads(d, family, "hidden_size", "num_attention_heads", "num_key_value_heads")
         return cls(
             model_type=family,
             vocab_size=cfg.require(d, "vocab_size", family),

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 # Keys some checkpoints carry that hold no weights (rotary tables that are recomputed on the fly).
@@ -19,6 +20,52 @@ IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".EncDecAttention.relative_attention
 
 class CheckpointError(ValueError):
     """A checkpoint whose files or tensors do not fit the model."""
+
+
+def read_safetensors(file: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) from a safetensors file, one tensor at a time.
+
+    Args:
+        file: the `.safetensors` file (model weights, a LoRA adapter, a trainer state).
+    Raises:
+        CheckpointError: naming the file, when it is empty, truncated or otherwise not safetensors.
+    """
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file, perhaps empty or truncated ({e})") from None
+
+
+def check_finite_tensor(tensor: torch.Tensor, key: str, file: str | Path) -> None:
+    """Refuse a floating-point tensor holding NaN or Inf, naming it and its file.
+
+    One summation pass (NaN and Inf survive a sum); only a non-finite sum, which a finite tensor can also reach by
+    overflowing, pays for the exact element-wise check.
+    """
+    if not tensor.is_floating_point() or torch.isfinite(tensor.sum()):
+        return
+    bad = (~torch.isfinite(tensor)).sum().item()
+    if bad:
+        raise CheckpointError(f"tensor {key!r} in {file} holds {bad} NaN or Inf values (of {tensor.numel()})")
+
+
+def _shard_files(index: Path) -> list[Path]:
+    """The shard files a `model.safetensors.index.json` lists; a shard outside the index's folder is refused."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
+        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    for key, name in weight_map.items():
+        if Path(name).name != name or name in (".", ".."):  # a path, not a file name: it may leave the folder
+            raise CheckpointError(
+                f"{index}: weight_map[{key!r}] = {name!r} is not a file name in the checkpoint folder "
+                f"{index.parent}; shards outside it are refused"
+            )
+    return [index.parent / name for name in sorted(set(weight_map.values()))]
 
 
 def checkpoint_files(path: str | Path, allow_pickle: bool = False) -> list[Path]:
@@ -31,11 +78,7 @@ def checkpoint_files(path: str | Path, allow_pickle: bool = False) -> list[Path]
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from e
-        files = [path / name for name in sorted(set(weight_map.values()))]
+        files = _shard_files(index)
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{index} lists shards that do not exist: {missing}")
@@ -57,15 +100,18 @@ def checkpoint_files(path: str | Path, allow_pickle: bool = False) -> list[Path]
 def _read_tensors(file: Path):
     """Yield (key, tensor) from one weight file."""
     if file.suffix == ".safetensors":
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+        yield from read_safetensors(file)
     else:
         yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
 
 
 def load_checkpoint(
-    model: nn.Module, path: str | Path, dtype: torch.dtype, device: str | torch.device, allow_pickle: bool = False
+    model: nn.Module,
+    path: str | Path,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    allow_pickle: bool = False,
+    check_finite: bool = True,
 ) -> nn.Module:
     """Assign a checkpoint's tensors to a (meta-device) model, cast to `dtype` and moved to `device`.
 
@@ -75,8 +121,11 @@ def load_checkpoint(
     Args:
         model: the model, typically built under `torch.device("meta")`.
         path: the checkpoint directory.
+        check_finite: refuse a weight holding NaN or Inf after the cast to `dtype` (one summation pass per tensor;
+            see BENCHMARKS.md for its cost).
     Raises:
-        CheckpointError: naming the key, the file and the shapes of any missing, unexpected or mis-shaped tensor.
+        CheckpointError: naming the file and key of any missing, unexpected, mis-shaped, integer-typed or (with
+            `check_finite`) non-finite tensor, and any unreadable file.
     """
     names_of = defaultdict(list)  # id(parameter or buffer) -> every name it has in the model
     expected = {}
@@ -97,9 +146,16 @@ def load_checkpoint(
                     f"tensor {key!r} in {file} has shape {tuple(tensor.shape)}, "
                     f"the model expects {tuple(expected[key].shape)}"
                 )
-            if tensor.is_floating_point():
+            if expected[key].is_floating_point():
+                if not tensor.is_floating_point():
+                    raise CheckpointError(
+                        f"tensor {key!r} in {file} has dtype {tensor.dtype}, the model needs a floating-point weight"
+                    )
                 tensor = tensor.to(dtype)
-            loaded[key] = tensor.to(device)
+            tensor = tensor.to(device)
+            if check_finite:
+                check_finite_tensor(tensor, key, file)
+            loaded[key] = tensor
 
     state = {}
     for names in names_of.values():

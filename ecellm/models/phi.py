@@ -48,8 +48,10 @@ class PhiConfig:
     def from_dict(cls, d: dict[str, Any]) -> "PhiConfig":
         if d.get("qk_layernorm"):
             raise cfg.ConfigError("phi config.json sets qk_layernorm=true, which ecellm does not support (Phi-2 has it off)")
+        cfg.check_values(d, "phi", integers=cfg.DECODER_SIZES, numbers=("layer_norm_eps",))
         hidden = cfg.require(d, "hidden_size", "phi")
         heads = cfg.require(d, "num_attention_heads", "phi")
+        cfg.check_heads(d, "phi", "hidden_size", "num_attention_heads", "num_key_value_heads")
         return cls(
             vocab_size=cfg.require(d, "vocab_size", "phi"),
             hidden_size=hidden,

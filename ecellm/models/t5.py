@@ -26,6 +26,11 @@ from . import config as cfg
 from .layers import KVCache, RMSNorm, activation
 
 
+# config.json fields that must be positive integers when present
+SIZE_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
+               "relative_attention_num_buckets", "relative_attention_max_distance")
+
+
 @dataclass
 class T5Config:
     """Hyper-parameters of a T5 / Flan-T5 checkpoint, parsed from its `config.json` by `from_dict`.
@@ -57,7 +62,10 @@ class T5Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "T5Config":
+        cfg.check_values(d, "t5", integers=SIZE_FIELDS, numbers=("layer_norm_epsilon",))
         proj = d.get("feed_forward_proj", "relu")
+        if not isinstance(proj, str):
+            raise cfg.ConfigError(f"t5 config.json: feed_forward_proj is {proj!r}; expected a string such as 'relu'")
         parts = proj.split("-")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
             raise cfg.ConfigError(f"t5 config.json: feed_forward_proj {proj!r} is not 'ACT' or 'gated-ACT'")
