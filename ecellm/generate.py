@@ -41,6 +41,7 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int | None = None,
+    vocab_limit: int | None = None,
 ) -> list[list[int]]:
     """Generate continuations of a batch of prompts.
 
@@ -53,6 +54,8 @@ def generate(
         temperature: 0 for greedy decoding, otherwise the softmax temperature of sampling.
         top_p: nucleus-sampling mass (1.0 keeps the whole distribution).
         seed: seeds a private generator, so sampled outputs repeat without touching global RNG state.
+        vocab_limit: never produce ids at or past this one (the padding rows of an embedding larger than the
+            tokenizer, e.g. Phi-2's 51,200 rows for 50,295 ids); None: every id the model has.
     Returns:
         for each row, its new tokens only, ending with the EOS token when one was produced.
     """
@@ -75,6 +78,8 @@ def generate(
         return outputs
     state, logits = model.start_decoding(input_ids, attention_mask, max_new_tokens)
     for step in range(max_new_tokens):
+        if vocab_limit is not None:
+            logits[:, vocab_limit:] = float("-inf")  # (B, V): ids the tokenizer cannot decode are never chosen
         tokens = _choose(logits, temperature, top_p, generator)  # (B,)
         for row, (token, finished) in enumerate(zip(tokens.tolist(), done.tolist())):  # one sync per step
             if not finished:
@@ -112,7 +117,8 @@ def generate_text(
     progress: bool = False,
 ) -> list[str]:
     """Generate text for each prompt: encode (the tokenizer's family BOS/EOS rules), batch with left padding,
-    decode the new tokens without special tokens.
+    decode the new tokens without special tokens. Only ids the tokenizer has are generated (an embedding may have
+    padding rows past them).
 
     Args:
         model: an ecellm model.
@@ -145,6 +151,7 @@ def generate_text(
             temperature=temperature,
             top_p=top_p,
             seed=None if seed is None else seed + start,
+            vocab_limit=tokenizer.vocab_size,
         )
         for row, tokens in zip(rows, new):
             results[row] = tokenizer.decode(tokens)

@@ -1,0 +1,26 @@
+"""generate_text never produces an id the tokenizer cannot decode (embeddings may have padding rows past it)."""
+
+from __future__ import annotations
+
+import torch
+
+from ecellm.generate import generate, generate_text
+from ecellm.models import from_pretrained
+from ecellm.tokenizer import load_tokenizer
+
+from .tiny_checkpoint import make_tiny_checkpoint
+
+
+def test_padding_rows_of_the_embedding_are_never_generated(tmp_path):
+    tokenizer = load_tokenizer(make_tiny_checkpoint(tmp_path / "probe"))  # the tokenizer's size, to pad past it
+    n_ids = tokenizer.vocab_size
+    path = make_tiny_checkpoint(tmp_path / "model", vocab_size=n_ids + 16)  # as Phi-2: 51,200 rows, 50,295 ids
+    model = from_pretrained(path)
+    with torch.no_grad():
+        model.lm_head.weight[:n_ids] = 0.0  # every real id scores 0, so some padding row (random) scores more
+    ids = torch.tensor([tokenizer.encode("Is this a match?")])
+    unlimited = generate(model, ids, max_new_tokens=4)[0]
+    assert any(i >= n_ids for i in unlimited)  # the setup really prefers padding ids
+    assert all(i < n_ids for i in generate(model, ids, max_new_tokens=4, vocab_limit=n_ids)[0])
+    [text] = generate_text(model, tokenizer, ["Is this a match?"], max_new_tokens=4)  # decodes: no error
+    assert isinstance(text, str)
