@@ -8,8 +8,9 @@ and the share of invalid outputs on held-out records, before and after tuning. E
 (`--out`, default `~/ecellm-runs/train_sr-<date>-<time>`): `results.json`, `results.md` (the table to paste, with the
 command, machine and date), the synthetic data and the training run. Nothing is written into the repository.
 
-`--model DIR --data DIR` switch to your checkpoint (any supported family) and the real ECInstruct files; the paper's
-recipe (`ecellm.train.TrainConfig` defaults) is then the default instead of the demo recipe.
+`--model DIR --data DIR` switch to your checkpoint (any supported family) and the real ECInstruct files; the
+reference code's recipe (`ecellm.train.TrainConfig` defaults; see the README's "Differences from the reference code")
+is then the default instead of the demo recipe.
 
 The demo recipe differs from the paper's on purpose: 2-core CPUs train ~100 tokens/s, so it uses short synthetic
 prompts (still 20 options), a 10x higher learning rate, small global batches (many updates), fp32, and one epoch.
