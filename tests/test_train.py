@@ -168,6 +168,16 @@ def test_resume_refuses_other_settings_by_name(setup, reference, tmp_path):
     assert summary["steps"] == 12 and step_losses(out) == step_losses(reference)
 
 
+def test_resume_refuses_a_checkpoint_of_another_world_size(setup, reference, tmp_path):
+    out = copy_run(reference, tmp_path / "run")
+    for step in (10, 12):
+        trainer_file = out / "checkpoints" / f"step_{step:08d}" / "trainer.json"
+        state = json.loads(trainer_file.read_text())
+        trainer_file.write_text(json.dumps({**state, "rng": state["rng"] * 2}))  # as 2 ranks write it
+    with pytest.raises(TrainingError, match=r"step_00000012 does not fit this run .* 2 ranks, this run has 1"):
+        train(config(setup, out, resume=True))
+
+
 def test_all_records_too_long_is_explained(setup, tmp_path):
     with pytest.raises(TrainingError, match="train: all 48 records .* dropped as longer than max_len=8"):
         train(config(setup, tmp_path, max_len=8))
@@ -182,7 +192,7 @@ def assert_resumed_exactly(run: Path, reference: Path) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)  # exact
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
 def test_interrupt_then_resume_equals_uninterrupted(setup, reference, tmp_path, sig):
     """SIGTERM and Ctrl-C (SIGINT) save a checkpoint and exit cleanly; after kill -9 the run resumes from its last
     checkpoint and drops the log lines past it. Either way the resumed run ends exactly as an uninterrupted one."""
@@ -416,21 +426,24 @@ def launch_two_nodes(cfg: TrainConfig) -> list[subprocess.Popen]:
         ]
         cmd = [sys.executable, *launcher, "-m", "ecellm.train", *cli_args(cfg)]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, start_new_session=True))  # a node's processes share a group
+                                      text=True))
     return procs
 
 
-def end_node(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> str:
-    """Send `sig` to every process of a node (agent and worker); returns what the node printed."""
-    os.killpg(proc.pid, sig)
-    return proc.communicate(timeout=60)[0]
-
-
-def worker_of(agent: subprocess.Popen) -> int:
-    """The pid of the one training process a torchrun agent started."""
+def workers_of(agent: subprocess.Popen) -> list[int]:
+    """The pids of the training processes a torchrun agent started (each in a session of its own)."""
     children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(agent.pid)], capture_output=True, text=True)
-    (pid,) = [int(x) for x in children.stdout.split()]
-    return pid
+    return [int(pid) for pid in children.stdout.split()]
+
+
+def end_node(agent: subprocess.Popen) -> str:
+    """kill -9 a node: its torchrun agent and its worker. Returns what the node printed."""
+    for pid in [*workers_of(agent), agent.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # already gone
+    return agent.communicate(timeout=60)[0]
 
 
 @pytest.mark.slow
@@ -455,7 +468,8 @@ def test_a_silent_rank_ends_the_run_naming_it(setup, tmp_path, fault):
         if fault == "node lost":
             end_node(node1)
         else:
-            os.kill(worker_of(node1), signal.SIGSTOP)
+            (worker,) = workers_of(node1)
+            os.kill(worker, signal.SIGSTOP)
         output, _ = node0.communicate(timeout=4 * timeout + 60)
         elapsed = time.time() - start
     finally:
