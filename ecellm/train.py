@@ -128,7 +128,7 @@ class Dist:
         if self.main:
             try:
                 result = fn()
-            except Exception as e:  # noqa: BLE001 -- re-raised below, after the other ranks have been told
+            except Exception as e:  # re-raised below, once the other ranks have been told
                 error = e
         if self.mesh is not None:
             box = [result, None if error is None else f"{type(error).__name__}: {error}"]
@@ -149,13 +149,13 @@ class Dist:
                 sends[r] = dist.isend(hello, r, group=self.probe)
             except RuntimeError:
                 silent.append(r)
-        for r in others:
+        for r, send in sends.items():
             try:
                 dist.recv(torch.zeros(1), r, group=self.probe)
-                sends[r].wait()
-            except (RuntimeError, KeyError):
+                send.wait()
+            except RuntimeError:
                 silent.append(r)
-        return sorted(set(silent))
+        return sorted(silent)
 
 
 def setup_distributed(timeout_s: int) -> Dist:
@@ -294,7 +294,9 @@ def optimizer_state(
     """AdamW's state as full CPU tensors keyed `<parameter name>/<key>` (collective under FSDP), and the
     hyper-parameters of each parameter group (JSON-ready)."""
     tensors = {
-        f"{name}/{key}": _full(value) for name, p in trainable.items() for key, value in optimizer.state.get(p, {}).items()
+        f"{name}/{key}": _full(value)
+        for name, p in trainable.items()
+        for key, value in optimizer.state.get(p, {}).items()
     }
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     return tensors, groups
@@ -469,7 +471,9 @@ def latest_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
 
 # Settings a resumed run may change: where and how often it writes, and how long ranks wait for each other. Every
 # other field (one added later included) shapes the run's mathematics and must keep its saved value.
-RESUMABLE_CHANGES = {"out", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "eval_every", "dist_timeout_s"}
+RESUMABLE_CHANGES = {
+    "out", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "eval_every", "dist_timeout_s"
+}
 
 
 def check_same_settings(saved_file: Path, config: TrainConfig) -> None:

@@ -313,14 +313,15 @@ def test_resume_never_unpickles_a_checkpoint(setup, reference, tmp_path):
         (newest / name).unlink()
     torch.save({"step": _Payload(marker)}, newest / "trainer.pt")
     _, damaged = latest_checkpoint(out)
-    assert damaged == [f"{newest}: missing trainer.json (its trainer.pt, the pickle format of older versions, is never loaded)"]
+    old_format = "its trainer.pt, the pickle format of older versions, is never loaded"
+    assert damaged == [f"{newest}: missing trainer.json ({old_format})"]
     assert not marker.exists()
 
 
 def test_reused_out_is_refused_unless_resume_or_overwrite(setup, reference, tmp_path):
     out = copy_run(reference, tmp_path / "run")
-    with pytest.raises(TrainingError, match=r"run already holds a run \(adapter, best_adapter, checkpoints, config.json, "
-                       r"log.jsonl\): pass --resume to continue it, --overwrite to delete it"):
+    held = r"run already holds a run \(adapter, best_adapter, checkpoints, config.json, log.jsonl\)"
+    with pytest.raises(TrainingError, match=held + ": pass --resume to continue it, --overwrite to delete it"):
         train(config(setup, out, seed=4))
     with pytest.raises(TrainingError, match="--resume continues the run in --out and --overwrite deletes it"):
         train(config(setup, out, resume=True, overwrite=True))
@@ -332,9 +333,21 @@ def test_reused_out_is_refused_unless_resume_or_overwrite(setup, reference, tmp_
     other = tmp_path / "notes"
     other.mkdir()
     (other / "thesis.tex").write_text("keep me")
-    with pytest.raises(TrainingError, match=r"holds \['thesis.tex'\] but no config.json \(no ecellm run\): not deleted"):
+    with pytest.raises(
+        TrainingError, match=r"holds \['thesis.tex'\] but no config.json \(no ecellm run\): not deleted"
+    ):
         train(config(setup, other, overwrite=True))
     assert (other / "thesis.tex").read_text() == "keep me"
+
+
+def test_reused_out_is_refused_on_every_rank(setup, reference, tmp_path):
+    """Rank 0 decides about --out and tells the others: every rank ends with the error, none waits for a timeout."""
+    out = copy_run(reference, tmp_path / "run")
+    proc = launch(config(setup, out), nproc=2)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "ecellm.train: error: rank 0 failed: TrainingError: " in output, output  # rank 1's line
+    assert output.count("already holds a run") == 2, output
 
 
 def test_pruning_orders_checkpoints_by_step_number(tmp_path):
@@ -372,8 +385,9 @@ def test_resume_without_a_readable_checkpoint_names_the_damage(setup, reference,
     out = copy_run(reference, tmp_path / "run")
     for step in (10, 12):
         (out / "checkpoints" / f"step_{step:08d}" / "trainer.json").write_text('{"step": ')
-    with pytest.raises(TrainingError, match=r"no readable checkpoint in .*step_00000012: trainer.json is unreadable \(JSONDecodeError.*; "
-                       r".*step_00000010: trainer.json is unreadable"):
+    unreadable = r"trainer.json is unreadable \(JSONDecodeError"
+    both = rf"step_00000012: {unreadable}.*; .*step_00000010: {unreadable}"
+    with pytest.raises(TrainingError, match="no readable checkpoint in .*" + both):
         train(config(setup, out, resume=True))
     assert len(list((out / "checkpoints").iterdir())) == 2  # nothing deleted
 
