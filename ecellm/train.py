@@ -429,10 +429,12 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str
     Raises:
         CheckpointError: a missing, truncated or unreadable file, a missing field, or a non-finite tensor.
     """
+    adapter_weights = f"adapter/{lora.ADAPTER_WEIGHTS}"
     readers = {
         TRAINER_JSON: lambda file: json.loads(file.read_text()),
+        "adapter/adapter_config.json": lambda file: json.loads(file.read_text()),
         TRAINER_TENSORS: lambda file: load_file(str(file)),
-        f"adapter/{lora.ADAPTER_WEIGHTS}": lambda file: lora.read_adapter_weights(file.parent),
+        adapter_weights: lambda file: lora.read_adapter_weights(file.parent),
     }
     parts = []
     for name, read in readers.items():
@@ -444,11 +446,11 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str
             parts.append(read(path / name))
         except (OSError, ValueError, SafetensorError) as e:
             raise CheckpointError(f"{path}: {name} is unreadable ({type(e).__name__}: {e})") from e
-    trainer, optim, weights = parts
+    trainer, _, optim, weights = parts
     missing = [key for key in TRAINER_FIELDS if key not in trainer]
     if missing:
-        raise CheckpointError(f"{path / TRAINER_JSON}: missing fields {missing}")
-    for file, tensors in zip(list(readers)[1:], (optim, weights)):
+        raise CheckpointError(f"{path}: {TRAINER_JSON} lacks the fields {missing}")
+    for file, tensors in ((TRAINER_TENSORS, optim), (adapter_weights, weights)):
         bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:
             raise CheckpointError(f"{path}: {file} holds non-finite values in {bad[:3]}")

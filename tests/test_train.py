@@ -359,7 +359,7 @@ def test_pruning_orders_checkpoints_by_step_number(tmp_path):
     assert kept == ["step_100000000", "step_100000001", "step_99999999"]
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated", "non-finite"])
+@pytest.mark.parametrize("damage", ["missing", "truncated", "non-finite", "adapter config"])
 def test_resume_skips_a_damaged_newest_checkpoint(setup, reference, tmp_path, capsys, damage):
     out = copy_run(reference, tmp_path / "run")
     newest = out / "checkpoints" / "step_00000012"
@@ -368,13 +368,19 @@ def test_resume_skips_a_damaged_newest_checkpoint(setup, reference, tmp_path, ca
     elif damage == "truncated":
         data = (newest / "trainer.safetensors").read_bytes()
         (newest / "trainer.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "adapter config":
+        (newest / "adapter" / "adapter_config.json").write_text('{"r": 1')  # cut short
     else:
         weights = load_file(newest / "adapter" / "adapter_model.safetensors")
         next(iter(weights.values()))[0, 0] = float("inf")
         save_file(weights, newest / "adapter" / "adapter_model.safetensors")
     train(config(setup, out, resume=True))
     log = capsys.readouterr().err
-    reason = {"missing": "missing trainer.json", "truncated": "trainer.safetensors", "non-finite": "non-finite values"}
+    reason = {
+        "missing": "missing trainer.json", "truncated": "trainer.safetensors is unreadable",
+        "non-finite": "adapter/adapter_model.safetensors holds non-finite values",
+        "adapter config": "adapter/adapter_config.json is unreadable",
+    }
     assert f"skipping a newer checkpoint, {newest}: " in log and reason[damage] in log, log
     assert f"resuming from {out / 'checkpoints' / 'step_00000010'} (step 10)" in log
     assert_resumed_exactly(out, reference)
