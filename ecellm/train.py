@@ -516,10 +516,11 @@ def trim_log(log_file: Path, step: int) -> None:
 def prepare_out(config: TrainConfig, out: Path, log) -> str | None:
     """Make `out` ready for this run (main rank only); returns the name of the checkpoint to resume from, if any.
 
-    A new run needs an absent or empty `out`; `--overwrite` first deletes the run in it. `--resume` continues the run in
-    `out` under the same settings, from its newest complete checkpoint, with the log cut back to that step.
+    A new run needs an `out` that is absent or empty (but for the config.json of a start that failed before writing
+    anything else); `--overwrite` first deletes the run in it. `--resume` continues the run in `out` under the same
+    settings, from its newest complete checkpoint, with the log cut back to that step.
     """
-    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    held = sorted(p.name for p in out.iterdir() if p.name != "config.json") if out.is_dir() else []
     if config.resume and config.overwrite:
         raise TrainingError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
     if held and config.overwrite:

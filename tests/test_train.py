@@ -320,7 +320,7 @@ def test_resume_never_unpickles_a_checkpoint(setup, reference, tmp_path):
 
 def test_reused_out_is_refused_unless_resume_or_overwrite(setup, reference, tmp_path):
     out = copy_run(reference, tmp_path / "run")
-    held = r"run already holds a run \(adapter, best_adapter, checkpoints, config.json, log.jsonl\)"
+    held = r"run already holds a run \(adapter, best_adapter, checkpoints, log.jsonl, summary.json\)"
     with pytest.raises(TrainingError, match=held + ": pass --resume to continue it, --overwrite to delete it"):
         train(config(setup, out, seed=4))
     with pytest.raises(TrainingError, match="--resume continues the run in --out and --overwrite deletes it"):
@@ -338,6 +338,10 @@ def test_reused_out_is_refused_unless_resume_or_overwrite(setup, reference, tmp_
     ):
         train(config(setup, other, overwrite=True))
     assert (other / "thesis.tex").read_text() == "keep me"
+    # A start that failed before training (here: no data) leaves only config.json, which the next start replaces.
+    with pytest.raises(FileNotFoundError, match="no train.json"):
+        train(config(setup, tmp_path / "fresh", data=str(tmp_path / "nowhere")))
+    assert train(config(setup, tmp_path / "fresh", epochs=1))["steps"] == 6
 
 
 def test_reused_out_is_refused_on_every_rank(setup, reference, tmp_path):
