@@ -8,9 +8,11 @@ nccl on GPUs, gloo on CPU. In bf16, base weights are stored and computed in bf16
 reduction and optimizer state stay fp32. The loss is averaged over answer tokens across micro-batches and ranks, so
 N ranks make the same update as one process with the same global batch.
 
-Checkpoints (`out/checkpoints/step_N/`) hold the adapter in PEFT format plus optimizer, scheduler, RNG states and
-the data position; they are written to a temporary directory and renamed, so an interrupted write leaves the previous
-one usable. `--resume` continues exactly where the latest checkpoint stopped. SIGTERM saves a checkpoint and exits.
+Checkpoints (`out/checkpoints/step_N/`) hold the adapter in PEFT format, the optimizer's tensors in safetensors and
+the step, scheduler and RNG states in JSON (nothing is unpickled); they are written to a temporary directory and
+renamed, so an interrupted write leaves the previous one usable. `--resume` continues exactly where the newest complete
+checkpoint stopped, under the same settings. SIGTERM and Ctrl-C save a checkpoint and exit. A new run refuses an `--out`
+that holds another run unless `--overwrite` is given.
 """
 
 from __future__ import annotations
@@ -21,22 +23,27 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import lora
 from .data import IGNORE_INDEX, LengthGroupedBatchSampler, build_examples, collate, load_records, sample_per_task
 from .models import causal_lm_loss, from_pretrained, seq2seq_lm_loss
+from .models.loading import CheckpointError as RefusedWeights
 from .tokenizer import load_tokenizer
 
 
@@ -72,11 +79,21 @@ class TrainConfig:
     checkpoint_every: int = 50  # checkpoint every N steps (and at each epoch end)
     keep_checkpoints: int = 2  # how many of the latest checkpoints to keep (0: all)
     seed: int = 42
-    resume: bool = False
+    resume: bool = False  # continue the run in --out from its newest complete checkpoint (same settings)
+    overwrite: bool = False  # delete the run already in --out and start over
+    dist_timeout_s: int = 300  # how long ranks wait for each other before the run ends naming the silent rank
 
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (non-finite loss, bad configuration)."""
+
+
+class CheckpointError(TrainingError):
+    """A checkpoint that cannot be resumed from (a missing, truncated or non-finite part)."""
+
+
+TRAINER_JSON, TRAINER_TENSORS = "trainer.json", "trainer.safetensors"
+TRAINER_FIELDS = ("step", "scheduler", "param_groups", "rng", "best_val", "best_step", "tokens_seen")
 
 
 # --- distributed set-up -------------------------------------------------------------------------------------------
@@ -88,6 +105,8 @@ class Dist:
     world: int
     device: torch.device
     mesh: object | None  # the 1-D device mesh when launched by torchrun
+    owns_group: bool = False  # the process group was created here (and is destroyed at the end of the run)
+    probe: object | None = None  # a spare gloo group, to find the ranks that stopped answering
 
     @property
     def main(self) -> bool:
@@ -104,9 +123,48 @@ class Dist:
         if self.mesh is not None:
             dist.barrier()
 
+    def from_main(self, fn):
+        """`fn()` run on the main rank; its result, or its error, reaches every rank (none waits on a failed one)."""
+        result, error = None, None
+        if self.main:
+            try:
+                result = fn()
+            except Exception as e:  # re-raised below, once the other ranks have been told
+                error = e
+        if self.mesh is not None:
+            box = [result, None if error is None else f"{type(error).__name__}: {error}"]
+            dist.broadcast_object_list(box, src=0)
+            result, message = box
+            if message and not self.main:
+                raise TrainingError(f"rank 0 failed: {message}")
+        if error is not None:
+            raise error
+        return result
 
-def setup_distributed() -> Dist:
-    """Join the process group when launched by torchrun (nccl on GPUs, gloo on CPU); else a single process."""
+    def silent_ranks(self) -> list[int]:
+        """After a failed collective: the other ranks that do not send a message within the timeout (on `probe`)."""
+        others = [r for r in range(self.world) if r != self.rank]
+        hello, sends, silent = torch.ones(1), {}, []
+        for r in others:  # every send first: a live rank's answer then never waits on a silent third rank
+            try:
+                sends[r] = dist.isend(hello, r, group=self.probe)
+            except RuntimeError:
+                silent.append(r)
+        for r, send in sends.items():
+            try:
+                dist.recv(torch.zeros(1), r, group=self.probe)
+                send.wait()
+            except RuntimeError:
+                silent.append(r)
+        return sorted(silent)
+
+
+def setup_distributed(timeout_s: int) -> Dist:
+    """Join the process group when launched by torchrun (nccl on GPUs, gloo on CPU); else a single process.
+
+    Args:
+        timeout_s: how long a collective waits for the other ranks before it fails.
+    """
     cuda = torch.cuda.is_available()
     if "WORLD_SIZE" not in os.environ:
         return Dist(0, 1, torch.device("cuda" if cuda else "cpu"), None)
@@ -116,11 +174,13 @@ def setup_distributed() -> Dist:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     world = dist.get_world_size()
     mesh = init_device_mesh(device.type, (world,))
-    return Dist(dist.get_rank(), world, device, mesh)
+    probe = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    return Dist(dist.get_rank(), world, device, mesh, owns_group, probe)
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -229,49 +289,67 @@ def lora_weights(trainable: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     return {name: _full(p) for name, p in trainable.items()}
 
 
-def optimizer_state(trainable: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> dict:
-    """AdamW's state by parameter name, as full CPU tensors (collective under FSDP), plus its hyper-parameters."""
-    state = {
-        name: {k: _full(v) if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+def optimizer_state(
+    trainable: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """AdamW's state as full CPU tensors keyed `<parameter name>/<key>` (collective under FSDP), and the
+    hyper-parameters of each parameter group (JSON-ready)."""
+    tensors = {
+        f"{name}/{key}": _full(value)
         for name, p in trainable.items()
-        if p in optimizer.state
+        for key, value in optimizer.state.get(p, {}).items()
     }
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    return {"state": state, "param_groups": groups}
+    return tensors, groups
 
 
-def load_optimizer_state(trainable: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, saved: dict) -> None:
+def load_optimizer_state(
+    trainable: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list
+) -> None:
     """Inverse of `optimizer_state`: full tensors go back to each parameter's device, re-sharded like it."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    for name, p in trainable.items():
-        if name not in saved["state"]:
-            continue
-        restored = {}
-        for key, value in saved["state"][name].items():
-            if torch.is_tensor(value) and isinstance(p, DTensor) and value.shape == p.shape:
-                value = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
-            elif torch.is_tensor(value) and key != "step":
-                value = value.to(p.device)
-            restored[key] = value
-        optimizer.state[p] = restored
-    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+    for key, value in tensors.items():
+        name, state_key = key.rsplit("/", 1)
+        p = trainable[name]
+        if isinstance(p, DTensor) and value.shape == p.shape:
+            value = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
+        elif state_key != "step":
+            value = value.to(p.device)
+        optimizer.state[p][state_key] = value
+    for group, saved_group in zip(optimizer.param_groups, groups):
         group.update(saved_group)
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def rng_state() -> dict[str, list]:
+    """This process's random number generators (python, numpy, torch, cuda) as plain JSON-ready lists."""
+    version, words, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    state = {
+        "python": [version, list(words), gauss],
+        "numpy": [kind, keys.tolist(), position, has_gauss, cached_gauss],
+        "torch": torch.get_rng_state().tolist(),
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+def set_rng_state(state: dict[str, list]) -> None:
+    """Inverse of `rng_state`."""
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def to_json(record: dict, indent: int | None = None) -> str:
+    """Strict JSON: top-level NaN and infinities become null (JSON has no such numbers); nested ones are an error."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False, indent=indent)
 
 
 def _atomic_dir(final: Path, write) -> None:
@@ -288,6 +366,24 @@ def _atomic_dir(final: Path, write) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def checkpoint_dirs(out: Path) -> list[tuple[int, Path]]:
+    """The run's `checkpoints/step_N` directories as (N, path), ordered by step number."""
+    found = []
+    for path in (out / "checkpoints").glob("step_*"):
+        number = re.fullmatch(r"step_(\d+)", path.name)
+        if number and path.is_dir():
+            found.append((int(number[1]), path))
+    return sorted(found)
+
+
+def prune_checkpoints(out: Path, step: int, keep: int) -> None:
+    """Delete all but the `keep` newest checkpoints up to `step` (keep 0: delete none). Newer ones, which a resume
+    skipped as damaged, are not counted: they stay until this run overwrites them."""
+    if keep:
+        for _, path in [c for c in checkpoint_dirs(out) if c[0] <= step][:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def save_checkpoint(
     out: Path,
     step: int,
@@ -300,9 +396,12 @@ def save_checkpoint(
     model: nn.Module,
     keep: int,
 ) -> Path:
-    """Checkpoint the run at `step`; collective (every rank calls it). Returns the checkpoint directory."""
+    """Checkpoint the run at `step`; collective (every rank calls it). Returns the checkpoint directory.
+
+    It holds `adapter/` (PEFT format), `trainer.safetensors` (AdamW's tensors) and `trainer.json` (step, scheduler,
+    optimizer hyper-parameters, every rank's RNG states as lists, and `state`): nothing that needs unpickling."""
     weights = lora_weights(trainable)
-    optim = optimizer_state(trainable, optimizer)
+    optim_tensors, optim_groups = optimizer_state(trainable, optimizer)
     rngs = [None] * d.world
     if d.mesh is not None:
         dist.all_gather_object(rngs, rng_state())
@@ -313,50 +412,201 @@ def save_checkpoint(
 
         def write(tmp: Path) -> None:
             lora.save_adapter(model, tmp / "adapter", base_model_name_or_path=base, weights=weights)
-            trainer = {"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rngs, **state}
-            torch.save(trainer, tmp / "trainer.pt")
+            save_file(optim_tensors, str(tmp / TRAINER_TENSORS))
+            trainer = {"step": step, "scheduler": scheduler.state_dict(), "param_groups": optim_groups, "rng": rngs}
+            (tmp / TRAINER_JSON).write_text(to_json({**trainer, **state}))
 
         _atomic_dir(final, write)
-        latest = out / "checkpoints" / "latest"
-        latest.with_suffix(".tmp").write_text(final.name)
-        os.replace(latest.with_suffix(".tmp"), latest)
-        if keep:
-            for old in sorted((out / "checkpoints").glob("step_*"))[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(out, step, keep)
     d.barrier()
     return final
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    pointer = out / "checkpoints" / "latest"
-    if not pointer.is_file():
+def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A checkpoint's trainer state (`trainer.json`), optimizer tensors and LoRA weights, every file read in full.
+
+    Only JSON and safetensors are read: a `trainer.pt` (the pickle format of older versions) is never loaded.
+
+    Raises:
+        CheckpointError: a missing, truncated or unreadable file, a missing field, or a non-finite tensor.
+    """
+    adapter_weights = f"adapter/{lora.ADAPTER_WEIGHTS}"
+    readers = {
+        TRAINER_JSON: lambda file: json.loads(file.read_text()),
+        "adapter/adapter_config.json": lambda file: json.loads(file.read_text()),
+        TRAINER_TENSORS: lambda file: load_file(str(file)),
+        adapter_weights: lambda file: lora.read_adapter_weights(file.parent),
+    }
+    parts = []
+    for name, read in readers.items():
+        if not (path / name).is_file():
+            pickled = (path / "trainer.pt").exists()
+            old = " (its trainer.pt, the pickle format of older versions, is never loaded)" if pickled else ""
+            raise CheckpointError(f"{path}: missing {name}{old}")
+        try:
+            parts.append(read(path / name))
+        except RefusedWeights as e:  # read, but refused (e.g. NaN/Inf): the message names the file and tensor
+            raise CheckpointError(f"{path}: {name} is refused ({e})") from e
+        except (OSError, ValueError, SafetensorError) as e:
+            raise CheckpointError(f"{path}: {name} is unreadable ({type(e).__name__}: {e})") from e
+    trainer, _, optim, weights = parts
+    missing = [key for key in TRAINER_FIELDS if key not in trainer]
+    if missing:
+        raise CheckpointError(f"{path}: {TRAINER_JSON} lacks the fields {missing}")
+    bad = [name for name, t in optim.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:  # (read_adapter_weights already refused non-finite LoRA weights)
+        raise CheckpointError(f"{path}: {TRAINER_TENSORS} holds non-finite values in {bad[:3]}")
+    return trainer, optim, weights
+
+
+def latest_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that reads completely (`read_checkpoint`), and what is wrong with each newer one."""
+    damaged = []
+    for _, path in reversed(checkpoint_dirs(out)):
+        try:
+            read_checkpoint(path)
+            return path, damaged
+        except CheckpointError as e:
+            damaged.append(str(e))
+    return None, damaged
+
+
+# --- the output folder --------------------------------------------------------------------------------------------
+
+# Settings a resumed run may change: where and how often it writes, and how long ranks wait for each other. Every
+# other field (one added later included) shapes the run's mathematics and must keep its saved value.
+RESUMABLE_CHANGES = {
+    "out", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "eval_every", "dist_timeout_s"
+}
+
+
+def check_same_settings(saved_file: Path, config: TrainConfig) -> None:
+    """Refuse to resume the run recorded in `saved_file` (its config.json) under other settings, naming them."""
+    try:
+        saved = json.loads(saved_file.read_text())
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"--resume: cannot read the run's settings in {saved_file}: {e}") from e
+    new, absent = dataclasses.asdict(config), "<absent>"
+    changed = [
+        f"{key}: {saved.get(key, absent)!r} -> {new.get(key, absent)!r}"
+        for key in sorted(set(saved) | set(new))
+        if key not in RESUMABLE_CHANGES and saved.get(key, absent) != new.get(key, absent)
+    ]
+    if changed:
+        raise TrainingError(
+            f"--resume with settings other than {saved_file} records would mix two runs; differing: "
+            f"{'; '.join(changed)}. Resume with the saved values, or start a new run (another --out, or --overwrite)"
+        )
+
+
+def trim_log(log_file: Path, step: int) -> None:
+    """Keep the log's records up to `step` (later ones are redone by the resumed run); drop a line cut short."""
+    if not log_file.is_file():
+        return
+    kept = []
+    for line in log_file.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # the last line of a killed run may be cut short
+    tmp = log_file.with_name(log_file.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, log_file)
+
+
+def prepare_out(config: TrainConfig, out: Path, log) -> str | None:
+    """Make `out` ready for this run (main rank only); returns the name of the checkpoint to resume from, if any.
+
+    A new run needs an `out` that is absent or empty (but for the config.json of a start that failed before writing
+    anything else); `--overwrite` first deletes the run in it. `--resume` continues the run in `out` under the same
+    settings, from its newest complete checkpoint, with the log cut back to that step.
+    """
+    held = sorted(p.name for p in out.iterdir() if p.name != "config.json") if out.is_dir() else []
+    if config.resume and config.overwrite:
+        raise TrainingError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+    if held and config.overwrite:
+        if not (out / "config.json").is_file():
+            raise TrainingError(f"--overwrite: {out} holds {held[:5]} but no config.json (no ecellm run): not deleted")
+        log(f"--overwrite: deleting the previous run in {out}")
+        shutil.rmtree(out)
+    elif held and not config.resume:
+        raise TrainingError(
+            f"{out} already holds a run ({', '.join(held[:5])}): pass --resume to continue it, --overwrite to delete "
+            "it and start over, or choose another --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    if not (config.resume and held):
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
         return None
-    path = out / "checkpoints" / pointer.read_text().strip()
-    return path if (path / "trainer.pt").is_file() else None
+    check_same_settings(out / "config.json", config)
+    checkpoint, damaged = latest_checkpoint(out)
+    for damage in damaged:
+        log(f"--resume: skipping a newer checkpoint, {damage}")
+    if checkpoint is None and damaged:
+        raise TrainingError(f"--resume: no readable checkpoint in {out / 'checkpoints'}: {'; '.join(damaged)}")
+    if checkpoint is None:
+        log(f"--resume: no checkpoint in {out / 'checkpoints'} yet, starting the run from step 0")
+    trim_log(out / "log.jsonl", int(checkpoint.name.split("_")[1]) if checkpoint else 0)
+    return checkpoint.name if checkpoint else None
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
 
 
 class _Stop:
-    """Set by SIGTERM; checked between steps."""
+    """Set by SIGTERM or SIGINT (Ctrl-C); checked between steps. A second Ctrl-C stops at once, without saving."""
 
-    requested = False
+    received: str | None = None  # the signal's name
 
     @classmethod
     def handler(cls, signum, frame) -> None:
-        cls.requested = True
+        if cls.received == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        cls.received = signal.Signals(signum).name
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _communication_failed(error: RuntimeError) -> bool:
+    """Whether a collective failed: timed out, or a peer's connection closed (gloo names itself in its errors)."""
+    return isinstance(error, dist.DistError) or "gloo" in str(error)
 
 
 def train(config: TrainConfig) -> dict:
     """Fine-tune with LoRA as `config` says; returns the run's summary (also written to `out/summary.json`).
+
+    Joins the process group when launched by torchrun and leaves it at the end if it created it; a collective that
+    fails (a rank frozen for `dist_timeout_s`, or lost with its node) ends the run with an error naming the ranks that
+    stopped answering.
 
     Args:
         config: the run's settings (see `TrainConfig`).
     Returns:
         dict with steps, epochs, losses, best validation loss and its step, timing and output paths.
     """
-    d = setup_distributed()
+    d = setup_distributed(config.dist_timeout_s)
+    try:
+        return _train(config, d)
+    except RuntimeError as e:
+        if d.mesh is None or not _communication_failed(e):
+            raise
+        silent = d.silent_ranks()
+        if not silent:
+            raise
+        raise TrainingError(
+            f"rank {d.rank}: rank(s) {', '.join(map(str, silent))} stopped answering (no reply within "
+            f"dist_timeout_s={config.dist_timeout_s}s: frozen, or lost with their node); the run ends. "
+            f"Cause: {str(e).splitlines()[0]}"
+        ) from e
+    finally:
+        if d.owns_group:
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, d: Dist) -> dict:
+    """The run itself, on the ranks of `d`: see `train`."""
     out = Path(config.out)
     log_lines: list[str] = []
 
@@ -374,9 +624,7 @@ def train(config: TrainConfig) -> dict:
         )
     if not config.data:
         raise TrainingError("--data is required: a directory with train.json and validation.json")
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    resume_from = d.from_main(lambda: prepare_out(config, out, log))
 
     # Model, tokenizer, LoRA. The same seed on every rank gives every rank the same LoRA initialisation.
     torch.manual_seed(config.seed)
@@ -415,13 +663,10 @@ def train(config: TrainConfig) -> dict:
     warmup = math.ceil(config.warmup_ratio * total_steps)
 
     # Resume: LoRA weights go in before sharding; optimizer, scheduler and RNG after.
-    checkpoint = latest_checkpoint(out) if config.resume else None
+    checkpoint = out / "checkpoints" / resume_from if resume_from else None
     trainer_state = None
-    if config.resume and checkpoint is None:
-        log(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from scratch")
     if checkpoint is not None:
-        trainer_state = torch.load(checkpoint / "trainer.pt", weights_only=False)
-        saved = lora.read_adapter_weights(checkpoint / "adapter")
+        trainer_state, optim_tensors, saved = read_checkpoint(checkpoint)
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         wrong = sorted(set(saved) ^ set(params)) + [n for n in saved if n in params and saved[n].shape != params[n].shape]
         if wrong or len(trainer_state["rng"]) != d.world:
@@ -448,9 +693,10 @@ def train(config: TrainConfig) -> dict:
 
     step, best_val, best_step, tokens_seen = 0, math.inf, None, 0
     if trainer_state is not None:
-        load_optimizer_state(trainable, optimizer, trainer_state["optimizer"])
+        load_optimizer_state(trainable, optimizer, optim_tensors, trainer_state["param_groups"])
         scheduler.load_state_dict(trainer_state["scheduler"])
-        step, best_val, best_step = trainer_state["step"], trainer_state["best_val"], trainer_state["best_step"]
+        step, best_step = trainer_state["step"], trainer_state["best_step"]
+        best_val = math.inf if trainer_state["best_val"] is None else trainer_state["best_val"]
         tokens_seen = trainer_state["tokens_seen"]
         set_rng_state(trainer_state["rng"][d.rank])
 
@@ -501,10 +747,10 @@ def train(config: TrainConfig) -> dict:
     def write_log(record: dict) -> None:
         if d.main:
             with open(log_file, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(to_json(record) + "\n")
 
-    previous_handler = signal.signal(signal.SIGTERM, _Stop.handler)
-    _Stop.requested = False
+    previous_handlers = {s: signal.signal(s, _Stop.handler) for s in STOP_SIGNALS}
+    _Stop.received = None
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=not d.main, desc="train", unit="step", dynamic_ncols=True)
     start_time, start_tokens, stopped_by = time.perf_counter(), tokens_seen, None
@@ -532,7 +778,7 @@ def train(config: TrainConfig) -> dict:
             (step_loss,) = d.sum(step_loss)
             step_loss /= max(step_tokens, 1.0)
             if not math.isfinite(step_loss):
-                last = latest_checkpoint(out)
+                last, _ = latest_checkpoint(out)  # read in full, its adapter and optimizer state finite
                 raise TrainingError(
                     f"non-finite training loss ({step_loss}) at step {step + 1} (epoch {epoch + 1}); the optimizer "
                     f"step was skipped. Last good checkpoint: {last or 'none yet'}"
@@ -559,19 +805,20 @@ def train(config: TrainConfig) -> dict:
             epoch_end = step % steps_per_epoch == 0 or step == total_steps
             if (config.eval_every and step % config.eval_every == 0) or (not config.eval_every and epoch_end):
                 evaluate_and_keep_best(epoch + 1)
-            (stop,) = d.sum(float(_Stop.requested))
+            (stop,) = d.sum(float(_Stop.received is not None))
             if stop:
-                stopped_by = "SIGTERM"
+                stopped_by = _Stop.received or "a signal to another rank"
             if stop or epoch_end or (config.checkpoint_every and step % config.checkpoint_every == 0):
                 save_checkpoint(
                     out, step, trainable, optimizer, scheduler, d, run_state(), model_dir, model, config.keep_checkpoints
                 )
             if stopped_by:
-                log(f"SIGTERM: checkpoint saved at step {step}; resume with --resume")
+                log(f"{stopped_by}: checkpoint saved at step {step}; resume with --resume")
                 break
     finally:
         bar.close()
-        signal.signal(signal.SIGTERM, previous_handler)
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
 
     weights = lora_weights(trainable)
     if d.main and not stopped_by:
@@ -595,7 +842,7 @@ def train(config: TrainConfig) -> dict:
         "best_adapter": str(out / "best_adapter"),
     }
     if d.main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out / "summary.json").write_text(to_json(summary, indent=2))
         log(
             f"done: {step}/{total_steps} steps in {elapsed:.0f}s ({summary['tokens_per_s']:.0f} tokens/s), "
             f"final train loss {last_loss:.4f}, best validation loss {best_val:.4f} at step {best_step}"
@@ -627,9 +874,6 @@ def main(argv: list[str] | None = None) -> None:
     except TrainingError as e:
         print(f"ecellm.train: error: {e}", file=sys.stderr)
         sys.exit(1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
-"""The training loop: FSDP2 over 2 CPU ranks equals one process, exact resume after SIGTERM, atomic checkpoints,
-non-finite loss handling, and a loss that falls on a learnable task."""
+"""The training loop: FSDP2 over 2 CPU ranks (and 2 nodes) equals one process, exact resume after SIGTERM, SIGINT or
+kill -9, atomic checkpoints that are never unpickled, resume rules, `--out` reuse, hangs, non-finite loss handling,
+and a loss that falls on a learnable task."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ecellm import train as train_mod
 from ecellm.synthetic import write_dataset
-from ecellm.train import TrainConfig, TrainingError, latest_checkpoint, train
+from ecellm.train import TrainConfig, TrainingError, latest_checkpoint, prune_checkpoints, read_checkpoint, train
 
 from .tiny_checkpoint import make_tiny_checkpoint
 
@@ -44,17 +47,39 @@ def config(setup, out, **overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, which are not JSON."""
+    return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON output"))
+
+
+def log_records(out: Path, kind: str = "step") -> list[dict]:
+    return [r for r in map(strict_json, (out / "log.jsonl").read_text().splitlines()) if r["type"] == kind]
+
+
 def step_losses(out: Path) -> list[float]:
-    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-    return [x["loss"] for x in lines if x["type"] == "step"]
+    return [r["loss"] for r in log_records(out)]
+
+
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory) -> Path:
+    """One uninterrupted run with the default test config (12 steps, checkpoints every 2, the last two kept); tests
+    copy it before changing anything."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert train(config(setup, out))["steps"] == 12
+    return out
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to)
+    return to
 
 
 def adapter(out: Path, name: str = "adapter") -> dict[str, torch.Tensor]:
     return load_file(out / name / "adapter_model.safetensors")
 
 
-def launch(cfg: TrainConfig, nproc: int | None) -> subprocess.Popen:
-    """`torchrun --nproc_per_node=nproc -m ecellm.train ...`, or plain `python -m ecellm.train ...` for None."""
+def cli_args(cfg: TrainConfig) -> list[str]:
+    """The command-line flags of `cfg`."""
     args = []
     for key, value in vars(cfg).items():
         flag = "--" + key.replace("_", "-")
@@ -62,6 +87,12 @@ def launch(cfg: TrainConfig, nproc: int | None) -> subprocess.Popen:
             args.append(flag if value else "--no-" + key.replace("_", "-"))
         else:
             args += [flag, str(value)]
+    return args
+
+
+def launch(cfg: TrainConfig, nproc: int | None) -> subprocess.Popen:
+    """`torchrun --nproc_per_node=nproc -m ecellm.train ...`, or plain `python -m ecellm.train ...` for None."""
+    args = cli_args(cfg)
     launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = [sys.executable, *launcher, "-m", "ecellm.train", *args]
     # One thread per rank under torchrun (2 cores); a plain run keeps this process's thread count, so its float
@@ -70,25 +101,37 @@ def launch(cfg: TrainConfig, nproc: int | None) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def wait_for_steps(out: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until the run in `out` has logged `n` steps."""
+    log, deadline = out / "log.jsonl", time.time() + timeout
+    while not (log.is_file() and log.read_text().count('"type": "step"') >= n):
+        assert time.time() < deadline and proc.poll() is None, "the run did not reach step %d" % n
+        time.sleep(0.05)
+
+
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     output, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, output
     return output
 
 
-def test_two_fsdp_ranks_equal_one_process(setup, tmp_path):
-    single = train(config(setup, tmp_path / "one"))
-    finish(launch(config(setup, tmp_path / "two"), nproc=2))
-    one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
-    assert len(one) == len(two) == single["total_steps"] == 12  # 48 records / 8 per step x 2 epochs
-    assert one == pytest.approx(two, rel=1e-5)
-    a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+def assert_same_run(one: Path, two: Path) -> None:
+    """Two runs of the same global batch on different numbers of processes made the same updates."""
+    a_losses, b_losses = step_losses(one), step_losses(two)
+    assert len(a_losses) == len(b_losses) == 12  # 48 records / 8 per step x 2 epochs
+    assert a_losses == pytest.approx(b_losses, rel=1e-5)
+    a, b = adapter(one), adapter(two)
     assert a.keys() == b.keys() and len(a) > 0
     for key in a:
         # Summation order differs between 1 and 2 processes; Adam's m / sqrt(v) magnifies that rounding in elements
         # whose gradient is near zero, to ~1e-6. A wrongly weighted loss moves elements by ~lr (5e-3) per step.
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=2e-5)
     assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)  # it did train
+
+
+def test_two_fsdp_ranks_equal_one_process(setup, reference, tmp_path):
+    finish(launch(config(setup, tmp_path / "two"), nproc=2))
+    assert_same_run(reference, tmp_path / "two")
 
 
 def test_t5_two_fsdp_ranks_equal_one_process(tmp_path):
@@ -106,11 +149,33 @@ def test_t5_two_fsdp_ranks_equal_one_process(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=2e-5)
 
 
-def test_resume_refuses_a_checkpoint_of_other_lora_settings(setup, tmp_path):
-    out = tmp_path / "run"
-    train(config(setup, out, epochs=1, checkpoint_every=2))
-    with pytest.raises(TrainingError, match="does not fit this run"):
-        train(config(setup, out, epochs=1, lora_r=4, resume=True))
+def test_resume_refuses_other_settings_by_name(setup, reference, tmp_path):
+    out = copy_run(reference, tmp_path / "run")
+    saved = (out / "config.json").read_text()
+    with pytest.raises(TrainingError, match=r"differing: lora_r: 16 -> 4; lr: 0.005 -> 0.5; max_len: 512 -> 300; "
+                       r"seed: 3 -> 99\. Resume with the saved values"):
+        train(config(setup, out, lr=0.5, seed=99, max_len=300, lora_r=4, resume=True))
+    assert (out / "config.json").read_text() == saved  # it records what the run used
+    # A field the saved config lacks (one added after the run started) counts as a difference too.
+    older = json.loads(saved)
+    del older["grad_clip"]
+    (out / "config.json").write_text(json.dumps(older))
+    with pytest.raises(TrainingError, match=r"differing: grad_clip: '<absent>' -> 1.0\."):
+        train(config(setup, out, resume=True))
+    # Where and how often it writes may change.
+    (out / "config.json").write_text(saved)
+    summary = train(config(setup, out, resume=True, checkpoint_every=5, keep_checkpoints=3, eval_every=4))
+    assert summary["steps"] == 12 and step_losses(out) == step_losses(reference)
+
+
+def test_resume_refuses_a_checkpoint_of_another_world_size(setup, reference, tmp_path):
+    out = copy_run(reference, tmp_path / "run")
+    for step in (10, 12):
+        trainer_file = out / "checkpoints" / f"step_{step:08d}" / "trainer.json"
+        state = json.loads(trainer_file.read_text())
+        trainer_file.write_text(json.dumps({**state, "rng": state["rng"] * 2}))  # as 2 ranks write it
+    with pytest.raises(TrainingError, match=r"step_00000012 does not fit this run .* 2 ranks, this run has 1"):
+        train(config(setup, out, resume=True))
 
 
 def test_all_records_too_long_is_explained(setup, tmp_path):
@@ -118,48 +183,59 @@ def test_all_records_too_long_is_explained(setup, tmp_path):
         train(config(setup, tmp_path, max_len=8))
 
 
-def test_sigterm_then_resume_equals_uninterrupted(setup, tmp_path):
-    reference = train(config(setup, tmp_path / "ref", checkpoint_every=100))
-    cfg = config(setup, tmp_path / "run", checkpoint_every=100)
-    proc = launch(cfg, nproc=None)
-    log = tmp_path / "run" / "log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.is_file() and len(step_losses(tmp_path / "run")) >= 2):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    output = finish(proc)  # exit status 0: a clean stop
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    stopped_at = summary["steps"]
-    assert summary["stopped_by"] == "SIGTERM" and stopped_at < reference["total_steps"], output
-    assert latest_checkpoint(tmp_path / "run").name == f"step_{stopped_at:08d}"
-
-    resumed = train(config(setup, tmp_path / "run", checkpoint_every=100, resume=True))
-    assert resumed["steps"] == reference["total_steps"]
-    assert step_losses(tmp_path / "run") == pytest.approx(step_losses(tmp_path / "ref"), rel=1e-6)
-    a, b = adapter(tmp_path / "ref"), adapter(tmp_path / "run")
+def assert_resumed_exactly(run: Path, reference: Path) -> None:
+    """The resumed run logged each step once, with the losses of the uninterrupted one, and ends on its adapter."""
+    assert [r["step"] for r in log_records(run)] == list(range(1, 13))
+    assert step_losses(run) == pytest.approx(step_losses(reference), rel=1e-6)
+    a, b = adapter(reference), adapter(run)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)  # exact
 
 
-def test_interrupted_checkpoint_write_leaves_previous_usable(setup, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
+def test_interrupt_then_resume_equals_uninterrupted(setup, reference, tmp_path, sig):
+    """SIGTERM and Ctrl-C (SIGINT) save a checkpoint and exit cleanly; after kill -9 the run resumes from its last
+    checkpoint and drops the log lines past it. Either way the resumed run ends exactly as an uninterrupted one."""
     out = tmp_path / "run"
-    train(config(setup, out, epochs=1, checkpoint_every=2))
-    previous = latest_checkpoint(out)
-    assert previous is not None
+    proc = launch(config(setup, out, checkpoint_every=3), nproc=None)
+    wait_for_steps(out, 2, proc)
+    proc.send_signal(sig)
+    if sig == signal.SIGKILL:
+        proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        output = finish(proc)  # exit status 0: a clean stop
+        summary = strict_json((out / "summary.json").read_text())  # no Infinity for a best loss not yet measured
+        stopped_at = summary["steps"]
+        assert summary["stopped_by"] == sig.name and stopped_at < 12 and summary["best_val_loss"] is None, output
+        assert latest_checkpoint(out)[0].name == f"step_{stopped_at:08d}"
+    resumed = train(config(setup, out, checkpoint_every=3, resume=True))
+    assert resumed["steps"] == 12
+    assert_resumed_exactly(out, reference)
 
-    def crash(obj, path, *a, **k):  # the adapter is written, then the trainer state write dies
-        Path(path).write_bytes(b"partial")
-        raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(train_mod.torch, "save", crash)
+def test_interrupted_checkpoint_write_leaves_previous_usable(setup, reference, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real, writes = train_mod.save_file, []
+
+    def crash_third(tensors, path, *a, **k):  # the third checkpoint's adapter is written, then its trainer state dies
+        writes.append(path)
+        if len(writes) == 3:
+            Path(path).write_bytes(b"partial")
+            raise KeyboardInterrupt("killed mid-write")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(train_mod, "save_file", crash_third)
     with pytest.raises(KeyboardInterrupt):
-        train(config(setup, out, epochs=2, checkpoint_every=2, resume=True))
+        train(config(setup, out))
     monkeypatch.undo()
-    assert latest_checkpoint(out) == previous
-    state = torch.load(previous / "trainer.pt", weights_only=False)
-    assert state["step"] == int(previous.name.split("_")[1])
+    previous, damaged = latest_checkpoint(out)
+    assert previous.name == "step_00000004" and damaged == []
+    state, _, _ = read_checkpoint(previous)
+    assert state["step"] == 4
     # and a resume from it runs to the end
-    assert train(config(setup, out, epochs=2, checkpoint_every=2, resume=True))["steps"] == 12
+    assert train(config(setup, out, resume=True))["steps"] == 12
+    assert_resumed_exactly(out, reference)
 
 
 def test_non_finite_loss_stops_with_the_step(setup, tmp_path, monkeypatch):
@@ -204,8 +280,8 @@ def test_bf16_run_keeps_lora_and_optimizer_state_fp32(setup, tmp_path):
     summary = train(config(setup, out, dtype="bf16", epochs=2, lr=1e-2, global_batch=8, micro_batch=4))
     losses = step_losses(out)
     assert all(map(lambda x: x == x, losses)) and losses[-1] < losses[0]
-    state = torch.load(latest_checkpoint(out) / "trainer.pt", weights_only=False)
-    moments = [v["exp_avg"] for v in state["optimizer"]["state"].values()]
+    _, optimizer_tensors, _ = read_checkpoint(latest_checkpoint(out)[0])
+    moments = [t for key, t in optimizer_tensors.items() if key.endswith("/exp_avg")]
     assert moments and all(m.dtype == torch.float32 for m in moments)
     assert all(t.dtype == torch.float32 for t in adapter(out).values())
     assert summary["steps"] == 12
@@ -223,3 +299,222 @@ def test_tokenizer_larger_than_the_embedding_is_refused(setup, tmp_path):
     save_file({k: v[:300] if v.shape[0] == 384 else v for k, v in weights.items()}, model / "model.safetensors")
     with pytest.raises(ValueError, match=r"the tokenizer .* has 384 ids but the model .*model embeds only 300"):
         train(config((model, setup[1]), tmp_path / "run"))
+
+
+class _Payload:
+    """Pickles to a call that writes a file: what a tampered checkpoint would run if it were unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def test_resume_never_unpickles_a_checkpoint(setup, reference, tmp_path):
+    out = copy_run(reference, tmp_path / "run")
+    newest = out / "checkpoints" / "step_00000012"
+    marker = tmp_path / "payload_ran"
+    for name in ("trainer.pt", "trainer.safetensors", "trainer.json"):  # the pickle format, and pickles in disguise
+        torch.save({"step": _Payload(marker)}, newest / name)
+    (newest / "adapter" / "adapter_model.safetensors").write_bytes((newest / "trainer.pt").read_bytes())
+    assert not latest_checkpoint(out)[0] == newest
+    train(config(setup, out, resume=True))  # resumes from step 10
+    assert not marker.exists()
+    assert_resumed_exactly(out, reference)
+    # A checkpoint of the old pickle format alone is reported, never loaded.
+    for name in ("trainer.json", "trainer.safetensors"):
+        (newest / name).unlink()
+    torch.save({"step": _Payload(marker)}, newest / "trainer.pt")
+    _, damaged = latest_checkpoint(out)
+    old_format = "its trainer.pt, the pickle format of older versions, is never loaded"
+    assert damaged == [f"{newest}: missing trainer.json ({old_format})"]
+    assert not marker.exists()
+
+
+def test_reused_out_is_refused_unless_resume_or_overwrite(setup, reference, tmp_path):
+    out = copy_run(reference, tmp_path / "run")
+    held = r"run already holds a run \(adapter, best_adapter, checkpoints, log.jsonl, summary.json\)"
+    with pytest.raises(TrainingError, match=held + ": pass --resume to continue it, --overwrite to delete it"):
+        train(config(setup, out, seed=4))
+    with pytest.raises(TrainingError, match="--resume continues the run in --out and --overwrite deletes it"):
+        train(config(setup, out, resume=True, overwrite=True))
+    summary = train(config(setup, out, seed=4, epochs=1, overwrite=True))
+    assert summary["steps"] == 6 and [r["step"] for r in log_records(out)] == list(range(1, 7))  # none of the old run
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_00000004", "step_00000006"]
+    assert json.loads((out / "config.json").read_text())["seed"] == 4
+    # --overwrite deletes only an ecellm run.
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "thesis.tex").write_text("keep me")
+    with pytest.raises(
+        TrainingError, match=r"holds \['thesis.tex'\] but no config.json \(no ecellm run\): not deleted"
+    ):
+        train(config(setup, other, overwrite=True))
+    assert (other / "thesis.tex").read_text() == "keep me"
+    # A start that failed before training (here: no data) leaves only config.json, which the next start replaces.
+    with pytest.raises(FileNotFoundError, match="no train.json"):
+        train(config(setup, tmp_path / "fresh", data=str(tmp_path / "nowhere")))
+    assert train(config(setup, tmp_path / "fresh", epochs=1))["steps"] == 6
+
+
+def test_reused_out_is_refused_on_every_rank(setup, reference, tmp_path):
+    """Rank 0 decides about --out and tells the others: every rank ends with the error, none waits for a timeout."""
+    out = copy_run(reference, tmp_path / "run")
+    proc = launch(config(setup, out), nproc=2)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "ecellm.train: error: rank 0 failed: TrainingError: " in output, output  # rank 1's line
+    assert output.count("already holds a run") == 2, output
+
+
+def test_pruning_orders_checkpoints_by_step_number(tmp_path):
+    for step in (5, 99_999_999, 100_000_000, 100_000_001):
+        (tmp_path / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+    prune_checkpoints(tmp_path, 100_000_000, keep=2)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    # step 100000001 is newer than the step just saved (left after a resume skipped it): not counted, not deleted
+    assert kept == ["step_100000000", "step_100000001", "step_99999999"]
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "non-finite", "adapter config"])
+def test_resume_skips_a_damaged_newest_checkpoint(setup, reference, tmp_path, capsys, damage):
+    out = copy_run(reference, tmp_path / "run")
+    newest = out / "checkpoints" / "step_00000012"
+    if damage == "missing":
+        (newest / "trainer.json").unlink()
+    elif damage == "truncated":
+        data = (newest / "trainer.safetensors").read_bytes()
+        (newest / "trainer.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "adapter config":
+        (newest / "adapter" / "adapter_config.json").write_text('{"r": 1')  # cut short
+    else:
+        weights = load_file(newest / "adapter" / "adapter_model.safetensors")
+        next(iter(weights.values()))[0, 0] = float("inf")
+        save_file(weights, newest / "adapter" / "adapter_model.safetensors")
+    train(config(setup, out, resume=True))
+    log = capsys.readouterr().err
+    reason = {
+        "missing": "missing trainer.json", "truncated": "trainer.safetensors is unreadable",
+        "non-finite": "adapter/adapter_model.safetensors is refused (tensor",
+        "adapter config": "adapter/adapter_config.json is unreadable",
+    }
+    assert f"skipping a newer checkpoint, {newest}: " in log and reason[damage] in log, log
+    assert f"resuming from {out / 'checkpoints' / 'step_00000010'} (step 10)" in log
+    assert_resumed_exactly(out, reference)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000010", "step_00000012"]
+
+
+def test_resume_without_a_readable_checkpoint_names_the_damage(setup, reference, tmp_path):
+    out = copy_run(reference, tmp_path / "run")
+    for step in (10, 12):
+        (out / "checkpoints" / f"step_{step:08d}" / "trainer.json").write_text('{"step": ')
+    unreadable = r"trainer.json is unreadable \(JSONDecodeError"
+    both = rf"step_00000012: {unreadable}.*; .*step_00000010: {unreadable}"
+    with pytest.raises(TrainingError, match="no readable checkpoint in .*" + both):
+        train(config(setup, out, resume=True))
+    assert len(list((out / "checkpoints").iterdir())) == 2  # nothing deleted
+
+
+def test_non_finite_loss_names_a_checkpoint_with_finite_weights(setup, tmp_path, monkeypatch):
+    class BlowsUpAtStep2(torch.optim.AdamW):  # step 2's update makes the weights infinite; step 3's loss is NaN
+        def step(self, closure=None):
+            result = super().step(closure)
+            self.steps = getattr(self, "steps", 0) + 1
+            if self.steps == 2:
+                with torch.no_grad():
+                    for group in self.param_groups:
+                        for p in group["params"]:
+                            p.fill_(float("inf"))
+            return result
+
+    monkeypatch.setattr(train_mod.torch.optim, "AdamW", BlowsUpAtStep2)
+    with pytest.raises(TrainingError, match=r"at step 3 .*Last good checkpoint: \S*step_00000001$"):
+        train(config(setup, tmp_path / "run", checkpoint_every=1, eval_every=100))
+
+
+def test_train_from_code_restores_signal_handlers_and_leaves_its_process_group(setup, tmp_path, monkeypatch):
+    port = free_port()
+    for key, value in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
+        monkeypatch.setenv(key, str(value))
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    assert train(config(setup, tmp_path / "run", epochs=1, global_batch=16))["world_size"] == 1
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+    assert not torch.distributed.is_initialized()
+
+
+# --- two nodes, and ranks that stop answering (torchrun agents on 127.0.0.1) ------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_nodes(cfg: TrainConfig) -> list[subprocess.Popen]:
+    """Two torchrun agents ("nodes") of one process each, meeting by c10d rendezvous on a free loopback port."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    procs = []
+    for node in (0, 1):
+        launcher = [
+            "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}", "--local-addr=127.0.0.1", f"--rdzv-conf=is_host={int(node == 0)}",
+        ]
+        cmd = [sys.executable, *launcher, "-m", "ecellm.train", *cli_args(cfg)]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    return procs
+
+
+def workers_of(agent: subprocess.Popen) -> list[int]:
+    """The pids of the training processes a torchrun agent started (each in a session of its own)."""
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(agent.pid)], capture_output=True, text=True)
+    return [int(pid) for pid in children.stdout.split()]
+
+
+def end_node(agent: subprocess.Popen) -> str:
+    """kill -9 a node: its torchrun agent and its worker. Returns what the node printed."""
+    for pid in [*workers_of(agent), agent.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # already gone
+    return agent.communicate(timeout=60)[0]
+
+
+@pytest.mark.slow
+def test_two_nodes_equal_one_process(setup, reference, tmp_path):
+    nodes = launch_two_nodes(config(setup, tmp_path / "two"))
+    for node in nodes:
+        finish(node)
+    assert_same_run(reference, tmp_path / "two")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["node lost", "rank frozen"])
+def test_a_silent_rank_ends_the_run_naming_it(setup, tmp_path, fault):
+    """kill -9 of a whole node ends the other at once; a frozen rank (SIGSTOP) after `dist_timeout_s`: both with an
+    error naming rank 1."""
+    timeout = 6
+    out = tmp_path / "run"
+    node0, node1 = launch_two_nodes(config(setup, out, epochs=50, dist_timeout_s=timeout))
+    try:
+        wait_for_steps(out, 2, node0)
+        start = time.time()
+        if fault == "node lost":
+            end_node(node1)
+        else:
+            (worker,) = workers_of(node1)
+            os.kill(worker, signal.SIGSTOP)
+        output, _ = node0.communicate(timeout=4 * timeout + 60)
+        elapsed = time.time() - start
+    finally:
+        for node in (node0, node1):
+            if node.poll() is None:
+                end_node(node)
+    assert node0.returncode != 0
+    assert f"rank 0: rank(s) 1 stopped answering (no reply within dist_timeout_s={timeout}s" in output, output
+    # one timeout for the failed collective and one for the probe, plus torchrun's own shutdown
+    assert elapsed < 2 * timeout + 45, elapsed
