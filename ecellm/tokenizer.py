@@ -20,11 +20,12 @@ then the sentencepiece model's own ids, then the family's usual token strings (`
 `<|endoftext|>`). A model without a pad token gets `pad_id == 0`, as the eCeLLM paper does.
 """
 
-import json
 from pathlib import Path
 
 import sentencepiece as spm
 from tokenizers import Tokenizer as _HFTokenizersJSON  # the `tokenizers` Rust library, not `transformers`
+
+from .files import read_json
 
 # family -> (add BOS, add EOS) by default
 FAMILY_RULES = {"llama": (True, False), "t5": (False, True), "gpt2": (False, False)}
@@ -180,12 +181,8 @@ class Tokenizer:
 
 # --- loading ------------------------------------------------------------------------------------------------
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    """The JSON of an optional tokenizer file; {} when it is absent."""
+    return read_json(path) if path.is_file() else {}
 
 
 def _token_string(value) -> str | None:

@@ -4,7 +4,6 @@ model built on the meta device, so peak memory stays near one copy of the weight
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +11,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
+
+from ..files import read_json
 
 # Keys some checkpoints carry that hold no weights (rotary tables that are recomputed on the fly).
 # (Old T5 conversions also carry a cross-attention position bias that T5 never uses.)
@@ -53,10 +54,8 @@ def check_finite_tensor(tensor: torch.Tensor, key: str, file: str | Path) -> Non
 
 def _shard_files(index: Path) -> list[Path]:
     """The shard files a `model.safetensors.index.json` lists; a shard outside the index's folder is refused."""
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from e
+    index_json = read_json(index, CheckpointError)
+    weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
         raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
     for key, name in weight_map.items():
