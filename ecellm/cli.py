@@ -77,11 +77,11 @@ def train(argv: Sequence[str], prog: str) -> None:
     main(list(argv))
 
 
-def evaluate(argv: Sequence[str], prog: str) -> None:
-    """`ecellm eval`: `python -m ecellm.eval` with the same flags (`EvalConfig`)."""
+def evaluate(argv: Sequence[str], prog: str) -> dict:
+    """`ecellm eval`: `python -m ecellm.eval` with the same flags (`EvalConfig`); returns its evaluation."""
     from .eval import main
 
-    main(argv, prog=prog)
+    return main(argv, prog=prog)
 
 
 COMMANDS: dict[str, Callable[[Sequence[str], str], object]] = {
@@ -89,13 +89,18 @@ COMMANDS: dict[str, Callable[[Sequence[str], str], object]] = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Run `ecellm SUBCOMMAND [FLAGS]` (`sys.argv[1:]` when argv is None)."""
+def run(argv: Sequence[str] | None = None) -> object:
+    """Run `ecellm SUBCOMMAND [FLAGS]` (`sys.argv[1:]` when argv is None); returns what the subcommand returned."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)
-        return
+        return None
     if not argv or argv[0] not in COMMANDS:
         raise SystemExit(f"usage: ecellm {{{','.join(COMMANDS)}}} [FLAGS] (got {' '.join(argv[:1]) or 'nothing'}); "
                          "`ecellm SUBCOMMAND --help` lists the flags")
-    COMMANDS[argv[0]](argv[1:], f"ecellm {argv[0]}")
+    return COMMANDS[argv[0]](argv[1:], f"ecellm {argv[0]}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The console script `ecellm` (it exits with what this returns, so this returns None): `run(argv)`."""
+    run(argv)

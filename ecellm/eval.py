@@ -191,6 +191,15 @@ def load_qpr_labels(path: str | Path) -> list[list[str]]:
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------
+def _groups(records: Sequence[dict]) -> dict[tuple[str, str], list[int]]:
+    """(task name, setting) -> indices of its records, in the paper's task order, then setting order."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault((resolve_task(r["task"]), r["setting"]), []).append(i)
+    task_order = [t.name for t in TASKS]
+    return dict(sorted(groups.items(), key=lambda kv: (task_order.index(kv[0][0]), SETTINGS.index(kv[0][1]))))
+
+
 def evaluate(
     model: torch.nn.Module,
     tokenizer,
@@ -234,24 +243,19 @@ def evaluate(
          after the template's response marker in prompt + generation, stripped; for T5 the generation itself).
     """
     model.eval()  # no dropout (LoRA's included) while generating
-    groups: dict[tuple[str, str], list[int]] = {}
-    for i, r in enumerate(records):
-        groups.setdefault((resolve_task(r["task"]), r["setting"]), []).append(i)
+    groups = _groups(records)
     refs = {key: references(key[0], [records[i] for i in idx], qpr_labels) for key, idx in groups.items()}
     prompts = [build_prompt(r, template) for r in records]
     generations = generate_text(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                 temperature=temperature, top_p=top_p, seed=seed, progress=progress)
     seq2seq = model.config.model_type == "t5"
     predictions = generations if seq2seq else [parse_response(p + g, template) for p, g in zip(prompts, generations)]
-    ave_parser = "t5" if seq2seq else "json"
     results = []
-    task_order = [t.name for t in TASKS]
-    for (task, setting), idx in sorted(groups.items(), key=lambda kv: (task_order.index(kv[0][0]),
-                                                                        SETTINGS.index(kv[0][1]))):
-        if task == "Answer_Generation" and encoder is None:
+    for (task, setting), idx in groups.items():
+        if TASK_BY_NAME[task].answer == "text" and encoder is None:  # BERTScore needs an encoder
             encoder = ModelEncoder(model, tokenizer, batch_size=batch_size)
         result = score(task, [predictions[i] for i in idx], refs[task, setting], setting=setting,
-                       paper_compat=paper_compat, ave_parser=ave_parser, encoder=encoder)
+                       paper_compat=paper_compat, ave_parser="t5" if seq2seq else "json", encoder=encoder)
         results.append({"task": result.pop("task"), "setting": setting, **result})
     gens = [{"index": i, "task": r["task"], "setting": r["setting"], "prompt": prompts[i], "generation": generations[i],
              "prediction": predictions[i], "reference": r["output"]} for i, r in enumerate(records)]

@@ -85,19 +85,8 @@ def score(
     """
     info = task_info(task)
     abbr = info.abbr
-    if len(predictions) != len(references):
-        raise ValueError(f"{abbr}: {len(predictions)} predictions but {len(references)} references")
-    if not predictions:
-        raise ValueError(f"{abbr}: no predictions to score; a metric over 0 records is undefined, not 0")
-    for i, p in enumerate(predictions):
-        if not isinstance(p, str):
-            raise TypeError(f"{abbr}: prediction {i} is {type(p).__name__}, expected str")
-    if setting is not None:
-        from_setting = "OOD" in setting
-        if ood is not None and ood != from_setting:
-            raise ValueError(f"{abbr}: ood={ood} contradicts setting {setting!r}")
-        ood = from_setting
-    ood = bool(ood)
+    _check_inputs(abbr, predictions, references)
+    ood = _is_ood(abbr, setting, ood)
     if info.answer == "yes_no":
         result = score_yes_no(predictions, references, paper_compat=paper_compat)
     elif info.answer == "option":
@@ -113,6 +102,25 @@ def score(
             raise ValueError(f"{abbr}: BERTScore needs an encoder, e.g. encoder=ModelEncoder(model, tokenizer)")
         result = score_ag(predictions, references, encoder, idf=idf)
     return {"task": abbr, **result}
+
+
+def _check_inputs(abbr: str, predictions: Sequence[str], references: Sequence) -> None:
+    if len(predictions) != len(references):
+        raise ValueError(f"{abbr}: {len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        raise ValueError(f"{abbr}: no predictions to score; a metric over 0 records is undefined, not 0")
+    for i, p in enumerate(predictions):
+        if not isinstance(p, str):
+            raise TypeError(f"{abbr}: prediction {i} is {type(p).__name__}, expected str")
+
+
+def _is_ood(abbr: str, setting: str | None, ood: bool | None) -> bool:
+    """Whether the relaxed OOD rules apply: the setting's name contains "OOD", or `ood` says so."""
+    if setting is None:
+        return bool(ood)
+    if ood is not None and ood != ("OOD" in setting):
+        raise ValueError(f"{abbr}: ood={ood} contradicts setting {setting!r}")
+    return "OOD" in setting
 
 
 def _div(a: float, b: float) -> float:
