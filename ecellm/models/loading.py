@@ -104,6 +104,32 @@ def _read_tensors(file: Path):
         yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
 
 
+def _checked_tensors(file: Path, expected: dict[str, torch.Tensor], dtype: torch.dtype, device: str | torch.device,
+                     check_finite: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) of one weight file, each checked against the model's `expected` tensor, cast to `dtype`
+    (floating-point weights only) and moved to `device`; keys in IGNORED_SUFFIXES are skipped."""
+    for key, tensor in _read_tensors(file):
+        if key.endswith(IGNORED_SUFFIXES):
+            continue
+        if key not in expected:
+            raise CheckpointError(f"unexpected tensor {key!r} {tuple(tensor.shape)} in {file}: the model has no such weight")
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"tensor {key!r} in {file} has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(expected[key].shape)}"
+            )
+        if expected[key].is_floating_point():
+            if not tensor.is_floating_point():
+                raise CheckpointError(
+                    f"tensor {key!r} in {file} has dtype {tensor.dtype}, the model needs a floating-point weight"
+                )
+            tensor = tensor.to(dtype)
+        tensor = tensor.to(device)
+        if check_finite:
+            check_finite_tensor(tensor, key, file)
+        yield key, tensor
+
+
 def load_checkpoint(
     model: nn.Module,
     path: str | Path,
@@ -133,28 +159,8 @@ def load_checkpoint(
         names_of[id(t)].append(name)
         expected[name] = t
 
-    loaded: dict[str, torch.Tensor] = {}
-    for file in checkpoint_files(path, allow_pickle):
-        for key, tensor in _read_tensors(file):
-            if key.endswith(IGNORED_SUFFIXES):
-                continue
-            if key not in expected:
-                raise CheckpointError(f"unexpected tensor {key!r} {tuple(tensor.shape)} in {file}: the model has no such weight")
-            if tuple(tensor.shape) != tuple(expected[key].shape):
-                raise CheckpointError(
-                    f"tensor {key!r} in {file} has shape {tuple(tensor.shape)}, "
-                    f"the model expects {tuple(expected[key].shape)}"
-                )
-            if expected[key].is_floating_point():
-                if not tensor.is_floating_point():
-                    raise CheckpointError(
-                        f"tensor {key!r} in {file} has dtype {tensor.dtype}, the model needs a floating-point weight"
-                    )
-                tensor = tensor.to(dtype)
-            tensor = tensor.to(device)
-            if check_finite:
-                check_finite_tensor(tensor, key, file)
-            loaded[key] = tensor
+    loaded = {key: tensor for file in checkpoint_files(path, allow_pickle)
+              for key, tensor in _checked_tensors(file, expected, dtype, device, check_finite)}
 
     state = {}
     for names in names_of.values():
