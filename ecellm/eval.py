@@ -1,10 +1,11 @@
 """Evaluation: generate answers to ECInstruct test records, parse and score them per task and setting as the paper does.
 
-    python -m ecellm.eval --model DIR [--adapter DIR] --data test.json --tasks PM SA \\
-        --setting IND_Diverse_Instruction OOD_Diverse_Instruction --out results/
+    ecellm eval --model DIR [--adapter DIR] --data test.json --tasks PM SA \\
+        --setting IND_Diverse_Instruction OOD_Diverse_Instruction --out results/      (or python -m ecellm.eval)
 
 prints a table per task and setting (primary metric, secondary figures, n, n_failed) and writes `results.json`,
-`results.md` and the raw generations `generations.jsonl` to `--out`. In code: `evaluate(model, tokenizer, records)`.
+`results.md` and the raw generations `generations.jsonl` to `--out`. Every flag is a field of `EvalConfig`. In code:
+`evaluate(model, tokenizer, records)`, or `run(EvalConfig(...))` for the whole command.
 
 Settings. A record is scored under its own `setting`. A requested setting that the data file lacks is built from the
 same domain's `*_Diverse_Instruction` test records, the way the dataset's notebooks built it: `*_Single_Instruction`

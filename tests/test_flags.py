@@ -48,3 +48,11 @@ def test_dtype_names_short_and_long():
     assert parse_dtype("fp32") is parse_dtype("float32") is torch.float32
     with pytest.raises(ValueError, match="dtype 'int8': expected one of"):
         parse_dtype("int8")
+
+
+@pytest.mark.parametrize("argv", [[], ["--lora-r", "8", "--no-group-by-length", "--dtype", "fp32", "--resume"]])
+def test_train_config_flags_are_the_ones_train_builds(argv):
+    """`parse_flags(TrainConfig, ...)` is a drop-in for `ecellm.train.parse_args` (which train.py can then use)."""
+    from ecellm.train import TrainConfig, parse_args
+
+    assert parse_flags(TrainConfig, argv) == parse_args(argv)
