@@ -163,16 +163,10 @@ def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
         CheckpointError: the file is unreadable (empty, truncated) or a tensor holds NaN or Inf, naming it.
         ValueError: an integer tensor or a key that is not a LoRA weight, naming the file and key.
     """
-    file = Path(path) / ADAPTER_WEIGHTS
-    out = {}
-    for key, tensor in _read_adapter_tensors(file).items():
-        m = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+\.lora_[AB])\.weight", key)
-        if m is None and ".base_layer." in key:
-            continue  # peft's copy of a targeted lm_head's base weight: not a LoRA tensor
-        if m is None:
-            raise ValueError(f"{file}: unexpected key {key!r} (expected {PEFT_PREFIX}<module>.lora_A.weight)")
-        out[m[1]] = tensor
-    return out
+    by_module = _adapter_tensors_by_module(Path(path) / ADAPTER_WEIGHTS)
+    # "lora_A.weight" -> "<module>.lora_A"; peft's base_layer.* copy of a targeted lm_head is not a LoRA tensor
+    return {f"{module}.{kind.removesuffix('.weight')}": tensor for module, kinds in by_module.items()
+            for kind, tensor in kinds.items() if kind.startswith("lora_")}
 
 
 def _adapter_tensors_by_module(weights_file: Path) -> dict[str, dict[str, torch.Tensor]]:
