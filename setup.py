@@ -9,6 +9,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["ecellm", "ecellm.*"]),
+    entry_points={"console_scripts": ["ecellm = ecellm.cli:main"]},
     # torch is deliberately not pinned exactly: install the build that fits your machine first.
     install_requires=[
         "torch>=2.4",

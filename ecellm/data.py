@@ -32,182 +32,16 @@ import numpy as np
 import torch
 
 from .models.loss import IGNORE_INDEX  # -100: positions without loss
+from .tasks import TASK_BY_ABBR, TASK_BY_NAME, TASKS, TaskInfo, resolve_task  # noqa: F401 (also public here)
 
 
-# --- the 10 tasks -------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TaskInfo:
-    """One ECInstruct task.
-
-    Args:
-        abbr: the paper's abbreviation (AVE, PRP, ...).
-        name: the task name in the data's `task` field.
-        category: the paper's task group.
-        has_ood: whether the dataset has an OOD test split for it.
-        aliases: other spellings (the reference evaluation script's).
-        instructions: the 5 instructions of the diverse-instruction pool; the last is the seed instruction.
-        unseen_instruction: the held-out paraphrase of the `*_Unseen_Instruction` settings.
-    """
-
-    abbr: str
-    name: str
-    category: str
-    has_ood: bool
-    aliases: tuple[str, ...]
-    instructions: tuple[str, ...]
-    unseen_instruction: str
-
-    @property
-    def seed_instruction(self) -> str:
-        return self.instructions[-1]
-
-
-TASKS = (
-    TaskInfo(
-        'AVE', 'Attribute_Value_Extraction', 'Product Understanding', has_ood=True,
-        aliases=(),
-        instructions=(
-            'Extract the value of the target attribute from the given product information and output it along with the corresponding source.',
-            'Parse the product information to locate the target attribute, and then provide the extracted value of the target attribute and its source in the output, specifying None if the attribute is not present.',
-            'First, identify the target attributes from the provided list. Then, scan the product title, description, feature, and brand to extract the values associated with each target attribute. Finally, create a list of dictionaries, each containing the extracted attribute, its corresponding value, and the source where it was found.',
-            "Using the product's title, description, features, price, and brand, identify and retrieve the values associated with a specified set of target attributes. Output the extracted values along with their respective sources (e.g., title or feature) indicating where each value was found.",
-            'Given the title, description, feature, price, and brand of a product and a set of target attributes, extract the value of each target attribute from the product information. Output the extracted value and the corresponding source (e.g., title or feature) denoting where the value is extracted.',
-        ),
-        unseen_instruction='Retrieve the value associated with the target attribute from the product information and specify the source (e.g., title, description, feature, or title) where the value was found.',
-    ),
-    TaskInfo(
-        'PRP', 'Product_Relation_Prediction', 'Product Understanding', has_ood=True,
-        aliases=('Product_Relation_Predicition',),
-        instructions=(
-            'Analyze the titles of Product 1 and Product 2 to determine if they are similar, if they will be purchased or viewed together, and choose the corresponding option.',
-            'Evaluate the titles of Product 1 and Product 2, then choose the option that best describes the relation between the two products.',
-            'Evaluate the titles of Product 1 and Product 2 to assess their similarity and whether they are likely to be purchased or viewed together. Then, select the appropriate option.',
-            'Predict whether two products are similar, whether two products are likely to be purchased or viewed together based on their titles. Choose your answer from the provided options.',
-            'Given the title of two products, predict if the two products are similar, if the two products will be purchased or viewed together. Answer only from the options.',
-        ),
-        unseen_instruction='Analyze the titles of Product 1 and Product 2 and select the option that indicates the relation of the two products.',
-    ),
-    TaskInfo(
-        'PM', 'Product_Matching', 'Product Understanding', has_ood=False,
-        aliases=(),
-        instructions=(
-            'Analyze the title, description, manufacturer, and price between the two products below and generate an output of yes if the two products are the same, otherwise respond with no.',
-            'Check the details of the two products to see if they refer to the same product. Output only yes or no.',
-            'Based on the product information, predict if the two products are identical or not. Output yes if they are identical or no otherwise.',
-            'Compare the details of two given products to determine if they are identical. Output yes if they are identical or no otherwise.',
-            'Given the title, description, manufacturer, and price of two products, identify if they are the same product. Only output yes or no.',
-        ),
-        unseen_instruction='Determine whether the two products are the same by comparing their title, description, manufacturer, and price, and provide a simple yes or no answer as the output.',
-    ),
-    TaskInfo(
-        'SA', 'Sentiment_Analysis', 'User Understanding', has_ood=True,
-        aliases=(),
-        instructions=(
-            "Assess the user's sentiment in the provided review and select the appropriate sentiment option from the list as the answer.",
-            'Determine the sentiment expressed by the user in her review from the provided choices, and respond by selecting one of the available options.',
-            "Carefully assess the user's review for any strong expressions of sentiment, either positive or negative. Based on your analysis, select the most fitting sentiment option from the provided list as output.",
-            "Analyze the user's review text and determine the overall sentiment expressed, then choose the corresponding sentiment option from the provided list (A: very positive, B: positive, C: neutral, D: negative, E: very negative) based on the identified sentiment.",
-            "Given the user's review, identify the user's sentiment from the listed options. Answer using one of the options.",
-        ),
-        unseen_instruction="Analyze the user's review and determine the sentiment based on the listed options.",
-    ),
-    TaskInfo(
-        'SR', 'Sequential_Recommendation', 'User Understanding', has_ood=True,
-        aliases=(),
-        instructions=(
-            "Based on the user's historical purchases, rank the items in options and predict the next product of the user's interest from the provided options.",
-            "Rank the items in options and predict the user's next purchase from the listed options by analyzing her historical purchases.",
-            "The user's purchase history implies her preferences. Rank the items in the options based on the user's preferences. Output the item that the user is most likely to purchase next from the options.",
-            "Rank items in listed options based on the user's purchase history to determine the item that the user is most likely to purchase next. Output the item with the highest likelihood of being the next purchase.",
-            'Given the products the user has purchased in history, rank the items in the listed options and output the item that the user is most likely to purchase next. Answer from one of the options.',
-        ),
-        unseen_instruction="Estimate the user's intent based on the user's purchase history, and predict the next product that the user is most likely to purchase from the given options.",
-    ),
-    TaskInfo(
-        'MPC', 'Multiclass_Product_Classification', 'Query Product Matching', has_ood=False,
-        aliases=(),
-        instructions=(
-            'Analyze the query and product title to determine the relevance between the query and product, and select the appropriate option from the provided options.',
-            'Evaluate the relevance between the query and product title, and choose the most accurate option from the given options.',
-            'Analyze the query and product title to assess the level of relevance between them, and then output the corresponding option that best describes this relevance.',
-            'Determine the relevance between the query and the product title provided, and select your response from one of the available options.',
-            'What is the relevance between the query and the product title below? Answer from one of the options.',
-        ),
-        unseen_instruction='Compare the query and the product title to determine if the product fully meets the query specifications. Choose the option that best describes the relevance between them.',
-    ),
-    TaskInfo(
-        'PSI', 'Product_Substitute_Identification', 'Query Product Matching', has_ood=False,
-        aliases=('Product_Substitue_Identification',),
-        instructions=(
-            'Answer yes if the product is a substitute for the query and no otherwise.',
-            'Please respond with yes if the product is a suitable substitute for the query, and no if it is not.',
-            "Check if a product can function as a substitute for a given query, even if it doesn't fully meet all requirements. Output yes if it can or no otherwise.",
-            'Assess the relevance of a product to a given query by determining if it can function as a substitute, despite not fully meeting certain aspects of the query. Provide a binary output of yes or no based on this evaluation.',
-            'Given a query and a product, identify if the product is somewhat relevant to the query. It fails to fulfill some aspects of the query but the product can be used as a functional substitute. Only output yes or no.',
-        ),
-        unseen_instruction='Assess whether the product is a substitute for the query and provide a yes or no response.',
-    ),
-    TaskInfo(
-        'QPR', 'Query_Product_Rank', 'Query Product Matching', has_ood=False,
-        aliases=('Query_Product_Ranking',),
-        instructions=(
-            'Evaluate each product title in the given list, assess its relevance to the given query, and then arrange the products in descending order of relevance, with the most relevant product at the top of the ranked list.',
-            'Rank the products A, B, C, ... based on their relevance to the provided query, and produce a ranked list with the most relevant product positioned at the top of the list.',
-            'Analyze the query and each product title. Sort the products in descending order based on their relevance to the query. The most relevant product should be at the top of the list, and output the ranked list.',
-            'Evaluate the relevance of each product title in the input to the given query, and then sort the products in descending order of relevance, placing the most relevant product at the top of the ranked list.',
-            'Given a query and a list of products denoted as A, B, C, ... with their titles, rank the products according to their relevance to the query. Output only a ranked list in which the most relevant product is at the top of the list.',
-        ),
-        unseen_instruction="Evaluate the query against each product's title, determine the relevance between the query and the product, and organize the products in descending order of relevance, ensuring that the product with the highest relevance is positioned at the top of the list.",
-    ),
-    TaskInfo(
-        'AP', 'Answerability_Prediction', 'Product Question Answering', has_ood=True,
-        aliases=(),
-        instructions=(
-            'Evaluate the answerability of a question by analyzing the related document, outputting yes if the document contains information addressing the question, and no otherwise.',
-            'Analyze a question and its supporting document. Predicting answerability based on the information provided in the document. Output yes if the document contains relevant information to answer the question, otherwise output no.',
-            'Given a question and its related document, determine if the question is answerable by analyzing the information in the document. Output yes if the document addresses the question, or no otherwise.',
-            'Output yes if the supporting document can answer the given question. Otherwise, output no.',
-            'Given a question and the related document, predict if the question is answerable based on the information provided in the document. Output only yes or no.',
-        ),
-        unseen_instruction='Predict whether it is possible to answer the given question using the supporting document, and output a yes or no response.',
-    ),
-    TaskInfo(
-        'AG', 'Answer_Generation', 'Product Question Answering', has_ood=True,
-        aliases=(),
-        instructions=(
-            'Generate an answer to the question by utilizing the information contained in the document.',
-            'Extract information from the supporting document to answer the given question.',
-            'Answer the given question using the supporting document.',
-            'Answer the given question by extracting information from the supporting document.',
-            'Given a question and the related document, and generate the answer to the question based on the information provided in the document.',
-        ),
-        unseen_instruction='Utilize the information provided in the supporting document to generate an answer to the given question.',
-    ),
-)
-TASK_BY_ABBR = {t.abbr: t for t in TASKS}
-TASK_BY_NAME = {t.name: t for t in TASKS}
-_TASK_LOOKUP = {key.lower().replace(" ", "_"): t.name
-                for t in TASKS for key in (t.abbr, t.name, *t.aliases)}
+# --- settings and splits (the tasks are in ecellm.tasks) ------------------------------------------------
 SETTINGS = (
     "IND_Diverse_Instruction", "OOD_Diverse_Instruction", "IND_Single_Instruction", "OOD_Single_Instruction",
     "IND_Unseen_Instruction", "OOD_Unseen_Instruction", "IND_Diverse_Instruction_1-shot",
     "OOD_Diverse_Instruction_1-shot",
 )
 SPLITS = ("train", "val", "test")
-
-
-def resolve_task(name: str) -> str:
-    """The task name used in the data for a full name, an abbreviation or a reference-code spelling.
-
-    Case and spaces are ignored: "SR", "sr", "Sequential Recommendation" and "Sequential_Recommendation" all give
-    "Sequential_Recommendation"; "Product_Substitue_Identification" gives "Product_Substitute_Identification".
-    Raises ValueError for an unknown name.
-    """
-    try:
-        return _TASK_LOOKUP[name.lower().replace(" ", "_")]
-    except (KeyError, AttributeError):
-        raise ValueError(f"unknown task {name!r}; expected one of {[t.abbr for t in TASKS]} "
-                         f"or their full names {[t.name for t in TASKS]}") from None
 
 
 # --- prompt templates ---------------------------------------------------------------------------------------
@@ -301,7 +135,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")  # a lone surrogate: json.loads accep
 
 
 def _check_record(rec) -> tuple[str | None, str, str] | None:
-    """(field, reason, message) for a bad record, None for a good one. Canonicalizes rec["task"] in place.
+    """(field, reason, message) for a bad record, None for a good one; `rec` is only read.
 
     The reason is what `Records.skipped` counts: "missing field 'x'", "mistyped field 'x'", "invalid text in field
     'x'" (a lone surrogate), "unknown task", "unknown setting", "unknown split", "not a JSON object"."""
@@ -323,14 +157,14 @@ def _check_record(rec) -> tuple[str | None, str, str] | None:
             return (field, f"invalid text in field {field!r}",
                     f"holds a lone surrogate {surrogate[0].encode('unicode_escape').decode()} at character "
                     f"{surrogate.start()}, which is not valid Unicode (a JSON escape such as \\ud800 without its pair)")
-    task = _TASK_LOOKUP.get(rec["task"].lower().replace(" ", "_"))
-    if task is None:
+    try:
+        resolve_task(rec["task"])
+    except ValueError:
         return "task", "unknown task", f"unknown task {rec['task']!r}"
     if rec["setting"] not in SETTINGS:
         return "setting", "unknown setting", f"unknown setting {rec['setting']!r}"
     if rec["split"] not in SPLITS:
         return "split", "unknown split", f"unknown split {rec['split']!r}"
-    rec["task"] = task
     return None
 
 
@@ -444,6 +278,7 @@ def load_records(paths, *, split=None, setting=None, tasks=None, skip_bad: bool 
                     raise RecordError(file, index, field, problem)
                 skipped[reason] += 1
                 continue
+            rec["task"] = resolve_task(rec["task"])  # the canonical name (the record was just parsed: ours to change)
             if ((splits is not None and rec["split"] not in splits)
                     or (settings is not None and rec["setting"] not in settings)
                     or (task_names is not None and rec["task"] not in task_names)):

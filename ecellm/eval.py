@@ -1,10 +1,11 @@
 """Evaluation: generate answers to ECInstruct test records, parse and score them per task and setting as the paper does.
 
-    python -m ecellm.eval --model DIR [--adapter DIR] --data test.json --tasks PM SA \\
-        --setting IND_Diverse_Instruction OOD_Diverse_Instruction --out results/
+    ecellm eval --model DIR [--adapter DIR] --data test.json --tasks PM SA \\
+        --setting IND_Diverse_Instruction OOD_Diverse_Instruction --out results/      (or python -m ecellm.eval)
 
 prints a table per task and setting (primary metric, secondary figures, n, n_failed) and writes `results.json`,
-`results.md` and the raw generations `generations.jsonl` to `--out`. In code: `evaluate(model, tokenizer, records)`.
+`results.md` and the raw generations `generations.jsonl` to `--out`. Every flag is a field of `EvalConfig`. In code:
+`evaluate(model, tokenizer, records)`, or `run(EvalConfig(...))` for the whole command.
 
 Settings. A record is scored under its own `setting`. A requested setting that the data file lacks is built from the
 same domain's `*_Diverse_Instruction` test records, the way the dataset's notebooks built it: `*_Single_Instruction`
@@ -26,17 +27,23 @@ Answers, as the reference: the text after the template's response marker in prom
 (`ecellm.data.parse_response`, utils/prompter.py line 47-48); for T5 the raw continuation (inference_T5.py line 118).
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ecellm.data import SETTINGS, TASK_BY_NAME, TASKS, format_prompt, load_records, parse_response, resolve_task
-from ecellm.generate import generate_text
-from ecellm.metrics import ModelEncoder, score
+from .data import SETTINGS, format_prompt, load_records, parse_response
+from .files import read_json, write_json
+from .flags import DTYPE_ALIASES, DTYPES, parse_dtype, parse_flags, positive_int
+from .generate import generate_text
+from .metrics import ModelEncoder, score
+from .tasks import TASK_BY_NAME, TASKS, resolve_task
 
 PAPER_SAMPLING = {"temperature": 0.15, "top_p": 0.95}
 ONE_SHOT = "_1-shot"
@@ -175,10 +182,7 @@ def load_qpr_labels(path: str | Path) -> list[list[str]]:
     Args:
         path: the JSON file, a list of lists of "E" / "S" / "C" / "I".
     """
-    try:
-        labels = json.loads(Path(path).read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    labels = read_json(path)
     if not isinstance(labels, list):
         raise ValueError(f"{path}: expected a JSON list of label lists, got {type(labels).__name__}")
     for i, entry in enumerate(labels):
@@ -188,6 +192,15 @@ def load_qpr_labels(path: str | Path) -> list[list[str]]:
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------
+def _groups(records: Sequence[dict]) -> dict[tuple[str, str], list[int]]:
+    """(task name, setting) -> indices of its records, in the paper's task order, then setting order."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault((resolve_task(r["task"]), r["setting"]), []).append(i)
+    task_order = [t.name for t in TASKS]
+    return dict(sorted(groups.items(), key=lambda kv: (task_order.index(kv[0][0]), SETTINGS.index(kv[0][1]))))
+
+
 def evaluate(
     model: torch.nn.Module,
     tokenizer,
@@ -231,24 +244,19 @@ def evaluate(
          after the template's response marker in prompt + generation, stripped; for T5 the generation itself).
     """
     model.eval()  # no dropout (LoRA's included) while generating
-    groups: dict[tuple[str, str], list[int]] = {}
-    for i, r in enumerate(records):
-        groups.setdefault((resolve_task(r["task"]), r["setting"]), []).append(i)
+    groups = _groups(records)
     refs = {key: references(key[0], [records[i] for i in idx], qpr_labels) for key, idx in groups.items()}
     prompts = [build_prompt(r, template) for r in records]
     generations = generate_text(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                 temperature=temperature, top_p=top_p, seed=seed, progress=progress)
     seq2seq = model.config.model_type == "t5"
     predictions = generations if seq2seq else [parse_response(p + g, template) for p, g in zip(prompts, generations)]
-    ave_parser = "t5" if seq2seq else "json"
     results = []
-    task_order = [t.name for t in TASKS]
-    for (task, setting), idx in sorted(groups.items(), key=lambda kv: (task_order.index(kv[0][0]),
-                                                                        SETTINGS.index(kv[0][1]))):
-        if task == "Answer_Generation" and encoder is None:
+    for (task, setting), idx in groups.items():
+        if TASK_BY_NAME[task].answer == "text" and encoder is None:  # BERTScore needs an encoder
             encoder = ModelEncoder(model, tokenizer, batch_size=batch_size)
         result = score(task, [predictions[i] for i in idx], refs[task, setting], setting=setting,
-                       paper_compat=paper_compat, ave_parser=ave_parser, encoder=encoder)
+                       paper_compat=paper_compat, ave_parser="t5" if seq2seq else "json", encoder=encoder)
         results.append({"task": result.pop("task"), "setting": setting, **result})
     gens = [{"index": i, "task": r["task"], "setting": r["setting"], "prompt": prompts[i], "generation": generations[i],
              "prediction": predictions[i], "reference": r["output"]} for i, r in enumerate(records)]
@@ -289,8 +297,7 @@ def write_outputs(out_dir: str | Path, evaluation: dict, config: dict) -> dict[s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "results.md", "generations": out / "generations.jsonl"}
-    paths["json"].write_text(json.dumps({"config": config, "results": evaluation["results"]}, indent=2) + "\n",
-                             encoding="utf-8")
+    write_json(paths["json"], {"config": config, "results": evaluation["results"]})
     paths["markdown"].write_text(markdown_table(evaluation["results"]), encoding="utf-8")
     with open(paths["generations"], "w", encoding="utf-8") as f:
         f.writelines(json.dumps(g, ensure_ascii=False) + "\n" for g in evaluation["generations"])
@@ -323,17 +330,6 @@ def select_records(records: Sequence[dict], settings: Sequence[str] | None, demo
     return out
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: a positive integer."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
-
-
 def _task(name: str) -> str:
     """An argparse type: a task name or abbreviation, as the data names it."""
     try:
@@ -342,83 +338,115 @@ def _task(name: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ecellm.eval", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
-    p.add_argument("--adapter", help="LoRA adapter directory (PEFT format), merged into the model")
-    p.add_argument("--data", required=True, nargs="+", help="ECInstruct test file(s), JSON array or JSON Lines")
-    p.add_argument("--split", default="test", help="records of this split (default: test)")
-    p.add_argument("--tasks", nargs="+", type=_task, help="task names or abbreviations (default: all in the data)")
-    p.add_argument("--setting", nargs="+", choices=SETTINGS, metavar="SETTING",
-                   help=f"settings (default: those in the data); one of {', '.join(SETTINGS)}")
-    p.add_argument("--demos", nargs="+", help="training file(s) giving 1-shot demonstrations")
-    p.add_argument("--qpr-labels", help="the reference code's data_label/label.json (QPR option labels)")
-    p.add_argument("--limit", type=_positive_int, help="at most this many records per task and setting")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--template", choices=("alpaca", "mistral"), help="default: mistral for Mistral, else alpaca")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=100)
-    decoding = p.add_mutually_exclusive_group()
-    decoding.add_argument("--sample", action="store_true",
-                          help="the reference's sampling, temperature 0.15, top-p 0.95 (default with --adapter)")
-    decoding.add_argument("--greedy", action="store_true", help="greedy decoding (default without --adapter)")
-    p.add_argument("--temperature", type=float, help="sampling temperature (overrides --sample's)")
-    p.add_argument("--top-p", type=float, help="nucleus mass (overrides --sample's)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--paper-compat", action="store_true", help="score with the reference evaluation's defects")
-    p.add_argument("--bertscore-model", help="checkpoint whose embeddings score AG (default: the evaluated model)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Run the command line (see `python -m ecellm.eval --help`); returns what `evaluate` returned."""
-    from ecellm.lora import load_adapter, merge
-    from ecellm.models import from_pretrained
-    from ecellm.tokenizer import load_tokenizer
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Every setting of an evaluation run; each field is a command-line flag (`ecellm eval --help`)."""
 
-    args = _parser().parse_args(argv)
-    dtype = getattr(torch, args.dtype)
-    tasks = args.tasks
-    records = load_records(args.data, split=args.split, tasks=tasks)
+    model: str = field(metadata={"help": "checkpoint directory (config.json + safetensors)"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer directory (default: --model)"})
+    adapter: str | None = field(default=None, metadata={"help": "LoRA adapter directory (PEFT format), merged in"})
+    data: list[str] = field(metadata={"help": "ECInstruct test file(s), JSON array or JSON Lines"})
+    split: str = field(default="test", metadata={"help": "records of this split"})
+    tasks: list[str] | None = field(default=None, metadata={
+        "type": _task, "help": "task names or abbreviations (default: all in the data)"})
+    setting: list[str] | None = field(default=None, metadata={
+        "choices": SETTINGS, "metavar": "SETTING",
+        "help": f"settings (default: those in the data); one of {', '.join(SETTINGS)}"})
+    demos: list[str] | None = field(default=None, metadata={"help": "training file(s) giving 1-shot demonstrations"})
+    qpr_labels: str | None = field(default=None, metadata={
+        "help": "the reference code's data_label/label.json (QPR option labels)"})
+    limit: int | None = field(default=None, metadata={
+        "type": positive_int, "help": "at most this many records per task and setting"})
+    out: str = field(metadata={"help": "output directory"})
+    template: str | None = field(default=None, metadata={
+        "choices": ("alpaca", "mistral"), "help": "prompt template (default: mistral for Mistral, else alpaca)"})
+    batch_size: int = field(default=8, metadata={"type": positive_int})
+    max_new_tokens: int = field(default=100, metadata={"type": positive_int})
+    sample: bool = field(default=False, metadata={
+        "help": "the reference's sampling, temperature 0.15, top-p 0.95 (the default with --adapter)"})
+    greedy: bool = field(default=False, metadata={"help": "greedy decoding (the default without --adapter)"})
+    temperature: float | None = field(default=None, metadata={"help": "sampling temperature (overrides --sample's)"})
+    top_p: float | None = field(default=None, metadata={"help": "nucleus mass (overrides --sample's)"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    paper_compat: bool = field(default=False, metadata={"help": "score with the reference evaluation's defects"})
+    bertscore_model: str | None = field(default=None, metadata={
+        "help": "checkpoint whose embeddings score AG (default: the evaluated model)"})
+    dtype: str = field(default="fp32", metadata={"choices": (*DTYPES, *DTYPE_ALIASES)})
+    device: str = field(default_factory=_default_device)
+
+    def __post_init__(self):
+        if self.sample and self.greedy:
+            raise ValueError("--sample and --greedy exclude each other")
+
+    def decoding(self) -> tuple[float, float]:
+        """(temperature, top_p): the reference's choice (module docstring) unless flags say otherwise."""
+        sample = self.sample or (self.adapter is not None and not self.greedy)
+        sampling = PAPER_SAMPLING if sample else {"temperature": 0.0, "top_p": 1.0}
+        temperature = sampling["temperature"] if self.temperature is None else self.temperature
+        return temperature, sampling["top_p"] if self.top_p is None else self.top_p
+
+
+def _load_model(path: str, tokenizer_path: str | None, dtype: torch.dtype, device: str):
+    """(model, tokenizer) from checkpoint directories, checked to fit each other."""
+    from .models import from_pretrained
+    from .tokenizer import load_tokenizer
+
+    model = from_pretrained(path, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(tokenizer_path or path)
+    tokenizer.check_fits(model.config.vocab_size, path)
+    return model, tokenizer
+
+
+def _load_records(config: EvalConfig) -> list[dict]:
+    """The records to evaluate: the test records of the chosen tasks, in each chosen setting."""
+    records = load_records(config.data, split=config.split, tasks=config.tasks)
     if not records:
-        raise SystemExit(f"no {args.split} records{' of ' + ', '.join(tasks) if tasks else ''} in {args.data}")
-    demos = load_records(args.demos, split="train", tasks=tasks) if args.demos else None
-    records = select_records(records, args.setting, demos, args.limit)
-    qpr_labels = load_qpr_labels(args.qpr_labels) if args.qpr_labels else None
+        tasks = f" of {', '.join(config.tasks)}" if config.tasks else ""
+        raise SystemExit(f"no {config.split} records{tasks} in {config.data}")
+    demos = load_records(config.demos, split="train", tasks=config.tasks) if config.demos else None
+    return select_records(records, config.setting, demos, config.limit)
 
-    model = from_pretrained(args.model, dtype=dtype, device=args.device)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    tokenizer.check_fits(model.config.vocab_size, args.model)
-    if args.adapter:
-        model = merge(load_adapter(model, args.adapter)).eval()
-    template = args.template or ("mistral" if model.config.model_type == "mistral" else "alpaca")
-    sample = args.sample or (args.adapter is not None and not args.greedy)  # the reference's choice (docstring)
-    sampling = PAPER_SAMPLING if sample else {"temperature": 0.0, "top_p": 1.0}
-    temperature = sampling["temperature"] if args.temperature is None else args.temperature
-    top_p = sampling["top_p"] if args.top_p is None else args.top_p
+
+def run(config: EvalConfig) -> dict:
+    """Evaluate as `config` says, write the outputs to `config.out` and print the table; returns what `evaluate`
+    returned."""
+    from .lora import load_adapter, merge
+
+    dtype = parse_dtype(config.dtype)
+    records = _load_records(config)
+    qpr_labels = load_qpr_labels(config.qpr_labels) if config.qpr_labels else None
+    model, tokenizer = _load_model(config.model, config.tokenizer, dtype, config.device)
+    if config.adapter:
+        model = merge(load_adapter(model, config.adapter)).eval()
+    template = config.template or ("mistral" if model.config.model_type == "mistral" else "alpaca")
+    temperature, top_p = config.decoding()
     encoder = None
-    if args.bertscore_model:
-        bert_model = from_pretrained(args.bertscore_model, dtype=dtype, device=args.device)
-        bert_tokenizer = load_tokenizer(args.bertscore_model)
-        bert_tokenizer.check_fits(bert_model.config.vocab_size, args.bertscore_model)
-        encoder = ModelEncoder(bert_model, bert_tokenizer, batch_size=args.batch_size)
+    if config.bertscore_model:
+        bert_model, bert_tokenizer = _load_model(config.bertscore_model, None, dtype, config.device)
+        encoder = ModelEncoder(bert_model, bert_tokenizer, batch_size=config.batch_size)
 
     start = time.time()
-    evaluation = evaluate(model, tokenizer, records, template=template, batch_size=args.batch_size,
-                          max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=top_p, seed=args.seed,
-                          paper_compat=args.paper_compat, encoder=encoder, qpr_labels=qpr_labels)
-    config = {"model": args.model, "adapter": args.adapter, "data": args.data, "split": args.split,
-              "template": template, "max_new_tokens": args.max_new_tokens, "temperature": temperature,
-              "top_p": top_p, "seed": args.seed, "paper_compat": args.paper_compat,
-              "bertscore_encoder": args.bertscore_model or args.model, "n_records": len(records),
-              "seconds": round(time.time() - start, 1)}
-    paths = write_outputs(args.out, evaluation, config)
+    evaluation = evaluate(model, tokenizer, records, template=template, batch_size=config.batch_size,
+                          max_new_tokens=config.max_new_tokens, temperature=temperature, top_p=top_p,
+                          seed=config.seed, paper_compat=config.paper_compat, encoder=encoder, qpr_labels=qpr_labels)
+    summary = {"model": config.model, "adapter": config.adapter, "data": config.data, "split": config.split,
+               "template": template, "max_new_tokens": config.max_new_tokens, "temperature": temperature,
+               "top_p": top_p, "seed": config.seed, "paper_compat": config.paper_compat,
+               "bertscore_encoder": config.bertscore_model or config.model, "n_records": len(records),
+               "seconds": round(time.time() - start, 1)}
+    paths = write_outputs(config.out, evaluation, summary)
     print(markdown_table(evaluation["results"]), end="")
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return evaluation
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m ecellm.eval") -> dict:
+    """Run the command line (see `python -m ecellm.eval --help`); returns what `evaluate` returned."""
+    return run(parse_flags(EvalConfig, argv, prog=prog, description=__doc__.split("\n")[0]))
 
 
 if __name__ == "__main__":

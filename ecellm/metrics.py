@@ -39,48 +39,12 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-# Abbreviation -> the task name in the data.
-TASKS = {
-    "AVE": "Attribute_Value_Extraction",
-    "PRP": "Product_Relation_Prediction",
-    "PM": "Product_Matching",
-    "SA": "Sentiment_Analysis",
-    "SR": "Sequential_Recommendation",
-    "MPC": "Multiclass_Product_Classification",
-    "PSI": "Product_Substitute_Identification",
-    "QPR": "Query_Product_Rank",
-    "AP": "Answerability_Prediction",
-    "AG": "Answer_Generation",
-}
-# The reference evaluate.py spells three names differently.
-_MISSPELLINGS = {
-    "Product_Relation_Predicition": "PRP",
-    "Product_Substitue_Identification": "PSI",
-    "Query_Product_Ranking": "QPR",
-}
-_NAMES = {
-    **{abbr.lower(): abbr for abbr in TASKS},
-    **{name.lower(): abbr for abbr, name in TASKS.items()},
-    **{name.lower(): abbr for name, abbr in _MISSPELLINGS.items()},
-}
+from .tasks import TASK_BY_ABBR, task_abbr, task_info  # noqa: F401 (task_abbr: also public here)
 
 # ESCI label -> gain, as the reference QPR evaluation maps them.
 QPR_GAINS = {"E": 1.0, "S": 0.1, "C": 0.01, "I": 0.0}
 
 Encoder = Callable[[list[str]], list[torch.Tensor]]
-
-
-def task_abbr(task: str) -> str:
-    """Return the abbreviation (``"AVE"``, ...) of a task given by abbreviation, data name or reference misspelling.
-
-    Args:
-        task: e.g. ``"PM"``, ``"Product_Matching"``, ``"Query_Product_Ranking"`` (case-insensitive).
-    """
-    abbr = _NAMES.get(task.strip().lower())
-    if abbr is None:
-        known = ", ".join(f"{a} ({n})" for a, n in TASKS.items())
-        raise ValueError(f"unknown task {task!r}; known tasks: {known}")
-    return abbr
 
 
 def score(
@@ -98,7 +62,7 @@ def score(
     """Score one task's predictions as the paper does.
 
     Args:
-        task: task abbreviation, data name or the reference's misspelling (see ``task_abbr``).
+        task: task abbreviation, data name or the reference's misspelling (see ``ecellm.tasks.task_info``).
         predictions: generated responses, one per record.
         references: gold answers aligned with ``predictions``: the records' ``output`` strings, except for QPR,
             whose references are dicts ``{"ranking": "C,B,A", "labels": ["I", "S", "E"]}`` (see ``score_qpr``).
@@ -119,7 +83,28 @@ def score(
     Raises:
         ValueError: unknown task, lists of different lengths or empty lists.
     """
-    abbr = task_abbr(task)
+    info = task_info(task)
+    abbr = info.abbr
+    _check_inputs(abbr, predictions, references)
+    ood = _is_ood(abbr, setting, ood)
+    if info.answer == "yes_no":
+        result = score_yes_no(predictions, references, paper_compat=paper_compat)
+    elif info.answer == "option":
+        result = score_multiple_choice(predictions, references, metric=info.metric, paper_compat=paper_compat)
+    elif info.answer == "letter":
+        result = score_sr(predictions, references, paper_compat=paper_compat)
+    elif info.answer == "ranking":
+        result = score_qpr(predictions, references, paper_compat=paper_compat)
+    elif info.answer == "triples":
+        result = score_ave(predictions, references, ood=ood, paper_compat=paper_compat, parser=ave_parser)
+    else:
+        if encoder is None:
+            raise ValueError(f"{abbr}: BERTScore needs an encoder, e.g. encoder=ModelEncoder(model, tokenizer)")
+        result = score_ag(predictions, references, encoder, idf=idf)
+    return {"task": abbr, **result}
+
+
+def _check_inputs(abbr: str, predictions: Sequence[str], references: Sequence) -> None:
     if len(predictions) != len(references):
         raise ValueError(f"{abbr}: {len(predictions)} predictions but {len(references)} references")
     if not predictions:
@@ -127,28 +112,15 @@ def score(
     for i, p in enumerate(predictions):
         if not isinstance(p, str):
             raise TypeError(f"{abbr}: prediction {i} is {type(p).__name__}, expected str")
-    if setting is not None:
-        from_setting = "OOD" in setting
-        if ood is not None and ood != from_setting:
-            raise ValueError(f"{abbr}: ood={ood} contradicts setting {setting!r}")
-        ood = from_setting
-    ood = bool(ood)
-    if abbr in ("PM", "PSI", "AP"):
-        result = score_yes_no(predictions, references, paper_compat=paper_compat)
-    elif abbr in ("PRP", "SA", "MPC"):
-        metric = "accuracy" if abbr == "MPC" else "macro_f1"
-        result = score_multiple_choice(predictions, references, metric=metric, paper_compat=paper_compat)
-    elif abbr == "SR":
-        result = score_sr(predictions, references, paper_compat=paper_compat)
-    elif abbr == "QPR":
-        result = score_qpr(predictions, references, paper_compat=paper_compat)
-    elif abbr == "AVE":
-        result = score_ave(predictions, references, ood=ood, paper_compat=paper_compat, parser=ave_parser)
-    else:
-        if encoder is None:
-            raise ValueError("AG: BERTScore needs an encoder, e.g. encoder=ModelEncoder(model, tokenizer)")
-        result = score_ag(predictions, references, encoder, idf=idf)
-    return {"task": abbr, **result}
+
+
+def _is_ood(abbr: str, setting: str | None, ood: bool | None) -> bool:
+    """Whether the relaxed OOD rules apply: the setting's name contains "OOD", or `ood` says so."""
+    if setting is None:
+        return bool(ood)
+    if ood is not None and ood != ("OOD" in setting):
+        raise ValueError(f"{abbr}: ood={ood} contradicts setting {setting!r}")
+    return "OOD" in setting
 
 
 def _div(a: float, b: float) -> float:
@@ -252,7 +224,7 @@ def score_multiple_choice(
 
 
 # ----------------------------------------------------------------------------------------- sequential recommendation
-_SR_LETTERS = {chr(ord("A") + k) for k in range(20)}
+_SR_LETTERS = set(TASK_BY_ABBR["SR"].options)  # A-T
 
 
 def score_sr(predictions: Sequence[str], references: Sequence[str], *, paper_compat: bool = False) -> dict:

@@ -30,11 +30,12 @@ import json
 import random
 from pathlib import Path
 
-from ecellm.data import SPLITS, TASK_BY_NAME, TASKS, resolve_task
+from .data import SPLITS
+from .tasks import TASK_BY_ABBR, TASKS, task_info
 
 SPLIT_FILES = {"train": "train", "val": "validation", "test": "test"}
 SETTING = "IND_Diverse_Instruction"
-LETTERS = "ABCDEFGHIJKLMNOPQRST"
+LETTERS = TASK_BY_ABBR["SR"].options  # A-T: SR's 20 options; QPR uses the first few
 
 # base products: (type, accessories/refills, category level 1, category level 2); one word each keeps SR short
 BASES = (
@@ -139,7 +140,7 @@ def _sr_record(rng: random.Random, names: list[str], position: int, history_len:
             str([f"{LETTERS[i]}: {_sr_item(*x, full)}" for i, x in enumerate(options)]), LETTERS[position])
 
 
-# --- the other nine tasks: each returns (input, options or None, output) -----------------------------------
+# --- the other nine tasks: each returns (input, options or None, output), QPR also a dict of extra fields -------
 def _product(rng: random.Random, names: list[str]) -> dict:
     base, accessories, cat1, cat2 = rng.choice(BASES)
     return {"brand": rng.choice(names), "type": base, "accessories": accessories, "color": rng.choice(COLORS),
@@ -301,8 +302,7 @@ def generate_records(task: str, n: int, split: str = "train", seed: int = 0, *, 
         a list of n record dicts in the ECInstruct schema with "synthetic": True. SR answers are spread exactly
         evenly over the 20 letters (n // 20 each, the rest on random letters).
     """
-    name = resolve_task(task)
-    info = TASK_BY_NAME[name]
+    info = task_info(task)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     names = _names(seed, split)
@@ -320,7 +320,7 @@ def generate_records(task: str, n: int, split: str = "train", seed: int = 0, *, 
         else:
             text, options, output, *extra = GENERATORS[info.abbr](rng, names)
         records.append({"instruction": rng.choice(info.instructions), "input": text, "options": options,
-                        "output": output, "task": name, "setting": SETTING, "split": split,
+                        "output": output, "task": info.name, "setting": SETTING, "split": split,
                         "few_shot_example": None, "synthetic": True, **(extra[0] if extra else {})})
     return records
 
@@ -343,7 +343,7 @@ def write_dataset(out_dir: str | Path, n_per_task: int, n_eval_per_task: int, se
         raise ValueError(f"fmt must be 'json' or 'jsonl', got {fmt!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    abbrs = [t.abbr for t in TASKS] if tasks is None else [TASK_BY_NAME[resolve_task(t)].abbr for t in tasks]
+    abbrs = [t.abbr for t in TASKS] if tasks is None else [task_info(t).abbr for t in tasks]
     paths = {}
     for split in SPLITS:
         n = n_per_task if split == "train" else n_eval_per_task

@@ -20,11 +20,12 @@ then the sentencepiece model's own ids, then the family's usual token strings (`
 `<|endoftext|>`). A model without a pad token gets `pad_id == 0`, as the eCeLLM paper does.
 """
 
-import json
 from pathlib import Path
 
 import sentencepiece as spm
 from tokenizers import Tokenizer as _HFTokenizersJSON  # the `tokenizers` Rust library, not `transformers`
+
+from .files import read_json
 
 # family -> (add BOS, add EOS) by default
 FAMILY_RULES = {"llama": (True, False), "t5": (False, True), "gpt2": (False, False)}
@@ -180,12 +181,8 @@ class Tokenizer:
 
 # --- loading ------------------------------------------------------------------------------------------------
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    """The JSON of an optional tokenizer file; {} when it is absent."""
+    return read_json(path) if path.is_file() else {}
 
 
 def _token_string(value) -> str | None:
@@ -208,6 +205,64 @@ def _template_rule(post_processor: dict | None) -> tuple[bool, bool] | None:
     return bool(single) and "SpecialToken" in single[0], bool(single) and "SpecialToken" in single[-1]
 
 
+def _tokenizer_file(path: Path) -> tuple[Path, Path]:
+    """(directory, tokenizer file) of a checkpoint directory or a tokenizer file; tokenizer.json comes first."""
+    if path.is_file():
+        return path.parent, path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    files = [path / n for n in ("tokenizer.json", "tokenizer.model", "spiece.model") if (path / n).is_file()]
+    if not files:
+        raise FileNotFoundError(f"{path}: no tokenizer.json, tokenizer.model or spiece.model in this directory")
+    return path, files[0]
+
+
+def _backend(file: Path, is_json: bool):
+    """(backend, lookup): the `tokenizers` or sentencepiece tokenizer, and token string -> id (None if absent)."""
+    if is_json:
+        try:
+            backend = _HFTokenizersJSON.from_file(str(file))
+        except Exception as e:  # the Rust library raises a bare Exception for a schema it cannot read
+            raise ValueError(f"{file}: not a `tokenizers` tokenizer.json ({e})") from None
+        return backend, backend.token_to_id
+    try:
+        backend = spm.SentencePieceProcessor(model_file=str(file))
+    except (RuntimeError, OSError) as e:
+        raise ValueError(f"{file}: not a sentencepiece model ({e})") from None
+
+    def lookup(token: str) -> int | None:
+        i = backend.piece_to_id(token)
+        return None if i == backend.unk_id() and token != backend.id_to_piece(i) else i
+
+    return backend, lookup
+
+
+def _special_ids(directory: Path, configs: tuple[dict, dict, dict], backend, lookup, is_json: bool,
+                 family: str) -> dict[str, int | None]:
+    """bos/eos/pad/unk ids: the tokenizer config's token strings, else config.json's ids, else the sentencepiece
+    model's own, else the family's usual tokens."""
+    tok_config, special_map, model_config = configs
+    special_ids = {}
+    for name in SPECIAL_NAMES:
+        token = _token_string(tok_config.get(f"{name}_token")) or _token_string(special_map.get(f"{name}_token"))
+        if token is not None:
+            token_id = lookup(token)
+            if token_id is None:
+                raise ValueError(f"{directory}: {name}_token {token!r} from the tokenizer config is not in the vocabulary")
+            special_ids[name] = token_id
+            continue
+        config_id = model_config.get(f"{name}_token_id")
+        if isinstance(config_id, list):  # several EOS ids (e.g. chat models): the first is the one to append
+            config_id = config_id[0] if config_id else None
+        if config_id is None and not is_json:
+            config_id = getattr(backend, f"{name}_id")()
+            config_id = None if config_id < 0 else config_id
+        if config_id is None and name in FAMILY_TOKENS[family]:
+            config_id = lookup(FAMILY_TOKENS[family][name])
+        special_ids[name] = config_id
+    return special_ids
+
+
 def load_tokenizer(path: str | Path, family: str | None = None) -> Tokenizer:
     """Load the tokenizer of a checkpoint directory.
 
@@ -220,16 +275,7 @@ def load_tokenizer(path: str | Path, family: str | None = None) -> Tokenizer:
         a `Tokenizer`.
     """
     path = Path(path)
-    if path.is_file():
-        directory, files = path.parent, [path]
-    elif path.is_dir():
-        directory = path
-        files = [path / n for n in ("tokenizer.json", "tokenizer.model", "spiece.model") if (path / n).is_file()]
-        if not files:
-            raise FileNotFoundError(f"{path}: no tokenizer.json, tokenizer.model or spiece.model in this directory")
-    else:
-        raise FileNotFoundError(f"{path}: no such file or directory")
-    file = files[0]
+    directory, file = _tokenizer_file(path)
     tok_config = _read_json(directory / "tokenizer_config.json")
     special_map = _read_json(directory / "special_tokens_map.json")
     model_config = _read_json(directory / "config.json")
@@ -253,38 +299,7 @@ def load_tokenizer(path: str | Path, family: str | None = None) -> Tokenizer:
     if family not in FAMILY_RULES:
         raise ValueError(f"{path}: unknown tokenizer family {family!r}; expected one of {sorted(FAMILY_RULES)}")
 
-    if tokenizer_json is not None:
-        try:
-            backend = _HFTokenizersJSON.from_file(str(file))
-        except Exception as e:  # the Rust library raises a bare Exception for a schema it cannot read
-            raise ValueError(f"{file}: not a `tokenizers` tokenizer.json ({e})") from None
-        lookup = backend.token_to_id
-    else:
-        try:
-            backend = spm.SentencePieceProcessor(model_file=str(file))
-        except (RuntimeError, OSError) as e:
-            raise ValueError(f"{file}: not a sentencepiece model ({e})") from None
-
-        def lookup(token: str) -> int | None:
-            i = backend.piece_to_id(token)
-            return None if i == backend.unk_id() and token != backend.id_to_piece(i) else i
-
-    special_ids = {}
-    for name in SPECIAL_NAMES:
-        token = _token_string(tok_config.get(f"{name}_token")) or _token_string(special_map.get(f"{name}_token"))
-        if token is not None:
-            token_id = lookup(token)
-            if token_id is None:
-                raise ValueError(f"{directory}: {name}_token {token!r} from the tokenizer config is not in the vocabulary")
-            special_ids[name] = token_id
-            continue
-        config_id = model_config.get(f"{name}_token_id")
-        if isinstance(config_id, list):  # several EOS ids (e.g. chat models): the first is the one to append
-            config_id = config_id[0] if config_id else None
-        if config_id is None and tokenizer_json is None:
-            config_id = getattr(backend, f"{name}_id")()
-            config_id = None if config_id < 0 else config_id
-        if config_id is None and name in FAMILY_TOKENS[family]:
-            config_id = lookup(FAMILY_TOKENS[family][name])
-        special_ids[name] = config_id
+    is_json = tokenizer_json is not None
+    backend, lookup = _backend(file, is_json)
+    special_ids = _special_ids(directory, (tok_config, special_map, model_config), backend, lookup, is_json, family)
     return Tokenizer(backend, family, special_ids, add_bos=add_bos, add_eos=add_eos, path=str(path))

@@ -10,6 +10,7 @@ import torch
 from ecellm.data import (TASKS, LengthGroupedBatchSampler, RecordError, build_example, build_examples,
                          build_seq2seq_example, collate, format_prompt, leave_one_category_out, load_records,
                          parse_response, resolve_task, sample_per_task)
+from ecellm.data import _check_record
 from ecellm.synthetic import generate_records
 from ecellm.tokenizer import load_tokenizer
 
@@ -97,6 +98,13 @@ def test_resolve_task():
     assert resolve_task("Query_Product_Ranking") == "Query_Product_Rank"
     with pytest.raises(ValueError, match="unknown task 'XYZ'"):
         resolve_task("XYZ")
+
+
+def test_checking_a_record_does_not_change_it():
+    rec = generate_records("SR", 1, "train", seed=0)[0] | {"task": "sr"}
+    before = dict(rec)
+    assert _check_record(rec) is None
+    assert rec == before  # the old check rewrote rec["task"] to "Sequential_Recommendation" in place
 
 
 # --- loading ------------------------------------------------------------------------------------------------

@@ -442,3 +442,20 @@ def test_save_merged_refuses_a_non_empty_directory(tmp_path):
     model = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(FileExistsError, match="not empty"):
         lora.save_merged(model, tmp_path)
+
+
+def test_adapter_config_that_is_not_an_object_is_refused(tmp_path):
+    """Before the move to ecellm.peft_format a JSON list here failed with AttributeError ('list' has no 'get')."""
+    _write_adapter(tmp_path / "adapter", GOOD)
+    (tmp_path / "adapter" / "adapter_config.json").write_text('["LORA"]')
+    with pytest.raises(ValueError, match=r"adapter_config.json: expected a JSON object, got list"):
+        lora.load_adapter(MLP(), tmp_path / "adapter")
+
+
+def test_peft_format_names_stay_importable_from_lora():
+    from ecellm import peft_format
+
+    assert lora.save_adapter is peft_format.save_adapter and lora.load_adapter is peft_format.load_adapter
+    assert lora.read_adapter_weights is peft_format.read_adapter_weights
+    with pytest.raises(AttributeError, match="has no attribute 'save_adapters'"):
+        lora.save_adapters

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from ..files import read_json
 
 
 class ConfigError(ValueError):
@@ -27,10 +28,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = config_file(path)
     if not path.is_file():
         raise ConfigError(f"no config.json at {path}")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    config = read_json(path, ConfigError)
     if not isinstance(config, dict):
         raise ConfigError(f"{path} must hold a JSON object, got {type(config).__name__}")
     return config

@@ -7,14 +7,14 @@ Needs the optional `gguf` package (`pip install 'ecellm[gguf]'`), the reader lla
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+
+from ..files import write_dir_atomically, write_json
 
 # GGUF tensor name (after "blk.N.") -> checkpoint key (after "model.layers.N.")
 _BLOCK_KEYS = {
@@ -194,19 +194,14 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     state = _weights(reader, config, gguf_path)
     tokenizer_json, tokenizer_config = _tokenizer_files(reader, gguf_path)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    def write(tmp: Path) -> None:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        (tmp / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False))
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
-        (tmp / "generation_config.json").write_text(
-            json.dumps({"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}, indent=2)
-        )
-        tmp.chmod(0o755)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / "config.json", config)
+        (tmp / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False), encoding="utf-8")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False),
+                                                   encoding="utf-8")
+        write_json(tmp / "generation_config.json",
+                   {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]})
+
+    write_dir_atomically(out_dir, write)
     return out_dir

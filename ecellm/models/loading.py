@@ -4,7 +4,6 @@ model built on the meta device, so peak memory stays near one copy of the weight
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +11,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
+
+from ..files import read_json
 
 # Keys some checkpoints carry that hold no weights (rotary tables that are recomputed on the fly).
 # (Old T5 conversions also carry a cross-attention position bias that T5 never uses.)
@@ -53,10 +54,8 @@ def check_finite_tensor(tensor: torch.Tensor, key: str, file: str | Path) -> Non
 
 def _shard_files(index: Path) -> list[Path]:
     """The shard files a `model.safetensors.index.json` lists; a shard outside the index's folder is refused."""
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from e
+    index_json = read_json(index, CheckpointError)
+    weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
         raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
     for key, name in weight_map.items():
@@ -105,6 +104,32 @@ def _read_tensors(file: Path):
         yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
 
 
+def _checked_tensors(file: Path, expected: dict[str, torch.Tensor], dtype: torch.dtype, device: str | torch.device,
+                     check_finite: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) of one weight file, each checked against the model's `expected` tensor, cast to `dtype`
+    (floating-point weights only) and moved to `device`; keys in IGNORED_SUFFIXES are skipped."""
+    for key, tensor in _read_tensors(file):
+        if key.endswith(IGNORED_SUFFIXES):
+            continue
+        if key not in expected:
+            raise CheckpointError(f"unexpected tensor {key!r} {tuple(tensor.shape)} in {file}: the model has no such weight")
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"tensor {key!r} in {file} has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(expected[key].shape)}"
+            )
+        if expected[key].is_floating_point():
+            if not tensor.is_floating_point():
+                raise CheckpointError(
+                    f"tensor {key!r} in {file} has dtype {tensor.dtype}, the model needs a floating-point weight"
+                )
+            tensor = tensor.to(dtype)
+        tensor = tensor.to(device)
+        if check_finite:
+            check_finite_tensor(tensor, key, file)
+        yield key, tensor
+
+
 def load_checkpoint(
     model: nn.Module,
     path: str | Path,
@@ -134,28 +159,8 @@ def load_checkpoint(
         names_of[id(t)].append(name)
         expected[name] = t
 
-    loaded: dict[str, torch.Tensor] = {}
-    for file in checkpoint_files(path, allow_pickle):
-        for key, tensor in _read_tensors(file):
-            if key.endswith(IGNORED_SUFFIXES):
-                continue
-            if key not in expected:
-                raise CheckpointError(f"unexpected tensor {key!r} {tuple(tensor.shape)} in {file}: the model has no such weight")
-            if tuple(tensor.shape) != tuple(expected[key].shape):
-                raise CheckpointError(
-                    f"tensor {key!r} in {file} has shape {tuple(tensor.shape)}, "
-                    f"the model expects {tuple(expected[key].shape)}"
-                )
-            if expected[key].is_floating_point():
-                if not tensor.is_floating_point():
-                    raise CheckpointError(
-                        f"tensor {key!r} in {file} has dtype {tensor.dtype}, the model needs a floating-point weight"
-                    )
-                tensor = tensor.to(dtype)
-            tensor = tensor.to(device)
-            if check_finite:
-                check_finite_tensor(tensor, key, file)
-            loaded[key] = tensor
+    loaded = {key: tensor for file in checkpoint_files(path, allow_pickle)
+              for key, tensor in _checked_tensors(file, expected, dtype, device, check_finite)}
 
     state = {}
     for names in names_of.values():

@@ -205,7 +205,7 @@ def test_unexpected_key_is_named(tmp_path):
 def test_corrupt_config_names_the_file(tmp_path):
     save_tiny_decoder("llama-untied", tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "llama", ')
-    with pytest.raises(ConfigError, match=r"config.json is not valid JSON"):
+    with pytest.raises(ConfigError, match=r"config.json: not valid JSON"):
         from_pretrained(tmp_path)
 
 

@@ -1,0 +1,5 @@
+"""`python -m ecellm SUBCOMMAND ...`: the `ecellm` command (see `ecellm.cli`)."""
+
+from .cli import main
+
+main()

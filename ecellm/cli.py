@@ -1,0 +1,106 @@
+"""The `ecellm` command: one entry point with a subcommand per job, each built from a dataclass of its settings.
+
+    ecellm train --model DIR --data ECInstruct/ --out runs/ecellm       # TrainConfig (ecellm.train)
+    ecellm eval --model DIR --adapter DIR --data test.json --out results/   # EvalConfig (ecellm.eval)
+    ecellm generate --model DIR --prompt "What is ..."                  # GenerateConfig (below)
+    ecellm convert-gguf --gguf model.gguf --out DIR                     # ConvertConfig (below)
+
+`ecellm SUBCOMMAND --help` lists every flag. `python -m ecellm ...` is the same command; `python -m ecellm.train` and
+`python -m ecellm.eval` keep working.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .flags import DTYPE_ALIASES, DTYPES, parse_dtype, parse_flags, positive_int
+
+
+@dataclass(kw_only=True)
+class GenerateConfig:
+    """Settings of `ecellm generate`: complete prompts with a checkpoint (and optionally a LoRA adapter)."""
+
+    model: str = field(metadata={"help": "checkpoint directory (config.json + safetensors + tokenizer)"})
+    prompt: list[str] = field(metadata={"help": "prompt text(s), used verbatim"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer directory (default: --model)"})
+    adapter: str | None = field(default=None, metadata={"help": "LoRA adapter directory (PEFT format), merged in"})
+    max_new_tokens: int = field(default=100, metadata={"type": positive_int})
+    temperature: float = field(default=0.0, metadata={"help": "0: greedy decoding"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus mass"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    dtype: str = field(default="fp32", metadata={"choices": (*DTYPES, *DTYPE_ALIASES)})
+    device: str = "cpu"
+
+
+@dataclass(kw_only=True)
+class ConvertConfig:
+    """Settings of `ecellm convert-gguf`: a Llama-architecture GGUF file into a checkpoint directory."""
+
+    gguf: str = field(metadata={"help": "the .gguf file"})
+    out: str = field(metadata={"help": "the checkpoint directory to create (must not exist)"})
+
+
+def generate(argv: Sequence[str], prog: str) -> list[str]:
+    """`ecellm generate`: print each prompt's continuation; returns them."""
+    from .generate import generate_text
+    from .lora import load_adapter, merge
+    from .models import from_pretrained
+    from .tokenizer import load_tokenizer
+
+    config = parse_flags(GenerateConfig, argv, prog=prog, description=GenerateConfig.__doc__)
+    model = from_pretrained(config.model, dtype=parse_dtype(config.dtype), device=config.device)
+    tokenizer = load_tokenizer(config.tokenizer or config.model)
+    tokenizer.check_fits(model.config.vocab_size, config.model)
+    if config.adapter:
+        model = merge(load_adapter(model, config.adapter))
+    texts = generate_text(model.eval(), tokenizer, config.prompt, max_new_tokens=config.max_new_tokens,
+                          temperature=config.temperature, top_p=config.top_p, seed=config.seed, progress=False)
+    for text in texts:
+        print(text)
+    return texts
+
+
+def convert_gguf(argv: Sequence[str], prog: str) -> None:
+    """`ecellm convert-gguf`: write the checkpoint directory and say where."""
+    from .models.gguf_convert import convert_gguf as convert
+
+    config = parse_flags(ConvertConfig, argv, prog=prog, description=ConvertConfig.__doc__)
+    print(f"wrote {convert(config.gguf, config.out)}")
+
+
+def train(argv: Sequence[str], prog: str) -> None:
+    """`ecellm train`: `python -m ecellm.train` with the same flags (`TrainConfig`)."""
+    from .train import main
+
+    main(list(argv))
+
+
+def evaluate(argv: Sequence[str], prog: str) -> dict:
+    """`ecellm eval`: `python -m ecellm.eval` with the same flags (`EvalConfig`); returns its evaluation."""
+    from .eval import main
+
+    return main(argv, prog=prog)
+
+
+COMMANDS: dict[str, Callable[[Sequence[str], str], object]] = {
+    "train": train, "eval": evaluate, "generate": generate, "convert-gguf": convert_gguf,
+}
+
+
+def run(argv: Sequence[str] | None = None) -> object:
+    """Run `ecellm SUBCOMMAND [FLAGS]` (`sys.argv[1:]` when argv is None); returns what the subcommand returned."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return None
+    if not argv or argv[0] not in COMMANDS:
+        raise SystemExit(f"usage: ecellm {{{','.join(COMMANDS)}}} [FLAGS] (got {' '.join(argv[:1]) or 'nothing'}); "
+                         "`ecellm SUBCOMMAND --help` lists the flags")
+    return COMMANDS[argv[0]](argv[1:], f"ecellm {argv[0]}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The console script `ecellm` (it exits with what this returns, so this returns None): `run(argv)`."""
+    run(argv)
