@@ -147,7 +147,7 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
 
-    d = setup_distributed()
+    d = setup_distributed(TrainConfig().dist_timeout_s)
     out = Path(args.out) if args.out else default_out(d)
     synthetic = not args.data
     data = args.data or str(out / "data")
