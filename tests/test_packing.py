@@ -60,9 +60,9 @@ def t5_examples(source_lengths, target_lengths, seed: int = 0) -> list[dict]:
 def test_segment_positions_and_mask():
     segments = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2]])
     assert segment_positions(segments).tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
-    mask = segment_mask(segments, segments, causal=True, sliding_window=2)[0, 0]
-    assert mask[2].tolist() == [False, True, True, False, False, False, False, False]  # window 2, own segment
-    assert mask[3].tolist() == [False, False, False, True, False, False, False, False]  # a segment's first token
+    mask = segment_mask(segments, segments)[0, 0]
+    assert mask[2].tolist() == [True, True, True, False, False, False, False, False]
+    assert mask[3].tolist() == [False, False, False, True, True, False, False, False]
 
 
 def test_pack_examples_first_fit_in_stream_order():

@@ -132,56 +132,48 @@ def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     return index - starts
 
 
-def segment_mask(
-    query_segments: torch.Tensor, key_segments: torch.Tensor, causal: bool, sliding_window: int | None = None
-) -> torch.Tensor:
-    """Block-diagonal attention mask of packed rows: a query sees only keys of its own segment (and, when causal, not
-    after itself; with a sliding window `w`, fewer than `w` positions behind it).
+def segment_mask(query_segments: torch.Tensor, key_segments: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal attention mask of packed rows: a query sees only the keys of its own segment.
 
     Args:
-        query_segments: (B, T) segment ids of the queries; key_segments: (B, S) of the keys (S == T when causal).
+        query_segments: (B, T) segment ids of the queries; key_segments: (B, S) of the keys.
     Returns:
         (B, 1, T, S) bool, True where a query may attend.
     """
-    mask = query_segments[:, :, None] == key_segments[:, None, :]  # (B, T, S)
-    if causal:
-        T = query_segments.shape[1]
-        q_pos = torch.arange(T, device=mask.device)[:, None]  # (T, 1)
-        k_pos = torch.arange(T, device=mask.device)[None, :]  # (1, T)
-        allowed = k_pos <= q_pos
-        if sliding_window is not None:
-            allowed = allowed & (q_pos - k_pos < sliding_window)  # within a segment, index distance = position distance
-        mask = mask & allowed
-    return mask[:, None]
+    return (query_segments[:, :, None] == key_segments[:, None, :])[:, None]
 
 
 @dataclass
-class VarlenSegments:
-    """Packed segments as flash attention's variable-length kernel takes them (`torch.nn.attention.varlen`).
+class PackedSegments:
+    """Where the segments of packed rows start and end, in the rows flattened one after another (B * T tokens).
 
     Attributes:
-        cu_seqlens: (N + 1,) int32 start offset of each of the N segments in the flattened (B * T) row, then the end.
+        cu_seqlens: (N + 1,) int32 offsets: segment i is tokens cu_seqlens[i] .. cu_seqlens[i+1]-1 (the form flash
+            attention's variable-length kernel takes).
+        bounds: the same offsets as a list of ints.
         max_len: the longest segment.
     """
 
     cu_seqlens: torch.Tensor
+    bounds: list[int]
     max_len: int
 
     @classmethod
-    def from_segment_ids(cls, segment_ids: torch.Tensor) -> "VarlenSegments":
+    def from_segment_ids(cls, segment_ids: torch.Tensor) -> "PackedSegments":
         """Segments of (B, T) ids, flattened row after row (a row's start always starts a segment)."""
         starts = (segment_positions(segment_ids) == 0).flatten()  # (B * T,)
         offsets = torch.nonzero(starts).flatten()
         end = torch.tensor([starts.numel()], device=offsets.device)
         cu_seqlens = torch.cat((offsets, end)).to(torch.int32)
-        return cls(cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
+        bounds = cu_seqlens.tolist()
+        return cls(cu_seqlens, bounds, max(b - a for a, b in zip(bounds, bounds[1:])))
 
 
 def use_varlen_attention(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether packed rows run on flash attention's variable-length kernel: CUDA, half precision, head size <= 256.
 
-    That kernel skips the attention between segments that a block mask computes and then discards; elsewhere
-    (CPU, fp32) SDPA runs with the block-diagonal mask, which is exact everywhere.
+    Elsewhere (CPU, fp32) attention runs segment by segment with SDPA's causal kernel; both compute only the
+    scores within segments, which a block-diagonal mask would compute for the whole row and then discard.
     """
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or head_dim > 256:
         return False
@@ -200,15 +192,15 @@ class AttentionInputs:
         cos, sin: (B, T, rotary_dim) rotary tables for the query positions.
         mask: (B, 1, T, S) bool, True where a query may attend to a key; None means plain causal attention.
         cache: the KV cache when decoding incrementally, else None.
-        varlen: packed segments for flash attention's variable-length kernel (CUDA); replaces `mask` when set.
-        sliding_window: the window the varlen kernel applies (the mask carries it otherwise).
+        segments: packed rows' segments: causal attention within each, in place of `mask`.
+        sliding_window: the window applied within segments (a `mask` carries its own).
     """
 
     cos: torch.Tensor
     sin: torch.Tensor
     mask: torch.Tensor | None
     cache: KVCache | None = None
-    varlen: VarlenSegments | None = None
+    segments: PackedSegments | None = None
     sliding_window: int | None = None
 
 
@@ -230,8 +222,8 @@ def attend(
     if inputs.cache is not None:
         k, v = inputs.cache.update(layer, k, v)  # (B, nkv, S, hs)
     gqa = q.shape[1] != k.shape[1]
-    if inputs.varlen is not None:
-        return _varlen_attend(q, k, v, inputs, scale, gqa)
+    if inputs.segments is not None:
+        return _packed_attend(q, k, v, inputs, scale, gqa)
     if inputs.mask is None:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale, enable_gqa=gqa)
     else:
@@ -240,21 +232,40 @@ def attend(
     return y.transpose(1, 2).reshape(B, T, nh * hs)
 
 
-def _varlen_attend(
+def _packed_attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs, scale: float | None, gqa: bool
 ) -> torch.Tensor:
-    """Causal attention within each packed segment on flash attention's varlen kernel; (B, T, nh * hs)."""
-    from torch.nn.attention.varlen import varlen_attn
+    """Causal attention within each segment of packed rows (with the sliding window, if any); (B, T, nh * hs).
 
+    On CUDA in half precision, flash attention's variable-length kernel does all segments in one launch; elsewhere
+    SDPA runs once per segment.
+    """
     B, nh, T, hs = q.shape
-    flat = lambda x: x.transpose(1, 2).reshape(B * T, x.shape[1], hs)  # (B * T, heads, hs)
-    segments = inputs.varlen
-    left = -1 if inputs.sliding_window is None else inputs.sliding_window - 1  # keys q-left .. q
-    y = varlen_attn(
-        flat(q), flat(k), flat(v), segments.cu_seqlens, segments.cu_seqlens, segments.max_len, segments.max_len,
-        scale=scale, window_size=(left, 0), enable_gqa=gqa,
-    )  # (B * T, nh, hs)
-    return y.reshape(B, T, nh * hs)
+    segments, window = inputs.segments, inputs.sliding_window
+    if use_varlen_attention(q.device, q.dtype, hs):
+        from torch.nn.attention.varlen import varlen_attn
+
+        flat = lambda x: x.transpose(1, 2).reshape(B * T, x.shape[1], hs)  # (B * T, heads, hs)
+        left = -1 if window is None else window - 1  # a query sees keys q-left .. q
+        y = varlen_attn(
+            flat(q), flat(k), flat(v), segments.cu_seqlens, segments.cu_seqlens, segments.max_len, segments.max_len,
+            scale=scale, window_size=(left, 0), enable_gqa=gqa,
+        )  # (B * T, nh, hs)
+        return y.reshape(B, T, nh * hs)
+    flat = lambda x: x.transpose(0, 1).reshape(1, x.shape[1], B * T, hs)  # (1, heads, B * T, hs)
+    q, k, v = flat(q), flat(k), flat(v)
+    parts = []
+    for start, end in zip(segments.bounds, segments.bounds[1:]):
+        L = end - start
+        mask = None
+        if window is not None and L > window:
+            mask = build_attention_mask(torch.ones(1, L, dtype=torch.bool, device=q.device), 0, L, window)
+        qs, ks, vs = q[:, :, start:end], k[:, :, start:end], v[:, :, start:end]
+        parts.append(F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=mask, is_causal=mask is None and L > 1, scale=scale, enable_gqa=gqa
+        ))  # (1, nh, L, hs)
+    y = torch.cat(parts, dim=2)[0]  # (nh, B * T, hs)
+    return y.transpose(0, 1).reshape(B, T, nh * hs)
 
 
 def build_attention_mask(
@@ -347,14 +358,11 @@ class DecoderOnlyLM(nn.Module):
         return AttentionInputs(cos, sin, mask, cache)
 
     def _packed_attention_inputs(self, segment_ids: torch.Tensor, dtype: torch.dtype) -> AttentionInputs:
-        """Rotary tables at per-segment positions and block-diagonal causal attention for packed rows."""
+        """Rotary tables at per-segment positions and causal attention within each segment, for packed rows."""
         c = self.config
         cos, sin = rope_cos_sin(segment_positions(segment_ids), c.rotary_dim, c.rope_theta, c.rope_scaling_factor, dtype)
-        if use_varlen_attention(segment_ids.device, dtype, c.head_dim):
-            return AttentionInputs(cos, sin, None, varlen=VarlenSegments.from_segment_ids(segment_ids),
-                                   sliding_window=c.sliding_window)
-        return AttentionInputs(cos, sin, segment_mask(segment_ids, segment_ids, causal=True,
-                                                      sliding_window=c.sliding_window))
+        segments = PackedSegments.from_segment_ids(segment_ids)
+        return AttentionInputs(cos, sin, None, segments=segments, sliding_window=c.sliding_window)
 
     def hidden_states(
         self,
@@ -487,7 +495,7 @@ __all__ = [
     "AttentionInputs",
     "segment_positions",
     "segment_mask",
-    "VarlenSegments",
+    "PackedSegments",
     "use_varlen_attention",
     "attend",
     "build_attention_mask",

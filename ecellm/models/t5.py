@@ -327,7 +327,7 @@ class T5Stack(nn.Module):
             real = key_padding.bool()[:, None, None, :]  # (B, 1, 1, S)
             allowed = real if allowed is None else allowed & real  # (B, 1, T, S)
         if segment_ids is not None:
-            same = segment_mask(segment_ids, segment_ids, causal=False)  # (B, 1, T, T)
+            same = segment_mask(segment_ids, segment_ids)  # (B, 1, T, T)
             allowed = same if allowed is None else allowed & same
         if allowed is None:
             return bias
@@ -412,7 +412,7 @@ class T5ForConditionalGeneration(nn.Module):
         encoder padding, or for packed rows decoder segment i seeing only encoder segment i."""
         kv = [block.layer[1].EncDecAttention.project_kv(encoder_out) for block in self.decoder.block]
         if decoder_segment_ids is not None:
-            allowed = segment_mask(decoder_segment_ids, segment_ids, causal=False)  # (B, 1, T, Te)
+            allowed = segment_mask(decoder_segment_ids, segment_ids)  # (B, 1, T, Te)
         elif attention_mask is not None:
             allowed = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, Te)
         else:
