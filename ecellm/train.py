@@ -243,7 +243,7 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], seq2seq: bool) ->
                           weights=batch["loss_weights"], **packed)
 
 
-def forward_passes(d: "Dist", n_mine: int) -> int:
+def forward_passes(d: Dist, n_mine: int) -> int:
     """The most micro-batches any rank has: every rank runs that many forward passes (FSDP's collectives pair up)."""
     counts = d.sum(*[n_mine if r == d.rank else 0 for r in range(d.world)])
     return int(max(counts))
