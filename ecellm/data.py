@@ -425,8 +425,59 @@ def _pad(seqs: list[list[int]], value: int, side: str, multiple_of: int) -> torc
     return out
 
 
+LOSS_AVERAGES = ("example", "token")
+
+
+def loss_token_count(labels: list[int], seq2seq: bool) -> int:
+    """How many labels of one example carry loss: its T5 targets, or a decoder's labels after the first (position t
+    predicts token t+1, so label 0 is never a target)."""
+    return sum(label != IGNORE_INDEX for label in (labels if seq2seq else labels[1:]))
+
+
+def example_loss_weight(labels: list[int], loss_average: str, seq2seq: bool) -> int:
+    """An example's share of the step's loss normaliser: 1 per example with an answer ("example"), or its number of
+    loss tokens ("token"). The step loss is the sum of weighted token losses divided by the sum of these."""
+    n = loss_token_count(labels, seq2seq)
+    return min(n, 1) if loss_average == "example" else n
+
+
+def label_weights(labels: list[int], loss_average: str, seq2seq: bool) -> list[float]:
+    """The weight of each label's loss, aligned with `labels`.
+
+    "example" (the reference: micro-batch 1, so each example's loss is the mean over its own answer tokens and every
+    example weighs the same) gives each loss token 1/n, n being its example's loss tokens; "token" gives 1, so long
+    answers weigh more. Labels without loss get 0. The weights of one example sum to `example_loss_weight`.
+
+    Args:
+        labels: one example's labels (-100 where no loss is taken).
+        loss_average: "example" or "token".
+        seq2seq: T5 targets (every label counts) rather than decoder labels (label 0 never does).
+    Returns:
+        a list of len(labels) floats.
+    """
+    if loss_average not in LOSS_AVERAGES:
+        raise ValueError(f"loss_average must be one of {LOSS_AVERAGES}, got {loss_average!r}")
+    n = loss_token_count(labels, seq2seq)
+    weight = 1.0 / n if loss_average == "example" and n else 1.0
+    weights = [weight if label != IGNORE_INDEX else 0.0 for label in labels]
+    if not seq2seq and weights:
+        weights[0] = 0.0
+    return weights
+
+
+def _pad_floats(seqs: list[list[float]], side: str, multiple_of: int) -> torch.Tensor:
+    width = -(-max(len(s) for s in seqs) // multiple_of) * multiple_of
+    out = torch.zeros(len(seqs), width)
+    for i, s in enumerate(seqs):
+        if side == "right":
+            out[i, :len(s)] = torch.tensor(s)
+        else:
+            out[i, width - len(s):] = torch.tensor(s)
+    return out
+
+
 def collate(examples: list[dict], pad_id: int, padding_side: str = "right", multiple_of: int = 8,
-            seq2seq: bool = False) -> dict[str, torch.Tensor]:
+            seq2seq: bool = False, loss_average: str | None = None) -> dict[str, torch.Tensor]:
     """Pad a list of examples into a batch.
 
     Args:
@@ -435,9 +486,11 @@ def collate(examples: list[dict], pad_id: int, padding_side: str = "right", mult
         padding_side: "right" for training, "left" for generation (prompts end where generation starts).
         multiple_of: the padded length is rounded up to a multiple of this (8 in the paper).
         seq2seq: labels are T5 targets of their own length, right-padded with -100 independently of the inputs.
+        loss_average: "example" or "token" to add each label's loss weight (`label_weights`).
     Returns:
         input_ids (B, T) long, attention_mask (B, T) long (1 on tokens), labels (B, T) long with -100 on padding
-        ((B, T_target) for seq2seq) when the examples carry labels.
+        ((B, T_target) for seq2seq) when the examples carry labels, and with `loss_average` loss_weights float
+        shaped like labels (0 on padding).
     """
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
@@ -452,7 +505,11 @@ def collate(examples: list[dict], pad_id: int, padding_side: str = "right", mult
             for i, (a, b) in enumerate(zip(ids, labels)):
                 if len(a) != len(b):
                     raise ValueError(f"collate: example {i} has {len(a)} input_ids but {len(b)} labels")
-        batch["labels"] = _pad(labels, IGNORE_INDEX, "right" if seq2seq else padding_side, multiple_of)
+        label_side = "right" if seq2seq else padding_side
+        batch["labels"] = _pad(labels, IGNORE_INDEX, label_side, multiple_of)
+        if loss_average is not None:
+            weights = [label_weights(x, loss_average, seq2seq) for x in labels]
+            batch["loss_weights"] = _pad_floats(weights, label_side, multiple_of)
     return batch
 
 
@@ -503,6 +560,90 @@ class LengthGroupedBatchSampler:
             batches += [group[i:i + g] for i in range(0, len(group), g)]
         for b in rng.permutation(len(batches)):
             yield batches[b][self.rank::self.world_size].tolist()
+
+
+# --- packing ------------------------------------------------------------------------------------------------
+def _packed_length(example: dict, seq2seq: bool) -> int:
+    return max(len(example["input_ids"]), len(example["labels"])) if seq2seq else len(example["input_ids"])
+
+
+def pack_examples(examples: list[dict], budget: int, seq2seq: bool = False) -> list[list[dict]]:
+    """Group examples into rows of at most `budget` tokens, first fit in the given (shuffled) order.
+
+    Each example goes into the first row that still has room for it, else it opens a new row, so a row holds
+    examples in stream order and no example moves further than the rows the stream fills. An example longer than
+    the budget gets a row of its own. For T5 an example's length is the longer of its input and its target (the
+    encoder and the decoder rows are packed side by side).
+
+    Args:
+        examples: dicts with "input_ids" and "labels".
+        budget: the most tokens in one row.
+        seq2seq: T5 examples.
+    Returns:
+        the rows, each a list of examples.
+    """
+    rows: list[list[dict]] = []
+    room: list[int] = []
+    for ex in examples:
+        n = _packed_length(ex, seq2seq)
+        row = next((r for r, free in enumerate(room) if free >= n), None)
+        if row is None:
+            rows.append([])
+            room.append(budget)
+            row = len(rows) - 1
+        rows[row].append(ex)
+        room[row] -= n
+    return rows
+
+
+def _concat_segments(parts: list[list], pad, width: int) -> tuple[list, list[int]]:
+    """One packed row: the parts concatenated and padded to `width`, and each token's segment id (padding: one more
+    id, a segment of its own)."""
+    row = [x for part in parts for x in part]
+    segments = [i for i, part in enumerate(parts) for _ in part]
+    return row + [pad] * (width - len(row)), segments + [len(parts)] * (width - len(row))
+
+
+def _row_width(rows: list[list[list]], multiple_of: int) -> int:
+    return -(-max(sum(map(len, parts)) for parts in rows) // multiple_of) * multiple_of
+
+
+def collate_packed(rows: list[list[dict]], pad_id: int, multiple_of: int = 8, seq2seq: bool = False,
+                   loss_average: str = "example") -> dict[str, torch.Tensor]:
+    """Concatenate each row's examples into one sequence, with the segment ids that keep them apart.
+
+    The models attend only within a segment and restart positions at 0 in each (see their `segment_ids`), so each
+    example gets the logits it would get alone; loss weights are computed per example (`label_weights`). A decoder
+    example's first label is set to -100 (it is a prompt token, never a target), so no position predicts the next
+    example's first token. Rows are right-padded to a common length; padding is a segment of its own.
+
+    Args:
+        rows: from `pack_examples`; each a non-empty list of examples with "input_ids" and "labels".
+        pad_id: the id written into padding.
+        multiple_of: the row length is rounded up to a multiple of this.
+        seq2seq: T5 examples: inputs and targets are packed side by side, example i being segment i of both.
+        loss_average: "example" or "token".
+    Returns:
+        input_ids (R, T), segment_ids (R, T), labels (R, T) (T5: (R, T_target)), loss_weights shaped like labels,
+        and for T5 decoder_segment_ids (R, T_target).
+    """
+    if not rows or not all(rows):
+        raise ValueError("collate_packed: no rows, or an empty row")
+    inputs = [[ex["input_ids"] for ex in row] for row in rows]
+    labels = [[ex["labels"] if seq2seq else [IGNORE_INDEX] + ex["labels"][1:] for ex in row] for row in rows]
+    weights = [[label_weights(x, loss_average, seq2seq) for x in row] for row in labels]
+    width, label_width = _row_width(inputs, multiple_of), _row_width(labels, multiple_of)
+    ids, segments = zip(*(_concat_segments(parts, pad_id, width) for parts in inputs))
+    targets, target_segments = zip(*(_concat_segments(parts, IGNORE_INDEX, label_width) for parts in labels))
+    batch = {
+        "input_ids": torch.tensor(ids),
+        "segment_ids": torch.tensor(segments),
+        "labels": torch.tensor(targets),
+        "loss_weights": torch.tensor([_concat_segments(parts, 0.0, label_width)[0] for parts in weights]),
+    }
+    if seq2seq:
+        batch["decoder_segment_ids"] = torch.tensor(target_segments)
+    return batch
 
 
 # --- sampling for studies -----------------------------------------------------------------------------------

@@ -5,8 +5,12 @@
 
 Distributed runs shard every transformer block and then the root with FSDP2 (`fully_shard`) over a 1-D device mesh:
 nccl on GPUs, gloo on CPU. In bf16, base weights are stored and computed in bf16 while LoRA weights, gradient
-reduction and optimizer state stay fp32. The loss is averaged over answer tokens across micro-batches and ranks, so
-N ranks make the same update as one process with the same global batch.
+reduction and optimizer state stay fp32. The loss is averaged per example by default (each example's mean over its
+answer tokens, then the mean over the step's examples, as the reference's micro-batch-1 training weighs them) or
+over all answer tokens (`--loss-average token`); either way the normaliser is summed over micro-batches and ranks,
+so N ranks make the same update as one process with the same global batch. `--pack N` concatenates the step's
+examples into rows of up to N tokens, each example attending only to itself: the same loss and gradients, less
+padding.
 
 Checkpoints (`out/checkpoints/step_N/`) hold the adapter in PEFT format, the optimizer's tensors in safetensors and
 the step, scheduler and RNG states in JSON (nothing is unpickled); they are written to a temporary directory and
@@ -41,7 +45,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import lora
-from .data import IGNORE_INDEX, LengthGroupedBatchSampler, build_examples, collate, load_records, sample_per_task
+from .data import (
+    LOSS_AVERAGES,
+    LengthGroupedBatchSampler,
+    build_examples,
+    collate,
+    collate_packed,
+    example_loss_weight,
+    load_records,
+    loss_token_count,
+    pack_examples,
+    sample_per_task,
+)
 from .models import causal_lm_loss, from_pretrained, seq2seq_lm_loss
 from .models.loading import CheckpointError as RefusedWeights
 from .tokenizer import load_tokenizer
@@ -69,12 +84,14 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     epochs: int = 3
     global_batch: int = 128  # examples per optimizer step, over all ranks and micro-batches
-    micro_batch: int = 1  # examples per forward pass on one rank
+    micro_batch: int = 1  # examples per forward pass on one rank (not used with pack_tokens)
+    pack_tokens: int = 0  # --pack: concatenate examples into rows of up to N tokens, one row per forward (0: off)
+    loss_average: str = "example"  # "example": each example weighs the same (the paper); "token": each answer token
     max_steps: int = 0  # stop after this many optimizer steps (0: train all epochs)
     dtype: str = "bf16"  # "bf16" or "fp32" ("fp32" for CPUs)
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
     activation_checkpointing: bool = False
-    group_by_length: bool = True  # batch examples of similar length together (less padding)
+    group_by_length: bool = False  # batch examples of similar length together (less padding; the paper: random)
     eval_every: int = 0  # evaluate every N steps (0: at the end of each epoch)
     checkpoint_every: int = 50  # checkpoint every N steps (and at each epoch end)
     keep_checkpoints: int = 2  # how many of the latest checkpoints to keep (0: all)
@@ -248,25 +265,48 @@ def load_examples(config: TrainConfig, tokenizer, template: str, seq2seq: bool, 
             f"{split}: all {len(records)} records in {config.data} were dropped as longer than max_len={config.max_len}"
         )
     for ex in examples:
-        labels = ex["labels"] if seq2seq else ex["labels"][1:]  # decoder label t is predicted from position t-1
-        ex["n_loss_tokens"] = sum(label != IGNORE_INDEX for label in labels)
+        ex["n_loss_tokens"] = loss_token_count(ex["labels"], seq2seq)
+        ex["loss_weight"] = example_loss_weight(ex["labels"], config.loss_average, seq2seq)
     return examples
 
 
-def micro_batches(examples: list[dict], indices: list[int], size: int) -> list[list[dict]]:
-    """Split one rank's share of a step into micro-batches, longest first (similar lengths pad little)."""
+def micro_batches(
+    examples: list[dict], indices: list[int], size: int, pack_tokens: int, seq2seq: bool
+) -> list[list[dict]]:
+    """Split one rank's share of a step into micro-batches: packed rows of up to `pack_tokens` tokens filled in the
+    given order, or else `size` examples each, longest first (similar lengths pad little)."""
+    if pack_tokens:
+        return pack_examples([examples[i] for i in indices], pack_tokens, seq2seq)
     ordered = sorted(indices, key=lambda i: -len(examples[i]["input_ids"]))
     return [[examples[i] for i in ordered[s : s + size]] for s in range(0, len(ordered), size)]
+
+
+def make_batch(examples: list[dict], config: TrainConfig, pad_id: int, seq2seq: bool) -> dict[str, torch.Tensor]:
+    """One micro-batch as tensors: a packed row (`--pack`), or examples padded to a multiple of 8 (the paper)."""
+    if config.pack_tokens:
+        return collate_packed([examples], pad_id, 8, seq2seq, config.loss_average)
+    return collate(examples, pad_id, "right", 8, seq2seq, loss_average=config.loss_average)
 
 
 # --- the loss -----------------------------------------------------------------------------------------------------
 
 
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], seq2seq: bool) -> torch.Tensor:
-    """Summed token cross-entropy of one micro-batch (divided later by the step's token count)."""
+    """Weighted sum of the token cross-entropies of one micro-batch (divided later by the step's total example
+    weight, summed over micro-batches and ranks; see `ecellm.data.label_weights`)."""
+    packed = {"segment_ids": batch.get("segment_ids")}
     if seq2seq:
-        return seq2seq_lm_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], reduction="sum")
-    return causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"], reduction="sum")
+        packed["decoder_segment_ids"] = batch.get("decoder_segment_ids")
+        return seq2seq_lm_loss(model, batch["input_ids"], batch.get("attention_mask"), batch["labels"],
+                               reduction="sum", weights=batch["loss_weights"], **packed)
+    return causal_lm_loss(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), reduction="sum",
+                          weights=batch["loss_weights"], **packed)
+
+
+def forward_passes(d: Dist, n_mine: int) -> int:
+    """The most micro-batches any rank has: every rank runs that many forward passes (FSDP's collectives pair up)."""
+    counts = d.sum(*[n_mine if r == d.rank else 0 for r in range(d.world)])
+    return int(max(counts))
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
@@ -617,6 +657,10 @@ def _train(config: TrainConfig, d: Dist) -> dict:
 
     if config.dtype not in ("bf16", "fp32"):
         raise TrainingError(f"dtype must be 'bf16' or 'fp32', got {config.dtype!r}")
+    if config.loss_average not in LOSS_AVERAGES:
+        raise TrainingError(f"loss_average must be one of {LOSS_AVERAGES}, got {config.loss_average!r}")
+    if config.pack_tokens < 0:
+        raise TrainingError(f"pack_tokens must be >= 0 (0: no packing), got {config.pack_tokens}")
     if config.global_batch % (d.world * config.micro_batch):
         raise TrainingError(
             f"global_batch {config.global_batch} must be a multiple of world_size x micro_batch "
@@ -706,25 +750,26 @@ def _train(config: TrainConfig, d: Dist) -> dict:
     def to_device(batch: dict) -> dict:
         return {k: v.to(d.device) for k, v in batch.items()}
 
+    def batch_of(examples: list[dict]) -> dict:
+        return to_device(make_batch(examples, config, tokenizer.pad_id, seq2seq))
+
     @torch.no_grad()
     def validation_loss() -> float:
         model.eval()
         mine = list(range(d.rank, len(val_examples), d.world))
-        n_batches = math.ceil(math.ceil(len(val_examples) / d.world) / config.micro_batch)
-        batches = micro_batches(val_examples, mine, config.micro_batch)
-        total_loss = total_tokens = 0.0
-        for i in range(n_batches):  # the same number of forward passes on every rank (FSDP needs it)
+        batches = micro_batches(val_examples, mine, config.micro_batch, config.pack_tokens, seq2seq)
+        total_loss = total_weight = 0.0
+        for i in range(forward_passes(d, len(batches))):  # the same number on every rank (FSDP needs it)
             if i < len(batches):
-                batch = to_device(collate(batches[i], tokenizer.pad_id, "right", 8, seq2seq))
-                total_loss += loss_sum(model, batch, seq2seq).item()
-                total_tokens += sum(ex["n_loss_tokens"] for ex in batches[i])
+                total_loss += loss_sum(model, batch_of(batches[i]), seq2seq).item()
+                total_weight += sum(ex["loss_weight"] for ex in batches[i])
             else:
-                loss_sum(model, to_device(collate(val_examples[:1], tokenizer.pad_id, "right", 8, seq2seq)), seq2seq)
+                loss_sum(model, batch_of(val_examples[:1]), seq2seq)
         if d.mesh is not None:
             model.reshard()  # no backward follows to free the root's gathered parameters
         model.train()
-        total_loss, total_tokens = d.sum(total_loss, total_tokens)
-        return total_loss / max(total_tokens, 1.0)
+        total_loss, total_weight = d.sum(total_loss, total_weight)
+        return total_loss / max(total_weight, 1.0)
 
     def evaluate_and_keep_best(epoch: int) -> None:
         nonlocal best_val, best_step
@@ -762,21 +807,25 @@ def _train(config: TrainConfig, d: Dist) -> dict:
                 sampler.set_epoch(epoch)
                 epoch_batches, batches_epoch = list(sampler), epoch
             step_indices = epoch_batches[position]  # this rank's examples of this step
-            batches = micro_batches(train_examples, step_indices, config.micro_batch)
-            local_tokens = sum(ex["n_loss_tokens"] for batch in batches for ex in batch)
-            (step_tokens,) = d.sum(local_tokens)
+            batches = micro_batches(train_examples, step_indices, config.micro_batch, config.pack_tokens, seq2seq)
+            mine = [ex for batch in batches for ex in batch]
+            step_tokens, step_weight = d.sum(sum(ex["n_loss_tokens"] for ex in mine),
+                                             sum(ex["loss_weight"] for ex in mine))
+            n_passes = forward_passes(d, len(batches))  # packed rows differ in number between ranks
             step_loss = 0.0
-            for i, examples in enumerate(batches):
+            for i in range(n_passes):
                 if d.mesh is not None:
-                    model.set_requires_gradient_sync(i == len(batches) - 1)
-                batch = to_device(collate(examples, tokenizer.pad_id, "right", 8, seq2seq))
-                loss = loss_sum(model, batch, seq2seq)
+                    model.set_requires_gradient_sync(i == n_passes - 1)
+                if i < len(batches):
+                    loss = loss_sum(model, batch_of(batches[i]), seq2seq)
+                else:  # a rank with fewer rows joins the others' passes with a zero loss
+                    loss = 0.0 * loss_sum(model, batch_of(batches[0]), seq2seq)
                 # FSDP averages gradients over ranks; scaling by world size turns that into a sum, so the
                 # update equals one process's on the same global batch.
-                (loss * (d.world / max(step_tokens, 1.0))).backward()
+                (loss * (d.world / max(step_weight, 1.0))).backward()
                 step_loss += loss.item()
             (step_loss,) = d.sum(step_loss)
-            step_loss /= max(step_tokens, 1.0)
+            step_loss /= max(step_weight, 1.0)
             if not math.isfinite(step_loss):
                 last, _ = latest_checkpoint(out)  # read in full, its adapter and optimizer state finite
                 raise TrainingError(
@@ -854,16 +903,19 @@ def _train(config: TrainConfig, d: Dist) -> dict:
 # --- command line -------------------------------------------------------------------------------------------------
 
 
+SHORT_FLAGS = {"pack_tokens": ["--pack"]}  # extra names of some flags
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """A `TrainConfig` from command-line flags, one per field (`--lora-r 16`, `--no-group-by-length`, ...)."""
     parser = argparse.ArgumentParser(prog="python -m ecellm.train", description=__doc__.split("\n")[0])
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *SHORT_FLAGS.get(f.name, [])]
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(flag, type=kind, default=f.default, help=f"default: {f.default!r}")
+            parser.add_argument(*flags, type=kind, default=f.default, help=f"default: {f.default!r}")
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 

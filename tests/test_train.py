@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("train")
     # Answers of very different lengths (a letter, yes/no, a sentence), so ranks and micro-batches carry different
-    # numbers of loss tokens and only a token-weighted loss makes N ranks equal one process.
+    # numbers of loss tokens and only a normaliser summed over the whole step makes N ranks equal one process.
     tasks = ["SR", "PM", "AG"]
     model = make_tiny_checkpoint(base / "model", tasks=tasks)
     write_dataset(base / "data", n_per_task=16, n_eval_per_task=4, seed=0, tasks=tasks)
@@ -129,9 +129,17 @@ def assert_same_run(one: Path, two: Path) -> None:
     assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)  # it did train
 
 
-def test_two_fsdp_ranks_equal_one_process(setup, reference, tmp_path):
-    finish(launch(config(setup, tmp_path / "two"), nproc=2))
-    assert_same_run(reference, tmp_path / "two")
+@pytest.mark.parametrize(
+    "loss_average, pack_tokens", [("example", 0), ("token", 0), ("example", 700), ("token", 700)]
+)
+def test_two_fsdp_ranks_equal_one_process(setup, tmp_path, loss_average, pack_tokens):
+    """Under both loss weightings, unpacked and packed (rows of 1-3 examples: in 9 of the 12 steps the two ranks run
+    different numbers of rows, and one process packs the step's 8 examples differently from two ranks' 4 each)."""
+    overrides = dict(loss_average=loss_average, pack_tokens=pack_tokens)
+    single = train(config(setup, tmp_path / "one", **overrides))
+    finish(launch(config(setup, tmp_path / "two", **overrides), nproc=2))
+    assert single["total_steps"] == 12
+    assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
 def test_t5_two_fsdp_ranks_equal_one_process(tmp_path):
@@ -181,6 +189,30 @@ def test_resume_refuses_a_checkpoint_of_another_world_size(setup, reference, tmp
 def test_all_records_too_long_is_explained(setup, tmp_path):
     with pytest.raises(TrainingError, match="train: all 48 records .* dropped as longer than max_len=8"):
         train(config(setup, tmp_path, max_len=8))
+
+
+def test_packed_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
+    """A packed run stopped by SIGTERM after its 3rd step and resumed ends exactly where an uninterrupted one does."""
+    packed = dict(pack_tokens=700, checkpoint_every=100, epochs=1)
+    reference = train(config(setup, tmp_path / "ref", **packed))
+    real, calls = train_mod.loss_sum, {"n": 0}
+
+    def signalled(model, batch, seq2seq):
+        calls["n"] += 1
+        if calls["n"] == 5:  # inside step 2 (the step's 8 examples make 3-4 rows)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, batch, seq2seq)
+
+    monkeypatch.setattr(train_mod, "loss_sum", signalled)
+    stopped = train(config(setup, tmp_path / "run", **packed))
+    monkeypatch.undo()
+    assert stopped["stopped_by"] == "SIGTERM" and 0 < stopped["steps"] < reference["total_steps"]
+    resumed = train(config(setup, tmp_path / "run", resume=True, **packed))
+    assert resumed["steps"] == reference["total_steps"]
+    assert step_losses(tmp_path / "run") == step_losses(tmp_path / "ref")
+    a, b = adapter(tmp_path / "ref"), adapter(tmp_path / "run")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)  # exact
 
 
 def assert_resumed_exactly(run: Path, reference: Path) -> None:
@@ -264,9 +296,24 @@ def test_loss_falls_on_learnable_task(setup, tmp_path):
 
 
 def test_cli_flags_cover_every_field():
-    cfg = train_mod.parse_args(["--lora-r", "4", "--no-group-by-length", "--lr", "0.5", "--data", "d"])
-    assert (cfg.lora_r, cfg.group_by_length, cfg.lr, cfg.data) == (4, False, 0.5, "d")
+    cfg = train_mod.parse_args(["--lora-r", "4", "--group-by-length", "--lr", "0.5", "--data", "d", "--pack", "4096"])
+    assert (cfg.lora_r, cfg.group_by_length, cfg.lr, cfg.data, cfg.pack_tokens) == (4, True, 0.5, "d", 4096)
+    assert train_mod.parse_args(["--pack-tokens", "64", "--loss-average", "token"]).pack_tokens == 64
     assert TrainConfig() == train_mod.parse_args([])
+
+
+def test_defaults_are_the_papers_recipe():
+    """Random batches and per-example loss, as the reference's micro-batch-1 training; no packing."""
+    assert TrainConfig().group_by_length is False
+    assert TrainConfig().loss_average == "example"
+    assert TrainConfig().pack_tokens == 0
+
+
+def test_bad_loss_average_and_pack_are_explained(setup, tmp_path):
+    with pytest.raises(TrainingError, match="loss_average must be one of"):
+        train(config(setup, tmp_path, loss_average="mean"))
+    with pytest.raises(TrainingError, match="pack_tokens must be >= 0"):
+        train(config(setup, tmp_path, pack_tokens=-1))
 
 
 def test_bad_global_batch_is_explained(setup, tmp_path):

@@ -116,6 +116,74 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's position within its segment of a packed row: 0 at a segment's first token, then 1, 2, ...
+
+    Args:
+        segment_ids: (B, T) integer ids; a segment is a run of equal ids.
+    Returns:
+        (B, T) long.
+    """
+    B, T = segment_ids.shape
+    index = torch.arange(T, device=segment_ids.device).expand(B, T)
+    first = torch.ones_like(segment_ids, dtype=torch.bool)
+    first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    starts = torch.where(first, index, 0).cummax(dim=-1).values  # (B, T) index of each token's segment start
+    return index - starts
+
+
+def segment_mask(query_segments: torch.Tensor, key_segments: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal attention mask of packed rows: a query sees only the keys of its own segment.
+
+    Args:
+        query_segments: (B, T) segment ids of the queries; key_segments: (B, S) of the keys.
+    Returns:
+        (B, 1, T, S) bool, True where a query may attend.
+    """
+    return (query_segments[:, :, None] == key_segments[:, None, :])[:, None]
+
+
+@dataclass
+class PackedSegments:
+    """Where the segments of packed rows start and end, in the rows flattened one after another (B * T tokens).
+
+    Attributes:
+        cu_seqlens: (N + 1,) int32 offsets: segment i is tokens cu_seqlens[i] .. cu_seqlens[i+1]-1 (the form flash
+            attention's variable-length kernel takes).
+        bounds: the same offsets as a list of ints.
+        max_len: the longest segment.
+    """
+
+    cu_seqlens: torch.Tensor
+    bounds: list[int]
+    max_len: int
+
+    @classmethod
+    def from_segment_ids(cls, segment_ids: torch.Tensor) -> "PackedSegments":
+        """Segments of (B, T) ids, flattened row after row (a row's start always starts a segment)."""
+        starts = (segment_positions(segment_ids) == 0).flatten()  # (B * T,)
+        offsets = torch.nonzero(starts).flatten()
+        end = torch.tensor([starts.numel()], device=offsets.device)
+        cu_seqlens = torch.cat((offsets, end)).to(torch.int32)
+        bounds = cu_seqlens.tolist()
+        return cls(cu_seqlens, bounds, max(b - a for a, b in zip(bounds, bounds[1:])))
+
+
+def use_varlen_attention(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether packed rows run on flash attention's variable-length kernel: CUDA, half precision, head size <= 256.
+
+    Elsewhere (CPU, fp32) attention runs segment by segment with SDPA's causal kernel; both compute only the
+    scores within segments, which a block-diagonal mask would compute for the whole row and then discard.
+    """
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or head_dim > 256:
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @dataclass
 class AttentionInputs:
     """What every attention layer of one forward pass shares.
@@ -124,12 +192,16 @@ class AttentionInputs:
         cos, sin: (B, T, rotary_dim) rotary tables for the query positions.
         mask: (B, 1, T, S) bool, True where a query may attend to a key; None means plain causal attention.
         cache: the KV cache when decoding incrementally, else None.
+        segments: packed rows' segments: causal attention within each, in place of `mask`.
+        sliding_window: the window applied within segments (a `mask` carries its own).
     """
 
     cos: torch.Tensor
     sin: torch.Tensor
     mask: torch.Tensor | None
     cache: KVCache | None = None
+    segments: PackedSegments | None = None
+    sliding_window: int | None = None
 
 
 def attend(
@@ -150,12 +222,50 @@ def attend(
     if inputs.cache is not None:
         k, v = inputs.cache.update(layer, k, v)  # (B, nkv, S, hs)
     gqa = q.shape[1] != k.shape[1]
+    if inputs.segments is not None:
+        return _packed_attend(q, k, v, inputs, scale, gqa)
     if inputs.mask is None:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale, enable_gqa=gqa)
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, scale=scale, enable_gqa=gqa)
     B, nh, T, hs = y.shape
     return y.transpose(1, 2).reshape(B, T, nh * hs)
+
+
+def _packed_attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs, scale: float | None, gqa: bool
+) -> torch.Tensor:
+    """Causal attention within each segment of packed rows (with the sliding window, if any); (B, T, nh * hs).
+
+    On CUDA in half precision, flash attention's variable-length kernel does all segments in one launch; elsewhere
+    SDPA runs once per segment.
+    """
+    B, nh, T, hs = q.shape
+    segments, window = inputs.segments, inputs.sliding_window
+    if use_varlen_attention(q.device, q.dtype, hs):
+        from torch.nn.attention.varlen import varlen_attn
+
+        flat = lambda x: x.transpose(1, 2).reshape(B * T, x.shape[1], hs)  # (B * T, heads, hs)
+        left = -1 if window is None else window - 1  # a query sees keys q-left .. q
+        y = varlen_attn(
+            flat(q), flat(k), flat(v), segments.cu_seqlens, segments.cu_seqlens, segments.max_len, segments.max_len,
+            scale=scale, window_size=(left, 0), enable_gqa=gqa,
+        )  # (B * T, nh, hs)
+        return y.reshape(B, T, nh * hs)
+    flat = lambda x: x.transpose(0, 1).reshape(1, x.shape[1], B * T, hs)  # (1, heads, B * T, hs)
+    q, k, v = flat(q), flat(k), flat(v)
+    parts = []
+    for start, end in zip(segments.bounds, segments.bounds[1:]):
+        L = end - start
+        mask = None
+        if window is not None and L > window:
+            mask = build_attention_mask(torch.ones(1, L, dtype=torch.bool, device=q.device), 0, L, window)
+        qs, ks, vs = q[:, :, start:end], k[:, :, start:end], v[:, :, start:end]
+        parts.append(F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=mask, is_causal=mask is None and L > 1, scale=scale, enable_gqa=gqa
+        ))  # (1, nh, L, hs)
+    y = torch.cat(parts, dim=2)[0]  # (nh, B * T, hs)
+    return y.transpose(0, 1).reshape(B, T, nh * hs)
 
 
 def build_attention_mask(
@@ -247,26 +357,44 @@ class DecoderOnlyLM(nn.Module):
             mask = build_attention_mask(key_padding, query_start, T, window)
         return AttentionInputs(cos, sin, mask, cache)
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-norm hidden states of a full sequence.
+    def _packed_attention_inputs(self, segment_ids: torch.Tensor, dtype: torch.dtype) -> AttentionInputs:
+        """Rotary tables at per-segment positions and causal attention within each segment, for packed rows."""
+        c = self.config
+        cos, sin = rope_cos_sin(segment_positions(segment_ids), c.rotary_dim, c.rope_theta, c.rope_scaling_factor, dtype)
+        segments = PackedSegments.from_segment_ids(segment_ids)
+        return AttentionInputs(cos, sin, None, segments=segments, sliding_window=c.sliding_window)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states of a full sequence, or of packed rows.
 
         Positions are 0..T-1 for every row, as in the reference implementation's forward. With right padding
         (training batches) the padding is invisible to real tokens under the causal mask, so the mask is dropped
-        and SDPA's causal fast path is used; any other padding is masked explicitly.
+        and SDPA's causal fast path is used; any other padding is masked explicitly. Packed rows (`segment_ids`)
+        restart positions at 0 in each segment and attend only within it, so each segment gets the hidden states
+        it would get alone.
 
         Args:
             input_ids: (B, T) token ids.
-            attention_mask: (B, T) 1 for real tokens, 0 for padding; None means no padding.
+            attention_mask: (B, T) 1 for real tokens, 0 for padding; None means no padding. Not needed with
+                `segment_ids` (padding there is a segment of its own).
+            segment_ids: optional (B, T) ids of the example each token belongs to, in contiguous runs.
         Returns:
             (B, T, H).
         """
         B, T = input_ids.shape
+        dtype = self.model.embed_tokens.weight.dtype
+        if segment_ids is not None:
+            return self.model(input_ids, self._packed_attention_inputs(segment_ids, dtype))
         position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         key_padding = None
         if attention_mask is not None and not _is_right_padded(attention_mask):
             key_padding = attention_mask.bool()
-        inputs = self._attention_inputs(position_ids, key_padding, 0, None, self.model.embed_tokens.weight.dtype)
-        return self.model(input_ids, inputs)
+        return self.model(input_ids, self._attention_inputs(position_ids, key_padding, 0, None, dtype))
 
     def forward(
         self,
@@ -274,6 +402,7 @@ class DecoderOnlyLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         *,
         positions: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits of every position, or only of the selected ones.
 
@@ -282,10 +411,11 @@ class DecoderOnlyLM(nn.Module):
             attention_mask: (B, T) 1 for real tokens, 0 for padding.
             positions: optional (B, T) bool; when given, the vocabulary projection runs only where it is True
                 (training needs logits only where a label exists).
+            segment_ids: optional (B, T) for packed rows, see `hidden_states`.
         Returns:
             (B, T, V) logits, or (N, V) for the N selected positions in row-major order.
         """
-        hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, H)
+        hidden = self.hidden_states(input_ids, attention_mask, segment_ids)  # (B, T, H)
         if positions is not None:
             hidden = hidden[positions]  # (N, H)
         return self.lm_head(hidden)
@@ -363,6 +493,10 @@ __all__ = [
     "apply_rope",
     "KVCache",
     "AttentionInputs",
+    "segment_positions",
+    "segment_mask",
+    "PackedSegments",
+    "use_varlen_attention",
     "attend",
     "build_attention_mask",
     "GatedMLP",

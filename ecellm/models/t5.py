@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import config as cfg
-from .layers import KVCache, RMSNorm, activation
+from .layers import KVCache, RMSNorm, activation, segment_mask
 
 
 # config.json fields that must be positive integers when present
@@ -305,14 +305,23 @@ class T5Stack(nn.Module):
         self.final_layer_norm = RMSNorm(c.d_model, c.layer_norm_epsilon)
 
     def self_attention_bias(
-        self, query_start: int, T: int, key_padding: torch.Tensor | None, dtype: torch.dtype
+        self,
+        query_start: int,
+        T: int,
+        key_padding: torch.Tensor | None,
+        dtype: torch.dtype,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Block 0's relative-position bias with the causal (decoder) and padding masks folded in.
+        """Block 0's relative-position bias with the causal (decoder), padding and packing masks folded in.
+
+        In a packed row the bias of a query and a key of the same segment depends only on their distance, which
+        equals their distance within the segment, so only the mask between segments is added.
 
         Args:
             query_start: position of the first query (the cache length when decoding).
             T: number of queries.
             key_padding: (B, S) with 1/True for real tokens, S = query_start + T; None means no padding.
+            segment_ids: (B, T) packed-row segment ids (no cache); None for unpacked rows.
         Returns:
             (1 or B, nh, T, S) float bias, finfo.min where a query may not attend.
         """
@@ -325,6 +334,9 @@ class T5Stack(nn.Module):
         if key_padding is not None:
             real = key_padding.bool()[:, None, None, :]  # (B, 1, 1, S)
             allowed = real if allowed is None else allowed & real  # (B, 1, T, S)
+        if segment_ids is not None:
+            same = segment_mask(segment_ids, segment_ids)  # (B, 1, T, T)
+            allowed = same if allowed is None else allowed & same
         if allowed is None:
             return bias
         return torch.where(allowed, bias, torch.finfo(dtype).min)
@@ -335,6 +347,7 @@ class T5Stack(nn.Module):
         key_padding: torch.Tensor | None = None,
         cross: CrossAttentionInputs | None = None,
         cache: KVCache | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the stack.
 
@@ -343,12 +356,13 @@ class T5Stack(nn.Module):
             key_padding: (B, S) 1 for real tokens, 0 for padding (S = T, or cache length + T when decoding).
             cross: the encoder's keys/values (decoder only).
             cache: the decoder's KV cache when decoding incrementally; queries start at its length.
+            segment_ids: (B, T) packed-row segment ids: tokens attend only within their segment.
         Returns:
             (B, T, d) hidden states after the final norm.
         """
         query_start = 0 if cache is None else cache.length
         x = self.embed_tokens(input_ids)  # (B, T, d)
-        bias = self.self_attention_bias(query_start, input_ids.shape[1], key_padding, x.dtype)
+        bias = self.self_attention_bias(query_start, input_ids.shape[1], key_padding, x.dtype, segment_ids)
         for i, block in enumerate(self.block):
             x = block(x, bias, cross, cache, i)
         return self.final_layer_norm(x)
@@ -378,28 +392,41 @@ class T5ForConditionalGeneration(nn.Module):
         if c.tie_word_embeddings:
             self.lm_head.weight = self.shared.weight
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The encoder's output.
 
         Args:
             input_ids: (B, Te) token ids, padded on either side.
             attention_mask: (B, Te) 1 for real tokens, 0 for padding; None means no padding.
+            segment_ids: (B, Te) packed-row segment ids; None for unpacked rows.
         Returns:
             (B, Te, d) after the encoder's final norm.
         """
-        return self.encoder(input_ids, attention_mask)
+        return self.encoder(input_ids, attention_mask, segment_ids=segment_ids)
 
     def cross_attention_inputs(
-        self, encoder_out: torch.Tensor, attention_mask: torch.Tensor | None
+        self,
+        encoder_out: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        segment_ids: torch.Tensor | None = None,
+        decoder_segment_ids: torch.Tensor | None = None,
     ) -> CrossAttentionInputs:
-        """Every decoder layer's keys/values of the encoder output (B, Te, d), and the encoder padding bias."""
+        """Every decoder layer's keys/values of the encoder output (B, Te, d), and the cross-attention bias: the
+        encoder padding, or for packed rows decoder segment i seeing only encoder segment i."""
         kv = [block.layer[1].EncDecAttention.project_kv(encoder_out) for block in self.decoder.block]
-        bias = None
-        if attention_mask is not None:
-            real = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, Te)
-            zero = torch.zeros((), dtype=encoder_out.dtype, device=encoder_out.device)
-            bias = torch.where(real, zero, torch.finfo(encoder_out.dtype).min)
-        return CrossAttentionInputs(kv, bias)
+        if decoder_segment_ids is not None:
+            allowed = segment_mask(decoder_segment_ids, segment_ids)  # (B, 1, T, Te)
+        elif attention_mask is not None:
+            allowed = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, Te)
+        else:
+            return CrossAttentionInputs(kv, None)
+        zero = torch.zeros((), dtype=encoder_out.dtype, device=encoder_out.device)
+        return CrossAttentionInputs(kv, torch.where(allowed, zero, torch.finfo(encoder_out.dtype).min))
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.config.scale_decoder_outputs:
@@ -414,20 +441,27 @@ class T5ForConditionalGeneration(nn.Module):
         decoder_attention_mask: torch.Tensor | None = None,
         *,
         positions: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        decoder_segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decoder logits (teacher forcing).
 
         Args:
             input_ids: (B, Te) encoder token ids.
-            decoder_input_ids: (B, T) decoder token ids, starting with `decoder_start_token_id`.
+            decoder_input_ids: (B, T) decoder token ids, starting with `decoder_start_token_id` (in a packed row,
+                every decoder segment starts with it).
             attention_mask: (B, Te) 1 for real encoder tokens, 0 for padding.
             decoder_attention_mask: (B, T) 1 for real decoder tokens, 0 for padding (causal masking is always on).
             positions: optional (B, T) bool; when given, the vocabulary projection runs only where it is True.
+            segment_ids, decoder_segment_ids: packed rows, (B, Te) and (B, T): example i's encoder tokens carry
+                the same id as its decoder tokens; each attends only within its example, so every example gets
+                the logits it would get alone. Padding takes an id of its own; the masks are then not needed.
         Returns:
             (B, T, V) logits, or (N, V) for the N selected positions in row-major order.
         """
-        cross = self.cross_attention_inputs(self.encode(input_ids, attention_mask), attention_mask)
-        hidden = self.decoder(decoder_input_ids, decoder_attention_mask, cross)  # (B, T, d)
+        encoder_out = self.encode(input_ids, attention_mask, segment_ids)
+        cross = self.cross_attention_inputs(encoder_out, attention_mask, segment_ids, decoder_segment_ids)
+        hidden = self.decoder(decoder_input_ids, decoder_attention_mask, cross, segment_ids=decoder_segment_ids)
         if positions is not None:
             hidden = hidden[positions]  # (N, d)
         return self._logits(hidden)
