@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import lora
+from . import lora, peft_format
 from .data import (
     LOSS_AVERAGES,
     LengthGroupedBatchSampler,
@@ -470,7 +470,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str
     Raises:
         CheckpointError: a missing, truncated or unreadable file, a missing field, or a non-finite tensor.
     """
-    adapter_weights = f"adapter/{lora.ADAPTER_WEIGHTS}"
+    adapter_weights = f"adapter/{peft_format.ADAPTER_WEIGHTS}"
     readers = {
         TRAINER_JSON: lambda file: json.loads(file.read_text()),
         "adapter/adapter_config.json": lambda file: json.loads(file.read_text()),
