@@ -9,7 +9,8 @@ back. Adapter files in the PEFT on-disk format are `ecellm.peft_format` (`save_a
 plain fp32 Parameters `lora_A` / `lora_B`. Everything else in the model is frozen.
 
 Precision: the LoRA path runs in the LoRA dtype (fp32): the input is cast to it, and the (B, T, out) update is cast to
-the base output's dtype and added there. A bf16 base thus trains fp32 LoRA weights, as the paper's recipe does.
+the base output's dtype and added there. A bf16 base thus trains fp32 LoRA weights (the reference
+code's peft 0.7.1 kept them in bf16: see the README's "Differences from the reference code").
 """
 
 from __future__ import annotations
