@@ -500,5 +500,4 @@ class T5ForConditionalGeneration(nn.Module):
             (B, V) logits.
         """
         hidden = self.decoder(tokens[:, None], cross=state.cross, cache=state.cache)  # (B, 1, d)
-        state.cache.length += 1
         return self._logits(hidden[:, -1])
