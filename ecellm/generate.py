@@ -9,11 +9,34 @@ encoder-decoder families share it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from .data import collate
+
+
+class IncrementalDecoder(Protocol):
+    """What `generate` needs of a model: its config (for `eos_token_id`) and two decoding calls."""
+
+    config: Any
+
+    def start_decoding(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int
+    ) -> tuple[Any, torch.Tensor]:
+        """Run the prompts once and allocate the caches.
+
+        Args:
+            input_ids: (B, T) prompt ids, padded as the family expects (left for decoder-only models).
+            attention_mask: (B, T) 1 for real tokens; None means no padding.
+            max_new_tokens: room to reserve in the caches.
+        Returns:
+            the model's decoding state and the logits (B, V) of each row's first new token.
+        """
+
+    def decode_step(self, state: Any, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed `tokens` (B,), the tokens just chosen, advance `state` in place, return the next logits (B, V)."""
 
 
 def _choose(
@@ -34,7 +57,7 @@ def _choose(
 
 @torch.inference_mode()
 def generate(
-    model: nn.Module,
+    model: IncrementalDecoder,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
@@ -48,7 +71,7 @@ def generate(
     """Generate continuations of a batch of prompts.
 
     Args:
-        model: any ecellm model (it implements `start_decoding` / `decode_step`).
+        model: any ecellm model (an `IncrementalDecoder`).
         input_ids: (B, T) prompt ids, left padded (decoder-only) or padded either side (encoder-decoder).
         attention_mask: (B, T) 1 for real tokens, 0 for padding; None means no padding.
         max_new_tokens: most tokens generated per row.

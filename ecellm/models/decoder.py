@@ -184,6 +184,11 @@ class DecoderOnlyLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @property
+    def sliding_window(self) -> int | None:
+        """Mistral's attention window (its config's `sliding_window`); the other families have none."""
+        return getattr(self.config, "sliding_window", None)
+
     def _attention_inputs(
         self,
         position_ids: torch.Tensor,
@@ -198,7 +203,7 @@ class DecoderOnlyLM(nn.Module):
         c = self.config
         cos, sin = rope_cos_sin(position_ids, c.rotary_dim, c.rope_theta, c.rope_scaling_factor, dtype)
         T = position_ids.shape[1]
-        window = getattr(c, "sliding_window", None)
+        window = self.sliding_window
         window_matters = window is not None and query_start + T > window
         if key_padding is None and cache is None and not window_matters:
             mask = None  # plain causal: SDPA's fastest path
@@ -213,13 +218,10 @@ class DecoderOnlyLM(nn.Module):
         c = self.config
         cos, sin = rope_cos_sin(segment_positions(segment_ids), c.rotary_dim, c.rope_theta, c.rope_scaling_factor, dtype)
         segments = PackedSegments.from_segment_ids(segment_ids)
-        return AttentionInputs(cos, sin, None, segments=segments, sliding_window=getattr(c, "sliding_window", None))
+        return AttentionInputs(cos, sin, None, segments=segments, sliding_window=self.sliding_window)
 
     def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        segment_ids: torch.Tensor | None = None,
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, segment_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Final-norm hidden states of a full sequence, or of packed rows.
 
@@ -266,24 +268,14 @@ class DecoderOnlyLM(nn.Module):
         Returns:
             (B, T, V) logits, or (N, V) for the N selected positions in row-major order.
         """
-        hidden = self.hidden_states(input_ids, attention_mask, segment_ids)  # (B, T, H)
-        if positions is not None:
-            hidden = hidden[positions]  # (N, H)
-        return self.lm_head(hidden)
+        hidden = self.hidden_states(input_ids, attention_mask, segment_ids=segment_ids)  # (B, T, H)
+        return self.lm_head(hidden if positions is None else hidden[positions])  # (B, T, V) or (N, V)
 
     @torch.no_grad()
     def start_decoding(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int
     ) -> tuple[DecodeState, torch.Tensor]:
-        """Prefill the KV cache with (left-padded) prompts.
-
-        Args:
-            input_ids: (B, T) prompt ids, left padded.
-            attention_mask: (B, T) 1 for real tokens; None means no padding.
-            max_new_tokens: room to reserve in the cache.
-        Returns:
-            the decoding state and the logits (B, V) of each row's first new token.
-        """
+        """Prefill the KV cache with left-padded prompts (B, T); the contract is `generate.IncrementalDecoder`."""
         B, T = input_ids.shape
         c, device = self.config, input_ids.device
         if attention_mask is None:
@@ -301,14 +293,7 @@ class DecoderOnlyLM(nn.Module):
 
     @torch.no_grad()
     def decode_step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row and return the next logits.
-
-        Args:
-            state: from `start_decoding`, updated in place.
-            tokens: (B,) the tokens just chosen.
-        Returns:
-            (B, V) logits.
-        """
+        """Feed one token per row, (B,), and return the next logits (B, V); `state` advances in place."""
         cache = state.cache
         start = cache.length
         inputs = self._attention_inputs(
