@@ -9,9 +9,34 @@ encoder-decoder families share it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+from .data import collate
+
+
+class IncrementalDecoder(Protocol):
+    """What `generate` needs of a model: its config (for `eos_token_id`) and two decoding calls."""
+
+    config: Any
+
+    def start_decoding(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int
+    ) -> tuple[Any, torch.Tensor]:
+        """Run the prompts once and allocate the caches.
+
+        Args:
+            input_ids: (B, T) prompt ids, padded as the family expects (left for decoder-only models).
+            attention_mask: (B, T) 1 for real tokens; None means no padding.
+            max_new_tokens: room to reserve in the caches.
+        Returns:
+            the model's decoding state and the logits (B, V) of each row's first new token.
+        """
+
+    def decode_step(self, state: Any, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed `tokens` (B,), the tokens just chosen, advance `state` in place, return the next logits (B, V)."""
 
 
 def _choose(
@@ -32,7 +57,7 @@ def _choose(
 
 @torch.inference_mode()
 def generate(
-    model: nn.Module,
+    model: IncrementalDecoder,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
@@ -46,7 +71,7 @@ def generate(
     """Generate continuations of a batch of prompts.
 
     Args:
-        model: any ecellm model (it implements `start_decoding` / `decode_step`).
+        model: any ecellm model (an `IncrementalDecoder`).
         input_ids: (B, T) prompt ids, left padded (decoder-only) or padded either side (encoder-decoder).
         attention_mask: (B, T) 1 for real tokens, 0 for padding; None means no padding.
         max_new_tokens: most tokens generated per row.
@@ -65,8 +90,7 @@ def generate(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if eos_token_id is None:
         eos_token_id = getattr(model.config, "eos_token_id", None)
-    eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=input_ids.device)
+    eos = torch.tensor(_id_list(eos_token_id), dtype=torch.long, device=input_ids.device)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
@@ -91,17 +115,21 @@ def generate(
     return outputs
 
 
+def _id_list(*ids: int | Sequence[int] | None) -> list[int]:
+    """The distinct token ids among single ids, lists of ids and Nones (config files write EOS either way), sorted."""
+    flat = set()
+    for value in ids:
+        flat.update([] if value is None else [value] if isinstance(value, int) else value)
+    return sorted(flat)
+
+
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into `input_ids` and `attention_mask`, both (B, T_max)."""
+    """Left-pad token lists into `input_ids` and `attention_mask`, both (B, T_max), with the data module's
+    `collate` (no rounding of the length)."""
     if not sequences or any(len(s) == 0 for s in sequences):
         raise ValueError("every prompt must have at least one token")
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq) :] = torch.as_tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq) :] = 1
-    return ids, mask
+    batch = collate([{"input_ids": list(s)} for s in sequences], pad_id, padding_side="left", multiple_of=1)
+    return batch["input_ids"], batch["attention_mask"]
 
 
 def generate_text(
@@ -134,9 +162,7 @@ def generate_text(
     device = next(model.parameters()).device
     encoded = [tokenizer.encode(p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    eos = {tokenizer.eos_id}
-    model_eos = getattr(model.config, "eos_token_id", None)
-    eos.update([model_eos] if isinstance(model_eos, int) else model_eos or [])
+    eos = _id_list(tokenizer.eos_id, getattr(model.config, "eos_token_id", None))
     results: list[str] = [""] * len(prompts)
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress, unit="batch"):
@@ -147,7 +173,7 @@ def generate_text(
             ids.to(device),
             mask.to(device),
             max_new_tokens=max_new_tokens,
-            eos_token_id=sorted(eos - {None}),
+            eos_token_id=eos,
             temperature=temperature,
             top_p=top_p,
             seed=None if seed is None else seed + start,

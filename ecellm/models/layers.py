@@ -1,5 +1,5 @@
-"""Building blocks shared by the model families: RMSNorm, rotary embeddings, attention with a KV cache, the gated
-MLP, and the decoder-only language-model shell (forward, hidden states, KV-cache decoding).
+"""Building blocks shared by the model families: RMSNorm, rotary embeddings, attention with a KV cache, and the gated
+MLP.
 
 Shape legend: B batch, T query length, S key length (cache included), H hidden size, nh query heads,
 nkv key/value heads, hs head size, V vocabulary.
@@ -91,12 +91,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, for incremental decoding.
+    """Preallocated keys and values of every layer, for incremental decoding. The cache owns its position: each
+    layer's `update` writes at the positions that layer has filled so far and moves them on, so a forward pass that
+    runs every layer once advances `length` by its number of tokens.
 
     Args:
         n_layers, batch, n_kv_heads, max_len, head_dim: cache geometry.
     Attributes:
-        length: number of positions already written (the same for every row; padding is masked, not skipped).
+        length: number of positions every layer holds (the same for every row; padding is masked, not skipped).
     """
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
@@ -104,15 +106,20 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_len = max_len
-        self.length = 0
+        self.filled = [0] * n_layers  # positions written, per layer
+
+    @property
+    def length(self) -> int:
+        return min(self.filled)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's keys/values (B, nkv, T, hs) at `length` and return all keys/values so far (B, nkv, S, hs)."""
-        start, end = self.length, self.length + k.shape[2]
+        """Append this step's keys/values (B, nkv, T, hs) to `layer`'s and return all of them (B, nkv, S, hs)."""
+        start, end = self.filled[layer], self.filled[layer] + k.shape[2]
         if end > self.max_len:
-            raise RuntimeError(f"KV cache overflow: {end} positions needed, {self.max_len} allocated")
+            raise RuntimeError(f"KV cache overflow at layer {layer}: {end} positions needed, {self.max_len} allocated")
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
+        self.filled[layer] = end
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
@@ -269,16 +276,22 @@ def _packed_attend(
 
 
 def build_attention_mask(
-    key_padding: torch.Tensor, query_start: int, query_len: int, sliding_window: int | None = None
+    key_padding: torch.Tensor,
+    query_start: int,
+    query_len: int,
+    sliding_window: int | None = None,
+    query_padding: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The boolean attention mask for queries at absolute positions `query_start .. query_start + query_len - 1`.
 
     A query attends to a key when the key is not padding, not in the future, and (with a sliding window `w`) fewer
-    than `w` positions behind it. Every query may also attend to itself, so rows of padding queries are never empty
-    (SDPA would return NaN for them); real queries never see padding keys, so their outputs are unaffected.
+    than `w` positions behind it. A padding query's row must not be empty (SDPA would return NaN): by default it
+    attends to itself; given `query_padding`, it attends to every key not in its future (or window), so that a
+    right-padded row gets exactly the causal mask. Real queries never see padding keys either way.
 
     Args:
         key_padding: (B, S) with 1/True for real tokens, covering every key position (cache included).
+        query_padding: optional (B, T) with 1/True for real queries.
     Returns:
         (B, 1, T, S) bool.
     """
@@ -290,7 +303,10 @@ def build_attention_mask(
     if sliding_window is not None:
         allowed = allowed & (q_pos - k_pos < sliding_window)
     mask = allowed[None] & key_padding.bool()[:, None, :]  # (B, T, S)
-    mask = mask | (k_pos == q_pos)[None]
+    if query_padding is None:
+        mask = mask | (k_pos == q_pos)[None]
+    else:
+        mask = mask | (allowed[None] & ~query_padding.bool()[:, :, None])
     return mask[:, None]
 
 
@@ -306,174 +322,6 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-
-
-@dataclass
-class DecodeState:
-    """Incremental-decoding state of a decoder-only model.
-
-    Attributes:
-        cache: the KV cache.
-        key_padding: (B, T_prompt + max_new_tokens) bool, True for real tokens (left padding is False).
-        next_position: (B,) position id of the next token of each row.
-    """
-
-    cache: KVCache
-    key_padding: torch.Tensor
-    next_position: torch.Tensor
-
-
-class DecoderOnlyLM(nn.Module):
-    """The language-model shell shared by the decoder-only families.
-
-    A subclass sets `self.config`, `self.model` (embedding, blocks, final norm; called as
-    `self.model(input_ids, AttentionInputs) -> (B, T, H)`) and `self.lm_head`. The config provides
-    `num_hidden_layers`, `num_key_value_heads`, `head_dim`, `rotary_dim`, `rope_theta`, `rope_scaling_factor`
-    and `sliding_window`.
-    """
-
-    config: object
-    model: nn.Module
-    lm_head: nn.Linear
-
-    def _attention_inputs(
-        self,
-        position_ids: torch.Tensor,
-        key_padding: torch.Tensor | None,
-        query_start: int,
-        cache: KVCache | None,
-        dtype: torch.dtype,
-    ) -> AttentionInputs:
-        c = self.config
-        cos, sin = rope_cos_sin(position_ids, c.rotary_dim, c.rope_theta, c.rope_scaling_factor, dtype)
-        T = position_ids.shape[1]
-        window = c.sliding_window
-        window_matters = window is not None and query_start + T > window
-        if key_padding is None and cache is None and not window_matters:
-            mask = None  # plain causal: SDPA's fastest path
-        else:
-            if key_padding is None:
-                key_padding = torch.ones(position_ids.shape[0], query_start + T, dtype=torch.bool, device=cos.device)
-            mask = build_attention_mask(key_padding, query_start, T, window)
-        return AttentionInputs(cos, sin, mask, cache)
-
-    def _packed_attention_inputs(self, segment_ids: torch.Tensor, dtype: torch.dtype) -> AttentionInputs:
-        """Rotary tables at per-segment positions and causal attention within each segment, for packed rows."""
-        c = self.config
-        cos, sin = rope_cos_sin(segment_positions(segment_ids), c.rotary_dim, c.rope_theta, c.rope_scaling_factor, dtype)
-        segments = PackedSegments.from_segment_ids(segment_ids)
-        return AttentionInputs(cos, sin, None, segments=segments, sliding_window=c.sliding_window)
-
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        segment_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Final-norm hidden states of a full sequence, or of packed rows.
-
-        Positions are 0..T-1 for every row, as in the reference implementation's forward. With right padding
-        (training batches) the padding is invisible to real tokens under the causal mask, so the mask is dropped
-        and SDPA's causal fast path is used; any other padding is masked explicitly. Packed rows (`segment_ids`)
-        restart positions at 0 in each segment and attend only within it, so each segment gets the hidden states
-        it would get alone.
-
-        Args:
-            input_ids: (B, T) token ids.
-            attention_mask: (B, T) 1 for real tokens, 0 for padding; None means no padding. Not needed with
-                `segment_ids` (padding there is a segment of its own).
-            segment_ids: optional (B, T) ids of the example each token belongs to, in contiguous runs.
-        Returns:
-            (B, T, H).
-        """
-        B, T = input_ids.shape
-        dtype = self.model.embed_tokens.weight.dtype
-        if segment_ids is not None:
-            return self.model(input_ids, self._packed_attention_inputs(segment_ids, dtype))
-        position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        key_padding = None
-        if attention_mask is not None and not _is_right_padded(attention_mask):
-            key_padding = attention_mask.bool()
-        return self.model(input_ids, self._attention_inputs(position_ids, key_padding, 0, None, dtype))
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        *,
-        positions: torch.Tensor | None = None,
-        segment_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits of every position, or only of the selected ones.
-
-        Args:
-            input_ids: (B, T) token ids.
-            attention_mask: (B, T) 1 for real tokens, 0 for padding.
-            positions: optional (B, T) bool; when given, the vocabulary projection runs only where it is True
-                (training needs logits only where a label exists).
-            segment_ids: optional (B, T) for packed rows, see `hidden_states`.
-        Returns:
-            (B, T, V) logits, or (N, V) for the N selected positions in row-major order.
-        """
-        hidden = self.hidden_states(input_ids, attention_mask, segment_ids)  # (B, T, H)
-        if positions is not None:
-            hidden = hidden[positions]  # (N, H)
-        return self.lm_head(hidden)
-
-    @torch.no_grad()
-    def start_decoding(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int
-    ) -> tuple[DecodeState, torch.Tensor]:
-        """Prefill the KV cache with (left-padded) prompts.
-
-        Args:
-            input_ids: (B, T) prompt ids, left padded.
-            attention_mask: (B, T) 1 for real tokens; None means no padding.
-            max_new_tokens: room to reserve in the cache.
-        Returns:
-            the decoding state and the logits (B, V) of each row's first new token.
-        """
-        B, T = input_ids.shape
-        c, device = self.config, input_ids.device
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        key_padding = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=device)
-        key_padding[:, :T] = attention_mask.bool()
-        # Positions count real tokens only, so a left-padded prompt sees the positions it would see alone.
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        dtype = self.model.embed_tokens.weight.dtype
-        cache = KVCache(c.num_hidden_layers, B, c.num_key_value_heads, T + max_new_tokens, c.head_dim, dtype, device)
-        inputs = self._attention_inputs(position_ids, key_padding[:, :T], 0, cache, dtype)
-        hidden = self.model(input_ids, inputs)
-        cache.length = T
-        state = DecodeState(cache, key_padding, position_ids[:, -1] + 1)
-        return state, self.lm_head(hidden[:, -1])
-
-    @torch.no_grad()
-    def decode_step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row and return the next logits.
-
-        Args:
-            state: from `start_decoding`, updated in place.
-            tokens: (B,) the tokens just chosen.
-        Returns:
-            (B, V) logits.
-        """
-        cache = state.cache
-        start = cache.length
-        inputs = self._attention_inputs(
-            state.next_position[:, None], state.key_padding[:, : start + 1], start, cache, cache.keys[0].dtype
-        )
-        hidden = self.model(tokens[:, None], inputs)
-        cache.length = start + 1
-        state.next_position = state.next_position + 1
-        return self.lm_head(hidden[:, -1])
-
-
-def _is_right_padded(attention_mask: torch.Tensor) -> bool:
-    """True when every row is real tokens followed only by padding (or no padding at all)."""
-    m = attention_mask.bool()
-    return bool((m[:, :-1] | ~m[:, 1:]).all())
 
 
 def _check_divisible(what: str, a: int, b: int) -> None:
@@ -500,8 +348,6 @@ __all__ = [
     "attend",
     "build_attention_mask",
     "GatedMLP",
-    "DecodeState",
-    "DecoderOnlyLM",
     "activation",
     "default_head_dim",
 ]

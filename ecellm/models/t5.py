@@ -470,16 +470,9 @@ class T5ForConditionalGeneration(nn.Module):
     def start_decoding(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int
     ) -> tuple[T5DecodeState, torch.Tensor]:
-        """Run the encoder once, project each decoder layer's cross-attention keys/values once, and feed
-        `decoder_start_token_id`.
-
-        Args:
-            input_ids: (B, Te) prompt ids, padded on either side.
-            attention_mask: (B, Te) 1 for real tokens; None means no padding.
-            max_new_tokens: room to reserve in the decoder's self-attention cache.
-        Returns:
-            the decoding state and the logits (B, V) of each row's first new token.
-        """
+        """Run the encoder once on prompts (B, Te) padded on either side, project each decoder layer's
+        cross-attention keys/values once, and feed `decoder_start_token_id`; the contract is
+        `generate.IncrementalDecoder`."""
         B = input_ids.shape[0]
         c = self.config
         cross = self.cross_attention_inputs(self.encode(input_ids, attention_mask), attention_mask)
@@ -491,14 +484,6 @@ class T5ForConditionalGeneration(nn.Module):
 
     @torch.no_grad()
     def decode_step(self, state: T5DecodeState, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one decoder token per row and return the next logits.
-
-        Args:
-            state: from `start_decoding`, updated in place.
-            tokens: (B,) the tokens just chosen.
-        Returns:
-            (B, V) logits.
-        """
+        """Feed one decoder token per row, (B,), and return the next logits (B, V); `state` advances in place."""
         hidden = self.decoder(tokens[:, None], cross=state.cross, cache=state.cache)  # (B, 1, d)
-        state.cache.length += 1
         return self._logits(hidden[:, -1])
