@@ -17,6 +17,15 @@ the step, scheduler and RNG states in JSON (nothing is unpickled); they are writ
 renamed, so an interrupted write leaves the previous one usable. `--resume` continues exactly where the newest complete
 checkpoint stopped, under the same settings. SIGTERM and Ctrl-C save a checkpoint and exit. A new run refuses an `--out`
 that holds another run unless `--overwrite` is given.
+
+The run reads top to bottom in `_train`, as stages over one `Run` (settings, ranks, model, data, optimizer, progress):
+
+    check_config -> prepare_out -> setup_model -> setup_data -> [restore_lora_weights] -> setup_optimizer
+    -> [restore_trainer_state] -> fit (train_step, validate, save_checkpoint, until the last step or a signal)
+    -> finish (final adapter, summary.json)
+
+`train()` seeds torch with `config.seed`, installs SIGTERM/SIGINT handlers for the loop and restores them, and
+destroys the process group if it created one.
 """
 
 from __future__ import annotations
