@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -54,6 +55,20 @@ def read_json(path: str | Path, error: type[Exception] = ValueError) -> Any:
         raise error(f"{path}: not valid JSON ({e})") from e
 
 
-def write_json(path: str | Path, value: Any) -> None:
-    """Write `value` to the file `path` as indented UTF-8 JSON with a final newline."""
-    Path(path).write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+def strict_json(record: dict, indent: int | None = None) -> str:
+    """`record` as strict JSON text: top-level NaN and infinities become null (JSON has no such numbers); nested ones
+    are an error (`ValueError`)."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False, indent=indent)
+
+
+def write_json(path: str | Path, value: Any, strict: bool = False) -> None:
+    """Write `value` to the file `path` as indented UTF-8 JSON with a final newline.
+
+    Args:
+        path: the file.
+        value: any JSON-ready value; with `strict`, a dict written by `strict_json` (non-finite numbers as null).
+        strict: write strict JSON (see `strict_json`) rather than Python's NaN / Infinity extension.
+    """
+    text = strict_json(value, indent=2) if strict else json.dumps(value, indent=2)
+    Path(path).write_text(text + "\n", encoding="utf-8")

@@ -17,11 +17,19 @@ the step, scheduler and RNG states in JSON (nothing is unpickled); they are writ
 renamed, so an interrupted write leaves the previous one usable. `--resume` continues exactly where the newest complete
 checkpoint stopped, under the same settings. SIGTERM and Ctrl-C save a checkpoint and exit. A new run refuses an `--out`
 that holds another run unless `--overwrite` is given.
+
+The run reads top to bottom in `_train`, as stages over one `Run` (settings, ranks, model, data, optimizer, progress):
+
+    check_config -> prepare_out -> setup_model -> setup_data -> [restore_lora_weights] -> setup_optimizer
+    -> [restore_trainer_state] -> fit (train_step, validate, save_checkpoint, until the last step or a signal)
+    -> finish (final adapter, summary.json)
+
+`train()` seeds torch with `config.seed`, installs SIGTERM/SIGINT handlers for the loop and restores them, and
+destroys the process group if it created one.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -32,7 +40,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -57,9 +65,11 @@ from .data import (
     pack_examples,
     sample_per_task,
 )
+from .files import strict_json, write_dir_atomically, write_json
+from .flags import parse_dtype, parse_flags
 from .models import causal_lm_loss, from_pretrained, seq2seq_lm_loss
 from .models.loading import CheckpointError as RefusedWeights
-from .tokenizer import load_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 
 
 @dataclass
@@ -117,7 +127,9 @@ TRAINER_FIELDS = ("step", "scheduler", "param_groups", "rng", "best_val", "best_
 
 
 @dataclass
-class Dist:
+class DistContext:
+    """This process's place in the run: its rank among `world` processes, its device, and the groups it talks on."""
+
     rank: int
     world: int
     device: torch.device
@@ -126,10 +138,11 @@ class Dist:
     probe: object | None = None  # a spare gloo group, to find the ranks that stopped answering
 
     @property
-    def main(self) -> bool:
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes files and logs."""
         return self.rank == 0
 
-    def sum(self, *values: float) -> list[float]:
+    def all_reduce_sum(self, *values: float) -> list[float]:
         """Sum scalars over ranks (fp64)."""
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         if self.mesh is not None:
@@ -143,7 +156,7 @@ class Dist:
     def from_main(self, fn):
         """`fn()` run on the main rank; its result, or its error, reaches every rank (none waits on a failed one)."""
         result, error = None, None
-        if self.main:
+        if self.is_main:
             try:
                 result = fn()
             except Exception as e:  # re-raised below, once the other ranks have been told
@@ -152,7 +165,7 @@ class Dist:
             box = [result, None if error is None else f"{type(error).__name__}: {error}"]
             dist.broadcast_object_list(box, src=0)
             result, message = box
-            if message and not self.main:
+            if message and not self.is_main:
                 raise TrainingError(f"rank 0 failed: {message}")
         if error is not None:
             raise error
@@ -176,7 +189,7 @@ class Dist:
         return sorted(silent)
 
 
-def setup_distributed(timeout_s: int) -> Dist:
+def setup_distributed(timeout_s: int) -> DistContext:
     """Join the process group when launched by torchrun (nccl on GPUs, gloo on CPU); else a single process.
 
     Args:
@@ -184,7 +197,7 @@ def setup_distributed(timeout_s: int) -> Dist:
     """
     cuda = torch.cuda.is_available()
     if "WORLD_SIZE" not in os.environ:
-        return Dist(0, 1, torch.device("cuda" if cuda else "cpu"), None)
+        return DistContext(0, 1, torch.device("cuda" if cuda else "cpu"), None)
     from torch.distributed.device_mesh import init_device_mesh
 
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -197,7 +210,7 @@ def setup_distributed(timeout_s: int) -> Dist:
     world = dist.get_world_size()
     mesh = init_device_mesh(device.type, (world,))
     probe = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-    return Dist(dist.get_rank(), world, device, mesh, owns_group, probe)
+    return DistContext(dist.get_rank(), world, device, mesh, owns_group, probe)
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -219,7 +232,7 @@ def enable_activation_checkpointing(blocks: list[nn.Module]) -> None:
         block.forward = lambda *args, _f=forward, **kw: checkpoint(_f, *args, use_reentrant=False, **kw)
 
 
-def shard(model: nn.Module, d: Dist, dtype: torch.dtype) -> nn.Module:
+def shard(model: nn.Module, dist_ctx: DistContext, dtype: torch.dtype) -> nn.Module:
     """FSDP2: shard each transformer block, then the root, over the device mesh.
 
     Compute runs in `dtype` (FSDP2 casts every parameter of a unit, LoRA's included, to it); gradients are reduced
@@ -232,8 +245,8 @@ def shard(model: nn.Module, d: Dist, dtype: torch.dtype) -> nn.Module:
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     blocks = [] if model.config.model_type == "t5" else transformer_blocks(model)
     for block in blocks:
-        fully_shard(block, mesh=d.mesh, mp_policy=mp)
-    fully_shard(model, mesh=d.mesh, mp_policy=mp)
+        fully_shard(block, mesh=dist_ctx.mesh, mp_policy=mp)
+    fully_shard(model, mesh=dist_ctx.mesh, mp_policy=mp)
     return model
 
 
@@ -303,9 +316,9 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], seq2seq: bool) ->
                           weights=batch["loss_weights"], **packed)
 
 
-def forward_passes(d: Dist, n_mine: int) -> int:
+def forward_passes(dist_ctx: DistContext, n_mine: int) -> int:
     """The most micro-batches any rank has: every rank runs that many forward passes (FSDP's collectives pair up)."""
-    counts = d.sum(*[n_mine if r == d.rank else 0 for r in range(d.world)])
+    counts = dist_ctx.all_reduce_sum(*[n_mine if r == dist_ctx.rank else 0 for r in range(dist_ctx.world)])
     return int(max(counts))
 
 
@@ -316,17 +329,74 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+# --- the run's state ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What the stages of one run share: its settings and place among the ranks, the model and its data, the
+    optimizer, and where training stands. `setup_model`, `setup_data` and `setup_optimizer` fill it in that order;
+    `train_step`, `validate` and the loop advance it; `save_checkpoint` writes it down."""
+
+    config: TrainConfig
+    dist_ctx: DistContext
+    model_dir: str  # the base model's checkpoint directory
+    model: nn.Module  # with LoRA; sharded by FSDP2 in a distributed run
+    tokenizer: Tokenizer
+    n_trainable: int  # LoRA parameters of the whole (unsharded) model
+    train_examples: list[dict] = field(default_factory=list)
+    val_examples: list[dict] = field(default_factory=list)
+    sampler: LengthGroupedBatchSampler | None = None  # this rank's share of each step
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    trainable: dict[str, nn.Parameter] = field(default_factory=dict)  # LoRA parameters (FSDP2 shards), by name
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+    step: int = 0  # optimizer steps taken
+    best_val: float = math.inf  # the lowest validation loss so far, and its step
+    best_step: int | None = None
+    tokens_seen: int = 0  # input tokens of all steps, over all ranks
+    last_loss: float = math.nan  # the latest step's training loss
+    epoch_order: list[list[int]] = field(default_factory=list)  # this rank's examples of each step of `ordered_epoch`
+    ordered_epoch: int | None = None
+    started: float = 0.0  # `time.perf_counter()` when the loop started, and `tokens_seen` then
+    tokens_at_start: int = 0
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+    @property
+    def seq2seq(self) -> bool:
+        return self.model.config.model_type == "t5"
+
+    def log(self, message: str) -> None:
+        """A progress line, written by the main rank."""
+        if self.dist_ctx.is_main:
+            log(message)
+
+    def speed(self) -> tuple[float, float]:
+        """Seconds since the loop started, and input tokens per second since then."""
+        elapsed = time.perf_counter() - self.started
+        return elapsed, (self.tokens_seen - self.tokens_at_start) / max(elapsed, 1e-9)
+
+
+def log(message: str) -> None:
+    """One progress line on stderr (tqdm's bar stays below it)."""
+    tqdm.write(f"[ecellm.train] {message}", file=sys.stderr)
+
+
 # --- checkpoints --------------------------------------------------------------------------------------------------
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A plain CPU tensor from a parameter that may be an FSDP2 shard (DTensor)."""
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
 
 
 def lora_weights(trainable: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     """The trainable (LoRA) parameters as full CPU tensors, by name. Collective under FSDP: call on every rank."""
-    return {name: _full(p) for name, p in trainable.items()}
+    return {name: full_tensor(p) for name, p in trainable.items()}
 
 
 def optimizer_state(
@@ -335,7 +405,7 @@ def optimizer_state(
     """AdamW's state as full CPU tensors keyed `<parameter name>/<key>` (collective under FSDP), and the
     hyper-parameters of each parameter group (JSON-ready)."""
     tensors = {
-        f"{name}/{key}": _full(value)
+        f"{name}/{key}": full_tensor(value)
         for name, p in trainable.items()
         for key, value in optimizer.state.get(p, {}).items()
     }
@@ -386,26 +456,6 @@ def set_rng_state(state: dict[str, list]) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
-def to_json(record: dict, indent: int | None = None) -> str:
-    """Strict JSON: top-level NaN and infinities become null (JSON has no such numbers); nested ones are an error."""
-    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-    return json.dumps(clean, allow_nan=False, indent=indent)
-
-
-def _atomic_dir(final: Path, write) -> None:
-    """Write a directory under a temporary name, then rename it into place."""
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)  # the previous version stays on disk until the new one is in place
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def checkpoint_dirs(out: Path) -> list[tuple[int, Path]]:
     """The run's `checkpoints/step_N` directories as (N, path), ordered by step number."""
     found = []
@@ -424,41 +474,45 @@ def prune_checkpoints(out: Path, step: int, keep: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def save_checkpoint(
-    out: Path,
-    step: int,
-    trainable: dict,
-    optimizer,
-    scheduler,
-    d: Dist,
-    state: dict,
-    base: str,
-    model: nn.Module,
-    keep: int,
-) -> Path:
-    """Checkpoint the run at `step`; collective (every rank calls it). Returns the checkpoint directory.
+def gather_rng_states(dist_ctx: DistContext) -> list[dict[str, list]]:
+    """Every rank's RNG states (`rng_state`), in rank order. Collective."""
+    if dist_ctx.mesh is None:
+        return [rng_state()]
+    states = [None] * dist_ctx.world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def write_adapter(run: Run, directory: Path, weights: dict[str, torch.Tensor]) -> None:
+    """Write the LoRA `weights` (from `lora_weights`) to `directory` in PEFT format, all at once (main rank only)."""
+    write_dir_atomically(
+        directory,
+        lambda tmp: peft_format.save_adapter(run.model, tmp, base_model_name_or_path=run.model_dir, weights=weights),
+    )
+
+
+def save_checkpoint(run: Run) -> Path:
+    """Checkpoint the run at its current step; collective (every rank calls it). Returns the checkpoint directory.
 
     It holds `adapter/` (PEFT format), `trainer.safetensors` (AdamW's tensors) and `trainer.json` (step, scheduler,
-    optimizer hyper-parameters, every rank's RNG states as lists, and `state`): nothing that needs unpickling."""
-    weights = lora_weights(trainable)
-    optim_tensors, optim_groups = optimizer_state(trainable, optimizer)
-    rngs = [None] * d.world
-    if d.mesh is not None:
-        dist.all_gather_object(rngs, rng_state())
-    else:
-        rngs = [rng_state()]
-    final = out / "checkpoints" / f"step_{step:08d}"
-    if d.main:
+    optimizer hyper-parameters, every rank's RNG states as lists, best validation loss and step, tokens seen): nothing
+    that needs unpickling. Older checkpoints beyond `keep_checkpoints` are deleted."""
+    weights = lora_weights(run.trainable)
+    optim_tensors, optim_groups = optimizer_state(run.trainable, run.optimizer)
+    rngs = gather_rng_states(run.dist_ctx)
+    final = run.out / "checkpoints" / f"step_{run.step:08d}"
+    if run.dist_ctx.is_main:
+        trainer = {"step": run.step, "scheduler": run.scheduler.state_dict(), "param_groups": optim_groups,
+                   "rng": rngs, "best_val": run.best_val, "best_step": run.best_step, "tokens_seen": run.tokens_seen}
 
         def write(tmp: Path) -> None:
-            lora.save_adapter(model, tmp / "adapter", base_model_name_or_path=base, weights=weights)
+            peft_format.save_adapter(run.model, tmp / "adapter", base_model_name_or_path=run.model_dir, weights=weights)
             save_file(optim_tensors, str(tmp / TRAINER_TENSORS))
-            trainer = {"step": step, "scheduler": scheduler.state_dict(), "param_groups": optim_groups, "rng": rngs}
-            (tmp / TRAINER_JSON).write_text(to_json({**trainer, **state}))
+            (tmp / TRAINER_JSON).write_text(strict_json(trainer))
 
-        _atomic_dir(final, write)
-        prune_checkpoints(out, step, keep)
-    d.barrier()
+        write_dir_atomically(final, write)
+        prune_checkpoints(run.out, run.step, run.config.keep_checkpoints)
+    run.dist_ctx.barrier()
     return final
 
 
@@ -475,7 +529,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str
         TRAINER_JSON: lambda file: json.loads(file.read_text()),
         "adapter/adapter_config.json": lambda file: json.loads(file.read_text()),
         TRAINER_TENSORS: lambda file: load_file(str(file)),
-        adapter_weights: lambda file: lora.read_adapter_weights(file.parent),
+        adapter_weights: lambda file: peft_format.read_adapter_weights(file.parent),
     }
     parts = []
     for name, read in readers.items():
@@ -577,7 +631,7 @@ def prepare_out(config: TrainConfig, out: Path, log) -> str | None:
         )
     out.mkdir(parents=True, exist_ok=True)
     if not (config.resume and held):
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        write_json(out / "config.json", dataclasses.asdict(config))
         return None
     check_same_settings(out / "config.json", config)
     checkpoint, damaged = latest_checkpoint(out)
@@ -589,6 +643,226 @@ def prepare_out(config: TrainConfig, out: Path, log) -> str | None:
         log(f"--resume: no checkpoint in {out / 'checkpoints'} yet, starting the run from step 0")
     trim_log(out / "log.jsonl", int(checkpoint.name.split("_")[1]) if checkpoint else 0)
     return checkpoint.name if checkpoint else None
+
+
+# --- setting up: model, data, optimizer, resume -----------------------------------------------------------------------
+
+
+def check_config(config: TrainConfig, world: int) -> None:
+    """Refuse settings no run can use, before anything is loaded."""
+    if config.dtype not in ("bf16", "fp32"):
+        raise TrainingError(f"dtype must be 'bf16' or 'fp32', got {config.dtype!r}")
+    if config.loss_average not in LOSS_AVERAGES:
+        raise TrainingError(f"loss_average must be one of {LOSS_AVERAGES}, got {config.loss_average!r}")
+    if config.pack_tokens < 0:
+        raise TrainingError(f"pack_tokens must be >= 0 (0: no packing), got {config.pack_tokens}")
+    if config.global_batch % (world * config.micro_batch):
+        raise TrainingError(
+            f"global_batch {config.global_batch} must be a multiple of world_size x micro_batch "
+            f"({world} x {config.micro_batch})"
+        )
+    if not config.data:
+        raise TrainingError("--data is required: a directory with train.json and validation.json")
+
+
+def setup_model(config: TrainConfig, dist_ctx: DistContext) -> Run:
+    """Load the base model and its tokenizer, and add LoRA. Seeds torch with `config.seed` first: every rank starts
+    from the same LoRA initialisation."""
+    torch.manual_seed(config.seed)
+    if config.model:
+        model_dir = config.model
+    else:
+        from .models.default import default_model_dir
+
+        model_dir = str(default_model_dir())
+    tokenizer = load_tokenizer(model_dir)
+    model = from_pretrained(model_dir, dtype=parse_dtype(config.dtype), device="cpu")
+    tokenizer.check_fits(model.config.vocab_size, model_dir)
+    targets = [t for t in config.lora_targets.split(",") if t] or None
+    lora.inject(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, targets=targets)
+    n_trainable, n_total = lora.count_parameters(model)
+    run = Run(config, dist_ctx, model_dir, model, tokenizer, n_trainable)
+    run.log(f"{model.config.model_type} from {model_dir}: {n_trainable:,} trainable of {n_total:,} parameters "
+            f"({100 * n_trainable / n_total:.2f}%)")
+    return run
+
+
+def setup_data(run: Run) -> None:
+    """Tokenize both splits and lay out the steps: this rank's sampler, the steps per epoch and in all."""
+    config, dist_ctx = run.config, run.dist_ctx
+    family = run.model.config.model_type
+    template = config.template or ("mistral" if family == "mistral" else "alpaca")
+    run.train_examples = load_examples(config, run.tokenizer, template, run.seq2seq, "train", run.log)
+    run.val_examples = load_examples(config, run.tokenizer, template, run.seq2seq, "val", run.log)
+    run.sampler = LengthGroupedBatchSampler(
+        [len(ex["input_ids"]) for ex in run.train_examples], config.global_batch // dist_ctx.world,
+        seed=config.seed, rank=dist_ctx.rank, world_size=dist_ctx.world,
+        group_batches=50 if config.group_by_length else 1,
+    )
+    run.steps_per_epoch = len(run.sampler)
+    run.total_steps = run.steps_per_epoch * config.epochs
+    if config.max_steps:
+        run.total_steps = min(run.total_steps, config.max_steps)
+
+
+def restore_lora_weights(run: Run, checkpoint: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Copy a checkpoint's LoRA weights into the model (before sharding). Returns the checkpoint's trainer state and
+    optimizer tensors, for `restore_trainer_state` once the optimizer exists."""
+    trainer_state, optim_tensors, saved = read_checkpoint(checkpoint)
+    params = {n: p for n, p in run.model.named_parameters() if p.requires_grad}
+    wrong = sorted(set(saved) ^ set(params)) + [n for n in saved if n in params and saved[n].shape != params[n].shape]
+    if wrong or len(trainer_state["rng"]) != run.dist_ctx.world:
+        raise TrainingError(
+            f"{checkpoint} does not fit this run (it was written with other LoRA settings or "
+            f"{len(trainer_state['rng'])} ranks, this run has {run.dist_ctx.world}): differing LoRA tensors {wrong[:6]}"
+        )
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
+    run.log(f"resuming from {checkpoint} (step {trainer_state['step']})")
+    return trainer_state, optim_tensors
+
+
+def setup_optimizer(run: Run) -> None:
+    """Place the model (activation checkpointing, then FSDP2 sharding or the move to the device), then AdamW and the
+    learning-rate schedule over its LoRA parameters."""
+    config, model = run.config, run.model
+    if config.activation_checkpointing:
+        enable_activation_checkpointing(transformer_blocks(model))
+    if run.dist_ctx.mesh is not None:
+        shard(model, run.dist_ctx, parse_dtype(config.dtype))
+    else:
+        model.to(run.dist_ctx.device)
+    # The sharded parameters, by name, taken now: FSDP2 swaps in unsharded ones between forward and backward.
+    run.trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    run.optimizer = torch.optim.AdamW(list(run.trainable.values()), lr=config.lr, weight_decay=config.weight_decay)
+    warmup, total = math.ceil(config.warmup_ratio * run.total_steps), run.total_steps
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda s: cosine_with_warmup(s, warmup, total))
+
+
+def restore_trainer_state(run: Run, trainer_state: dict, optim_tensors: dict[str, torch.Tensor]) -> None:
+    """Put a checkpoint's optimizer, scheduler, progress and this rank's RNG states back (see `save_checkpoint`)."""
+    load_optimizer_state(run.trainable, run.optimizer, optim_tensors, trainer_state["param_groups"])
+    run.scheduler.load_state_dict(trainer_state["scheduler"])
+    run.step, run.best_step = trainer_state["step"], trainer_state["best_step"]
+    run.best_val = math.inf if trainer_state["best_val"] is None else trainer_state["best_val"]
+    run.tokens_seen = trainer_state["tokens_seen"]
+    set_rng_state(trainer_state["rng"][run.dist_ctx.rank])
+
+
+# --- one step, validation, the log ----------------------------------------------------------------------------------
+
+
+def next_step_examples(run: Run) -> list[int]:
+    """This rank's examples of the next step. An epoch's order depends only on (seed, epoch): resumable anywhere."""
+    epoch, position = divmod(run.step, run.steps_per_epoch)
+    if run.ordered_epoch != epoch:
+        run.sampler.set_epoch(epoch)
+        run.epoch_order, run.ordered_epoch = list(run.sampler), epoch
+    return run.epoch_order[position]
+
+
+def device_batch(run: Run, examples: list[dict]) -> dict[str, torch.Tensor]:
+    """One micro-batch as tensors on this rank's device (see `make_batch`)."""
+    batch = make_batch(examples, run.config, run.tokenizer.pad_id, run.seq2seq)
+    return {k: v.to(run.dist_ctx.device) for k, v in batch.items()}
+
+
+def loss_and_gradients(run: Run, batches: list[list[dict]]) -> tuple[float, float]:
+    """Forward and backward over this rank's micro-batches of one step. Returns the step's loss (over all ranks:
+    the weighted loss sum over the total example weight) and its number of answer tokens."""
+    dist_ctx = run.dist_ctx
+    mine = [ex for batch in batches for ex in batch]
+    step_tokens, step_weight = dist_ctx.all_reduce_sum(sum(ex["n_loss_tokens"] for ex in mine),
+                                                       sum(ex["loss_weight"] for ex in mine))
+    n_passes = forward_passes(dist_ctx, len(batches))  # packed rows differ in number between ranks
+    step_loss = 0.0
+    for i in range(n_passes):
+        if dist_ctx.mesh is not None:
+            run.model.set_requires_gradient_sync(i == n_passes - 1)
+        if i < len(batches):
+            loss = loss_sum(run.model, device_batch(run, batches[i]), run.seq2seq)
+        else:  # a rank with fewer rows joins the others' passes with a zero loss
+            loss = 0.0 * loss_sum(run.model, device_batch(run, batches[0]), run.seq2seq)
+        # FSDP averages gradients over ranks; scaling by world size turns that into a sum, so the update equals one
+        # process's on the same global batch.
+        (loss * (dist_ctx.world / max(step_weight, 1.0))).backward()
+        step_loss += loss.item()
+    (step_loss,) = dist_ctx.all_reduce_sum(step_loss)
+    return step_loss / max(step_weight, 1.0), step_tokens
+
+
+def train_step(run: Run) -> dict:
+    """One optimizer step on the next step's examples. Returns its log record.
+
+    Raises:
+        TrainingError: a non-finite loss (the optimizer step is skipped), naming the last good checkpoint.
+    """
+    config, epoch = run.config, run.step // run.steps_per_epoch
+    batches = micro_batches(run.train_examples, next_step_examples(run), config.micro_batch, config.pack_tokens,
+                            run.seq2seq)
+    loss, loss_tokens = loss_and_gradients(run, batches)
+    if not math.isfinite(loss):
+        last, _ = latest_checkpoint(run.out)  # read in full, its adapter and optimizer state finite
+        raise TrainingError(
+            f"non-finite training loss ({loss}) at step {run.step + 1} (epoch {epoch + 1}); the optimizer "
+            f"step was skipped. Last good checkpoint: {last or 'none yet'}"
+        )
+    grad_norm = math.nan
+    if config.grad_clip > 0:
+        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(list(run.trainable.values()), config.grad_clip)))
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    run.tokens_seen += int(run.dist_ctx.all_reduce_sum(sum(len(ex["input_ids"]) for b in batches for ex in b))[0])
+    run.last_loss = loss
+    elapsed, speed = run.speed()
+    return {"type": "step", "step": run.step, "epoch": epoch + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "loss_tokens": int(loss_tokens), "tokens_per_s": speed, "elapsed_s": elapsed}
+
+
+@torch.no_grad()
+def validation_loss(run: Run) -> float:
+    """The loss on the validation examples, averaged like the training loss, over all ranks. Collective."""
+    dist_ctx, model = run.dist_ctx, run.model
+    model.eval()
+    mine = list(range(dist_ctx.rank, len(run.val_examples), dist_ctx.world))
+    batches = micro_batches(run.val_examples, mine, run.config.micro_batch, run.config.pack_tokens, run.seq2seq)
+    total_loss = total_weight = 0.0
+    for i in range(forward_passes(dist_ctx, len(batches))):  # the same number on every rank (FSDP needs it)
+        if i < len(batches):
+            total_loss += loss_sum(model, device_batch(run, batches[i]), run.seq2seq).item()
+            total_weight += sum(ex["loss_weight"] for ex in batches[i])
+        else:
+            loss_sum(model, device_batch(run, run.val_examples[:1]), run.seq2seq)
+    if dist_ctx.mesh is not None:
+        model.reshard()  # no backward follows to free the root's gathered parameters
+    model.train()
+    total_loss, total_weight = dist_ctx.all_reduce_sum(total_loss, total_weight)
+    return total_loss / max(total_weight, 1.0)
+
+
+def validate(run: Run, epoch: int) -> None:
+    """Log the validation loss; a new best keeps its adapter in `out/best_adapter`. Collective."""
+    val = validation_loss(run)
+    improved = val < run.best_val
+    weights = lora_weights(run.trainable) if improved else None
+    if improved:
+        run.best_val, run.best_step = val, run.step
+        if run.dist_ctx.is_main:
+            write_adapter(run, run.out / "best_adapter", weights)
+    run.dist_ctx.barrier()
+    write_log(run, {"type": "eval", "step": run.step, "epoch": epoch, "val_loss": val, "best_val_loss": run.best_val})
+    run.log(f"step {run.step}: validation loss {val:.4f}" + (" (best so far, adapter kept)" if improved else ""))
+
+
+def write_log(run: Run, record: dict) -> None:
+    """Append one record to `out/log.jsonl` (main rank only)."""
+    if run.dist_ctx.is_main:
+        with open(run.out / "log.jsonl", "a") as f:
+            f.write(strict_json(record) + "\n")
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
@@ -609,6 +883,77 @@ class _Stop:
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+def stop_requested(dist_ctx: DistContext) -> str | None:
+    """The name of the stop signal this rank received ("a signal to another rank" for another's), or None.
+    Collective: every rank stops at the same step."""
+    (stop,) = dist_ctx.all_reduce_sum(float(_Stop.received is not None))
+    return (_Stop.received or "a signal to another rank") if stop else None
+
+
+def fit(run: Run) -> str | None:
+    """The training loop: optimizer steps until the last one or a stop signal, validating and checkpointing on
+    schedule. SIGTERM and SIGINT are handled here and their previous handlers restored after. Returns the name of the
+    signal that stopped the run, if one did."""
+    config = run.config
+    previous_handlers = {s: signal.signal(s, _Stop.handler) for s in STOP_SIGNALS}
+    _Stop.received, stopped_by = None, None
+    run.model.train()
+    bar = tqdm(total=run.total_steps, initial=run.step, disable=not run.dist_ctx.is_main, desc="train", unit="step",
+               dynamic_ncols=True)
+    run.started, run.tokens_at_start = time.perf_counter(), run.tokens_seen
+    try:
+        while run.step < run.total_steps and not stopped_by:
+            record = train_step(run)
+            write_log(run, record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                            tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            epoch_end = run.step % run.steps_per_epoch == 0 or run.step == run.total_steps
+            if (config.eval_every and run.step % config.eval_every == 0) or (not config.eval_every and epoch_end):
+                validate(run, record["epoch"])
+            stopped_by = stop_requested(run.dist_ctx)
+            if stopped_by or epoch_end or (config.checkpoint_every and run.step % config.checkpoint_every == 0):
+                save_checkpoint(run)
+    finally:
+        bar.close()
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
+    if stopped_by:
+        run.log(f"{stopped_by}: checkpoint saved at step {run.step}; resume with --resume")
+    return stopped_by
+
+
+def finish(run: Run, stopped_by: str | None) -> dict:
+    """Write the final adapter (unless a signal stopped the run) and `out/summary.json`; returns the summary."""
+    weights = lora_weights(run.trainable)
+    if run.dist_ctx.is_main and not stopped_by:
+        write_adapter(run, run.out / "adapter", weights)
+    elapsed, speed = run.speed()
+    summary = {
+        "steps": run.step,
+        "total_steps": run.total_steps,
+        "epochs": run.step / run.steps_per_epoch,
+        "final_train_loss": run.last_loss,
+        "best_val_loss": run.best_val,
+        "best_step": run.best_step,
+        "world_size": run.dist_ctx.world,
+        "elapsed_s": elapsed,
+        "tokens_per_s": speed,
+        "trainable_parameters": run.n_trainable,
+        "stopped_by": stopped_by,
+        "adapter": str(run.out / "adapter"),
+        "best_adapter": str(run.out / "best_adapter"),
+    }
+    if run.dist_ctx.is_main:
+        write_json(run.out / "summary.json", summary, strict=True)
+        run.log(
+            f"done: {run.step}/{run.total_steps} steps in {elapsed:.0f}s ({speed:.0f} tokens/s), final train loss "
+            f"{run.last_loss:.4f}, best validation loss {run.best_val:.4f} at step {run.best_step}"
+        )
+    run.dist_ctx.barrier()
+    return summary
+
+
 def _communication_failed(error: RuntimeError) -> bool:
     """Whether a collective failed: timed out, or a peer's connection closed (gloo names itself in its errors)."""
     return isinstance(error, dist.DistError) or "gloo" in str(error)
@@ -619,304 +964,56 @@ def train(config: TrainConfig) -> dict:
 
     Joins the process group when launched by torchrun and leaves it at the end if it created it; a collective that
     fails (a rank frozen for `dist_timeout_s`, or lost with its node) ends the run with an error naming the ranks that
-    stopped answering.
+    stopped answering. Global state it changes: torch's random generator is seeded with `config.seed` (and, on a
+    resume, python's, numpy's and torch's generators get the checkpoint's states); SIGTERM's and SIGINT's handlers
+    are replaced during the loop and restored after.
 
     Args:
         config: the run's settings (see `TrainConfig`).
     Returns:
         dict with steps, epochs, losses, best validation loss and its step, timing and output paths.
     """
-    d = setup_distributed(config.dist_timeout_s)
+    dist_ctx = setup_distributed(config.dist_timeout_s)
     try:
-        return _train(config, d)
+        return _train(config, dist_ctx)
     except RuntimeError as e:
-        if d.mesh is None or not _communication_failed(e):
+        if dist_ctx.mesh is None or not _communication_failed(e):
             raise
-        silent = d.silent_ranks()
+        silent = dist_ctx.silent_ranks()
         if not silent:
             raise
         raise TrainingError(
-            f"rank {d.rank}: rank(s) {', '.join(map(str, silent))} stopped answering (no reply within "
+            f"rank {dist_ctx.rank}: rank(s) {', '.join(map(str, silent))} stopped answering (no reply within "
             f"dist_timeout_s={config.dist_timeout_s}s: frozen, or lost with their node); the run ends. "
             f"Cause: {str(e).splitlines()[0]}"
         ) from e
     finally:
-        if d.owns_group:
+        if dist_ctx.owns_group:
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, d: Dist) -> dict:
-    """The run itself, on the ranks of `d`: see `train`."""
-    out = Path(config.out)
-    log_lines: list[str] = []
-
-    def log(message: str) -> None:
-        if d.main:
-            tqdm.write(f"[ecellm.train] {message}", file=sys.stderr)
-            log_lines.append(message)
-
-    if config.dtype not in ("bf16", "fp32"):
-        raise TrainingError(f"dtype must be 'bf16' or 'fp32', got {config.dtype!r}")
-    if config.loss_average not in LOSS_AVERAGES:
-        raise TrainingError(f"loss_average must be one of {LOSS_AVERAGES}, got {config.loss_average!r}")
-    if config.pack_tokens < 0:
-        raise TrainingError(f"pack_tokens must be >= 0 (0: no packing), got {config.pack_tokens}")
-    if config.global_batch % (d.world * config.micro_batch):
-        raise TrainingError(
-            f"global_batch {config.global_batch} must be a multiple of world_size x micro_batch "
-            f"({d.world} x {config.micro_batch})"
-        )
-    if not config.data:
-        raise TrainingError("--data is required: a directory with train.json and validation.json")
-    resume_from = d.from_main(lambda: prepare_out(config, out, log))
-
-    # Model, tokenizer, LoRA. The same seed on every rank gives every rank the same LoRA initialisation.
-    torch.manual_seed(config.seed)
-    if config.model:
-        model_dir = config.model
-    else:
-        from .models.default import default_model_dir
-
-        model_dir = str(default_model_dir())
-    dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
-    tokenizer = load_tokenizer(model_dir)
-    model = from_pretrained(model_dir, dtype=dtype, device="cpu")
-    tokenizer.check_fits(model.config.vocab_size, model_dir)
-    family = model.config.model_type
-    seq2seq = family == "t5"
-    template = config.template or ("mistral" if family == "mistral" else "alpaca")
-    targets = [t for t in config.lora_targets.split(",") if t] or None
-    lora.inject(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, targets=targets)
-    n_trainable, n_total = lora.count_parameters(model)
-    log(f"{family} from {model_dir}: {n_trainable:,} trainable of {n_total:,} parameters "
-        f"({100 * n_trainable / n_total:.2f}%)")
-
-    # Data.
-    train_examples = load_examples(config, tokenizer, template, seq2seq, "train", log)
-    val_examples = load_examples(config, tokenizer, template, seq2seq, "val", log)
-    per_rank = config.global_batch // d.world
-    lengths = [len(ex["input_ids"]) for ex in train_examples]
-    sampler = LengthGroupedBatchSampler(
-        lengths, per_rank, seed=config.seed, rank=d.rank, world_size=d.world,
-        group_batches=50 if config.group_by_length else 1,
-    )
-    steps_per_epoch = len(sampler)
-    total_steps = steps_per_epoch * config.epochs
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
-    warmup = math.ceil(config.warmup_ratio * total_steps)
-
-    # Resume: LoRA weights go in before sharding; optimizer, scheduler and RNG after.
-    checkpoint = out / "checkpoints" / resume_from if resume_from else None
-    trainer_state = None
-    if checkpoint is not None:
-        trainer_state, optim_tensors, saved = read_checkpoint(checkpoint)
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        wrong = sorted(set(saved) ^ set(params)) + [n for n in saved if n in params and saved[n].shape != params[n].shape]
-        if wrong or len(trainer_state["rng"]) != d.world:
-            raise TrainingError(
-                f"{checkpoint} does not fit this run (it was written with other LoRA settings or "
-                f"{len(trainer_state['rng'])} ranks, this run has {d.world}): differing LoRA tensors {wrong[:6]}"
-            )
-        with torch.no_grad():
-            for name, tensor in saved.items():
-                params[name].copy_(tensor)
-        log(f"resuming from {checkpoint} (step {trainer_state['step']})")
-
-    if config.activation_checkpointing:
-        enable_activation_checkpointing(transformer_blocks(model))
-    if d.mesh is not None:
-        shard(model, d, dtype)
-    else:
-        model.to(d.device)
-    # The sharded parameters, by name, taken now: FSDP2 swaps in unsharded ones between forward and backward.
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    params = list(trainable.values())
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, warmup, total_steps))
-
-    step, best_val, best_step, tokens_seen = 0, math.inf, None, 0
-    if trainer_state is not None:
-        load_optimizer_state(trainable, optimizer, optim_tensors, trainer_state["param_groups"])
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        step, best_step = trainer_state["step"], trainer_state["best_step"]
-        best_val = math.inf if trainer_state["best_val"] is None else trainer_state["best_val"]
-        tokens_seen = trainer_state["tokens_seen"]
-        set_rng_state(trainer_state["rng"][d.rank])
-
-    def run_state() -> dict:
-        return {"best_val": best_val, "best_step": best_step, "tokens_seen": tokens_seen}
-
-    def to_device(batch: dict) -> dict:
-        return {k: v.to(d.device) for k, v in batch.items()}
-
-    def batch_of(examples: list[dict]) -> dict:
-        return to_device(make_batch(examples, config, tokenizer.pad_id, seq2seq))
-
-    @torch.no_grad()
-    def validation_loss() -> float:
-        model.eval()
-        mine = list(range(d.rank, len(val_examples), d.world))
-        batches = micro_batches(val_examples, mine, config.micro_batch, config.pack_tokens, seq2seq)
-        total_loss = total_weight = 0.0
-        for i in range(forward_passes(d, len(batches))):  # the same number on every rank (FSDP needs it)
-            if i < len(batches):
-                total_loss += loss_sum(model, batch_of(batches[i]), seq2seq).item()
-                total_weight += sum(ex["loss_weight"] for ex in batches[i])
-            else:
-                loss_sum(model, batch_of(val_examples[:1]), seq2seq)
-        if d.mesh is not None:
-            model.reshard()  # no backward follows to free the root's gathered parameters
-        model.train()
-        total_loss, total_weight = d.sum(total_loss, total_weight)
-        return total_loss / max(total_weight, 1.0)
-
-    def evaluate_and_keep_best(epoch: int) -> None:
-        nonlocal best_val, best_step
-        val = validation_loss()
-        improved = val < best_val
-        weights = lora_weights(trainable) if improved else None
-        if improved:
-            best_val, best_step = val, step
-            if d.main:
-                _atomic_dir(
-                    out / "best_adapter",
-                    lambda tmp: lora.save_adapter(model, tmp, base_model_name_or_path=model_dir, weights=weights),
-                )
-        d.barrier()
-        write_log({"type": "eval", "step": step, "epoch": epoch, "val_loss": val, "best_val_loss": best_val})
-        log(f"step {step}: validation loss {val:.4f}" + (" (best so far, adapter kept)" if improved else ""))
-
-    log_file = out / "log.jsonl"
-
-    def write_log(record: dict) -> None:
-        if d.main:
-            with open(log_file, "a") as f:
-                f.write(to_json(record) + "\n")
-
-    previous_handlers = {s: signal.signal(s, _Stop.handler) for s in STOP_SIGNALS}
-    _Stop.received = None
-    model.train()
-    bar = tqdm(total=total_steps, initial=step, disable=not d.main, desc="train", unit="step", dynamic_ncols=True)
-    start_time, start_tokens, stopped_by = time.perf_counter(), tokens_seen, None
-    last_loss, epoch_batches, batches_epoch = math.nan, [], None
-    try:
-        while step < total_steps:
-            epoch, position = divmod(step, steps_per_epoch)
-            if batches_epoch != epoch:  # the epoch's order depends only on (seed, epoch): resumable anywhere
-                sampler.set_epoch(epoch)
-                epoch_batches, batches_epoch = list(sampler), epoch
-            step_indices = epoch_batches[position]  # this rank's examples of this step
-            batches = micro_batches(train_examples, step_indices, config.micro_batch, config.pack_tokens, seq2seq)
-            mine = [ex for batch in batches for ex in batch]
-            step_tokens, step_weight = d.sum(sum(ex["n_loss_tokens"] for ex in mine),
-                                             sum(ex["loss_weight"] for ex in mine))
-            n_passes = forward_passes(d, len(batches))  # packed rows differ in number between ranks
-            step_loss = 0.0
-            for i in range(n_passes):
-                if d.mesh is not None:
-                    model.set_requires_gradient_sync(i == n_passes - 1)
-                if i < len(batches):
-                    loss = loss_sum(model, batch_of(batches[i]), seq2seq)
-                else:  # a rank with fewer rows joins the others' passes with a zero loss
-                    loss = 0.0 * loss_sum(model, batch_of(batches[0]), seq2seq)
-                # FSDP averages gradients over ranks; scaling by world size turns that into a sum, so the
-                # update equals one process's on the same global batch.
-                (loss * (d.world / max(step_weight, 1.0))).backward()
-                step_loss += loss.item()
-            (step_loss,) = d.sum(step_loss)
-            step_loss /= max(step_weight, 1.0)
-            if not math.isfinite(step_loss):
-                last, _ = latest_checkpoint(out)  # read in full, its adapter and optimizer state finite
-                raise TrainingError(
-                    f"non-finite training loss ({step_loss}) at step {step + 1} (epoch {epoch + 1}); the optimizer "
-                    f"step was skipped. Last good checkpoint: {last or 'none yet'}"
-                )
-            grad_norm = math.nan
-            if config.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += int(d.sum(sum(len(ex["input_ids"]) for b in batches for ex in b))[0])
-            last_loss = step_loss
-            elapsed = time.perf_counter() - start_time
-            speed = (tokens_seen - start_tokens) / max(elapsed, 1e-9)
-            write_log({"type": "step", "step": step, "epoch": epoch + 1, "loss": step_loss, "lr": lr,
-                       "grad_norm": grad_norm, "loss_tokens": int(step_tokens), "tokens_per_s": speed,
-                       "elapsed_s": elapsed})
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
-            bar.update(1)
-
-            epoch_end = step % steps_per_epoch == 0 or step == total_steps
-            if (config.eval_every and step % config.eval_every == 0) or (not config.eval_every and epoch_end):
-                evaluate_and_keep_best(epoch + 1)
-            (stop,) = d.sum(float(_Stop.received is not None))
-            if stop:
-                stopped_by = _Stop.received or "a signal to another rank"
-            if stop or epoch_end or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                save_checkpoint(
-                    out, step, trainable, optimizer, scheduler, d, run_state(), model_dir, model, config.keep_checkpoints
-                )
-            if stopped_by:
-                log(f"{stopped_by}: checkpoint saved at step {step}; resume with --resume")
-                break
-    finally:
-        bar.close()
-        for s, handler in previous_handlers.items():
-            signal.signal(s, handler)
-
-    weights = lora_weights(trainable)
-    if d.main and not stopped_by:
-        _atomic_dir(
-            out / "adapter", lambda tmp: lora.save_adapter(model, tmp, base_model_name_or_path=model_dir, weights=weights)
-        )
-    elapsed = time.perf_counter() - start_time
-    summary = {
-        "steps": step,
-        "total_steps": total_steps,
-        "epochs": step / steps_per_epoch,
-        "final_train_loss": last_loss,
-        "best_val_loss": best_val,
-        "best_step": best_step,
-        "world_size": d.world,
-        "elapsed_s": elapsed,
-        "tokens_per_s": (tokens_seen - start_tokens) / max(elapsed, 1e-9),
-        "trainable_parameters": n_trainable,
-        "stopped_by": stopped_by,
-        "adapter": str(out / "adapter"),
-        "best_adapter": str(out / "best_adapter"),
-    }
-    if d.main:
-        (out / "summary.json").write_text(to_json(summary, indent=2))
-        log(
-            f"done: {step}/{total_steps} steps in {elapsed:.0f}s ({summary['tokens_per_s']:.0f} tokens/s), "
-            f"final train loss {last_loss:.4f}, best validation loss {best_val:.4f} at step {best_step}"
-        )
-    d.barrier()
-    return summary
+def _train(config: TrainConfig, dist_ctx: DistContext) -> dict:
+    """The run itself, stage by stage, on the ranks of `dist_ctx`: see `train`."""
+    check_config(config, dist_ctx.world)
+    resume_from = dist_ctx.from_main(lambda: prepare_out(config, Path(config.out), log))
+    run = setup_model(config, dist_ctx)
+    setup_data(run)
+    # Resume: LoRA weights go in before sharding; optimizer, scheduler and RNG states once the optimizer exists.
+    resumed = restore_lora_weights(run, run.out / "checkpoints" / resume_from) if resume_from else None
+    setup_optimizer(run)
+    if resumed is not None:
+        restore_trainer_state(run, *resumed)
+    stopped_by = fit(run)
+    return finish(run, stopped_by)
 
 
 # --- command line -------------------------------------------------------------------------------------------------
 
 
-SHORT_FLAGS = {"pack_tokens": ["--pack"]}  # extra names of some flags
-
-
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """A `TrainConfig` from command-line flags, one per field (`--lora-r 16`, `--no-group-by-length`, ...)."""
-    parser = argparse.ArgumentParser(prog="python -m ecellm.train", description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(TrainConfig):
-        flags = ["--" + f.name.replace("_", "-"), *SHORT_FLAGS.get(f.name, [])]
-        if f.type in ("bool", bool):
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(*flags, type=kind, default=f.default, help=f"default: {f.default!r}")
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    """A `TrainConfig` from command-line flags, one per field (`--lora-r 16`, `--no-group-by-length`, ...; `--pack`
+    is argparse's abbreviation of `--pack-tokens`)."""
+    return parse_flags(TrainConfig, argv, prog="python -m ecellm.train", description=__doc__.split("\n")[0])
 
 
 def main(argv: list[str] | None = None) -> None:

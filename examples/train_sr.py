@@ -151,7 +151,7 @@ def main() -> None:
     out = Path(args.out) if args.out else default_out(d)
     synthetic = not args.data
     data = args.data or str(out / "data")
-    if synthetic and d.main:
+    if synthetic and d.is_main:
         write_dataset(data, n_per_task=args.n_train, n_eval_per_task=args.n_test, seed=args.seed, tasks=["SR"])
     d.barrier()
 
@@ -181,7 +181,7 @@ def main() -> None:
     minutes = (time.perf_counter() - start) / 60
     curve = learning_curve(out / "run", config.model, records, d, template, before) if args.curve_every else None
 
-    if d.main:
+    if d.is_main:
         results = {
             "minutes": minutes,
             "tasks": {"SR": {"metric": "hr@1", "before": before, "after": after,

@@ -41,3 +41,11 @@ def test_read_json_names_the_file_and_raises_the_callers_error(tmp_path):
     (tmp_path / "latin1.json").write_bytes(b'{"a": "\xe9"}')
     with pytest.raises(ValueError, match="latin1.json: not valid JSON"):
         read_json(tmp_path / "latin1.json")
+
+
+def test_strict_json_writes_non_finite_numbers_as_null(tmp_path):
+    write_json(tmp_path / "summary.json", {"loss": float("nan"), "best": float("inf"), "steps": 3}, strict=True)
+    assert read_json(tmp_path / "summary.json") == {"loss": None, "best": None, "steps": 3}
+    assert "NaN" not in (tmp_path / "summary.json").read_text()
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        write_json(tmp_path / "nested.json", {"losses": [float("nan")]}, strict=True)

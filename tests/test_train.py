@@ -565,3 +565,29 @@ def test_a_silent_rank_ends_the_run_naming_it(setup, tmp_path, fault):
     assert f"rank 0: rank(s) 1 stopped answering (no reply within dist_timeout_s={timeout}s" in output, output
     # one timeout for the failed collective and one for the probe, plus torchrun's own shutdown
     assert elapsed < 2 * timeout + 45, elapsed
+
+
+def test_the_stages_run_a_step_and_a_checkpoint_restores_it(setup, tmp_path):
+    """The stages `train` runs, called one by one: a step from a restored checkpoint equals the step it continues."""
+    cfg = config(setup, tmp_path / "run", max_steps=2)
+    (tmp_path / "run").mkdir()
+    dist_ctx = train_mod.setup_distributed(cfg.dist_timeout_s)
+
+    def new_run() -> train_mod.Run:
+        run = train_mod.setup_model(cfg, dist_ctx)
+        train_mod.setup_data(run)
+        return run
+
+    run = new_run()
+    train_mod.setup_optimizer(run)
+    first = train_mod.train_step(run)
+    checkpoint = train_mod.save_checkpoint(run)
+    second = train_mod.train_step(run)
+
+    restored = new_run()
+    resumed = train_mod.restore_lora_weights(restored, checkpoint)
+    train_mod.setup_optimizer(restored)
+    train_mod.restore_trainer_state(restored, *resumed)
+    assert (first["step"], restored.step) == (1, 1)
+    assert train_mod.train_step(restored)["loss"] == second["loss"]
+    assert all(torch.equal(restored.trainable[n], p) for n, p in run.trainable.items())
