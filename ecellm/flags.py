@@ -11,8 +11,8 @@
 
 A field `x_y` becomes `--x-y`. Its type gives the flag's kind: `bool` an on/off pair, `list[T]` one or more values,
 `T | None` an optional value, `int` / `float` / `str` one value. A field's `metadata` may add "help", "choices",
-"metavar" and "type" (a converter that raises `argparse.ArgumentTypeError` for a bad value). A field without a default
-is a required flag. A `ValueError` from the dataclass's `__post_init__` is reported as a usage error.
+"metavar", "aliases" (other flag names, e.g. `["--pack"]`) and "type" (a converter that raises
+`argparse.ArgumentTypeError` for a bad value). A field without a default is a required flag. A `ValueError` from the dataclass's `__post_init__` is reported as a usage error.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def add_flags(parser: argparse.ArgumentParser, config_class: type) -> None:
     """Add one flag per field of the dataclass `config_class` to `parser` (see the module docstring)."""
     hints = typing.get_type_hints(config_class)
     for field in dataclasses.fields(config_class):
-        flag, default = "--" + field.name.replace("_", "-"), _default(field)
+        flags, default = ["--" + field.name.replace("_", "-"), *field.metadata.get("aliases", [])], _default(field)
         value_type, many, _ = _kind(hints[field.name])
         options = {k: field.metadata[k] for k in ("choices", "metavar") if k in field.metadata}
         help_text = field.metadata.get("help", "")
@@ -83,11 +83,11 @@ def add_flags(parser: argparse.ArgumentParser, config_class: type) -> None:
         if default not in (None, dataclasses.MISSING):
             help_text = f"{help_text} (default: {default!r})".lstrip()
         if value_type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text, **options)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, help=help_text, **options)
             continue
         if many:
             options["nargs"] = "+"
-        parser.add_argument(flag, type=field.metadata.get("type", value_type), help=help_text, **options)
+        parser.add_argument(*flags, type=field.metadata.get("type", value_type), help=help_text, **options)
 
 
 def parse_flags(config_class: type, argv: Sequence[str] | None = None, *, prog: str | None = None,

@@ -74,7 +74,8 @@ from .tokenizer import Tokenizer, load_tokenizer
 
 @dataclass
 class TrainConfig:
-    """Every setting of a run; the defaults are the paper's recipe. Each field is a command-line flag."""
+    """Every setting of a run; the defaults are the reference code's recipe (README: "Differences from the reference
+    code"). Each field is a command-line flag."""
 
     model: str = ""  # checkpoint directory; empty: the embedded SmolLM2-135M-Instruct
     data: str = ""  # a directory with train.json and validation.json, as ECInstruct ships them
@@ -95,7 +96,8 @@ class TrainConfig:
     epochs: int = 3
     global_batch: int = 128  # examples per optimizer step, over all ranks and micro-batches
     micro_batch: int = 1  # examples per forward pass on one rank (not used with pack_tokens)
-    pack_tokens: int = 0  # --pack: concatenate examples into rows of up to N tokens, one row per forward (0: off)
+    pack_tokens: int = field(default=0, metadata={"aliases": ["--pack"]})  # concatenate examples into rows of up to
+    # N tokens, one row per forward (0: off)
     loss_average: str = "example"  # "example": each example weighs the same (the paper); "token": each answer token
     max_steps: int = 0  # stop after this many optimizer steps (0: train all epochs)
     dtype: str = "bf16"  # "bf16" or "fp32" ("fp32" for CPUs)
@@ -312,7 +314,9 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], seq2seq: bool) ->
         packed["decoder_segment_ids"] = batch.get("decoder_segment_ids")
         return seq2seq_lm_loss(model, batch["input_ids"], batch.get("attention_mask"), batch["labels"],
                                reduction="sum", weights=batch["loss_weights"], **packed)
-    return causal_lm_loss(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), reduction="sum",
+    # Training batches are right-padded (`micro_batches`): under causal attention no real token sees a later pad, so
+    # the mask changes nothing the loss reads, and without it attention takes SDPA's causal (flash) path.
+    return causal_lm_loss(model, batch["input_ids"], batch["labels"], None, reduction="sum",
                           weights=batch["loss_weights"], **packed)
 
 

@@ -56,3 +56,12 @@ def test_train_config_flags_are_the_ones_train_builds(argv):
     from ecellm.train import TrainConfig, parse_args
 
     assert parse_flags(TrainConfig, argv) == parse_args(argv)
+
+
+def test_a_field_may_have_alias_flags():
+    @dataclass
+    class Packing:
+        pack_tokens: int = field(default=0, metadata={"aliases": ["--rows"]})  # not an abbreviation of the name
+
+    assert parse_flags(Packing, ["--rows", "4096"]).pack_tokens == 4096
+    assert parse_flags(Packing, ["--pack-tokens", "512"]).pack_tokens == 512
