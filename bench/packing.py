@@ -90,7 +90,7 @@ def ecellm_step_fn(model, config: str, args, examples: list[dict]):
         padded = 0
         for group in micro_batches(examples, indices, train_config.micro_batch, train_config.pack_tokens, False):
             batch = make_batch(group, train_config, args.pad_id, False)
-            (loss_sum(model, batch, False) / weight).backward()
+            (loss_sum(model, batch) / weight).backward()
             padded += batch["input_ids"].numel()
         return padded
 

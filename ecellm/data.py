@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models.loss import IGNORE_INDEX  # -100: positions without loss
+from .labels import IGNORE_INDEX  # -100: positions without loss
 from .tasks import TASK_BY_ABBR, TASK_BY_NAME, TASKS, TaskInfo, resolve_task  # noqa: F401 (also public here)
 
 

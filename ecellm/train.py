@@ -67,7 +67,7 @@ from .data import (
 )
 from .files import strict_json, write_dir_atomically, write_json
 from .flags import parse_dtype, parse_flags
-from .models import causal_lm_loss, from_pretrained, seq2seq_lm_loss
+from .models import from_pretrained
 from .models.loading import CheckpointError as RefusedWeights
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -297,27 +297,25 @@ def micro_batches(
 
 
 def make_batch(examples: list[dict], config: TrainConfig, pad_id: int, seq2seq: bool) -> dict[str, torch.Tensor]:
-    """One micro-batch as tensors: a packed row (`--pack`), or examples padded to a multiple of 8 (the paper)."""
+    """One micro-batch as tensors, the model's keyword arguments: a packed row (`--pack`), or examples padded to a
+    multiple of 8 (the paper)."""
     if config.pack_tokens:
         return collate_packed([examples], pad_id, 8, seq2seq, config.loss_average)
-    return collate(examples, pad_id, "right", 8, seq2seq, loss_average=config.loss_average)
+    batch = collate(examples, pad_id, "right", 8, seq2seq, loss_average=config.loss_average)
+    if not seq2seq:
+        # Decoder batches are right-padded: under causal attention no real token sees a later pad, so the mask
+        # changes nothing the loss reads, and without it attention takes SDPA's causal (flash) path.
+        del batch["attention_mask"]
+    return batch
 
 
 # --- the loss -----------------------------------------------------------------------------------------------------
 
 
-def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], seq2seq: bool) -> torch.Tensor:
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Weighted sum of the token cross-entropies of one micro-batch (divided later by the step's total example
     weight, summed over micro-batches and ranks; see `ecellm.data.label_weights`)."""
-    packed = {"segment_ids": batch.get("segment_ids")}
-    if seq2seq:
-        packed["decoder_segment_ids"] = batch.get("decoder_segment_ids")
-        return seq2seq_lm_loss(model, batch["input_ids"], batch.get("attention_mask"), batch["labels"],
-                               reduction="sum", weights=batch["loss_weights"], **packed)
-    # Training batches are right-padded (`micro_batches`): under causal attention no real token sees a later pad, so
-    # the mask changes nothing the loss reads, and without it attention takes SDPA's causal (flash) path.
-    return causal_lm_loss(model, batch["input_ids"], batch["labels"], None, reduction="sum",
-                          weights=batch["loss_weights"], **packed)
+    return model(**batch, reduction="sum")
 
 
 def forward_passes(dist_ctx: DistContext, n_mine: int) -> int:
@@ -785,9 +783,9 @@ def loss_and_gradients(run: Run, batches: list[list[dict]]) -> tuple[float, floa
         if dist_ctx.mesh is not None:
             run.model.set_requires_gradient_sync(i == n_passes - 1)
         if i < len(batches):
-            loss = loss_sum(run.model, device_batch(run, batches[i]), run.seq2seq)
+            loss = loss_sum(run.model, device_batch(run, batches[i]))
         else:  # a rank with fewer rows joins the others' passes with a zero loss
-            loss = 0.0 * loss_sum(run.model, device_batch(run, batches[0]), run.seq2seq)
+            loss = 0.0 * loss_sum(run.model, device_batch(run, batches[0]))
         # FSDP averages gradients over ranks; scaling by world size turns that into a sum, so the update equals one
         # process's on the same global batch.
         (loss * (dist_ctx.world / max(step_weight, 1.0))).backward()
@@ -837,10 +835,10 @@ def validation_loss(run: Run) -> float:
     total_loss = total_weight = 0.0
     for i in range(forward_passes(dist_ctx, len(batches))):  # the same number on every rank (FSDP needs it)
         if i < len(batches):
-            total_loss += loss_sum(model, device_batch(run, batches[i]), run.seq2seq).item()
+            total_loss += loss_sum(model, device_batch(run, batches[i])).item()
             total_weight += sum(ex["loss_weight"] for ex in batches[i])
         else:
-            loss_sum(model, device_batch(run, run.val_examples[:1]), run.seq2seq)
+            loss_sum(model, device_batch(run, run.val_examples[:1]))
     if dist_ctx.mesh is not None:
         model.reshard()  # no backward follows to free the root's gathered parameters
     model.train()

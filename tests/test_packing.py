@@ -102,11 +102,11 @@ def test_packed_t5_logits_equal_unpacked():
     batch = collate_packed([examples], pad_id=0, multiple_of=8, seq2seq=True)
     decoder_ids = torch.where(batch["labels"] == IGNORE_INDEX, 0, batch["labels"])
     with torch.no_grad():
-        packed = model(batch["input_ids"], decoder_ids, segment_ids=batch["segment_ids"],
+        packed = model(batch["input_ids"], decoder_input_ids=decoder_ids, segment_ids=batch["segment_ids"],
                        decoder_segment_ids=batch["decoder_segment_ids"])[0]  # (T, V)
         start = 0
         for ex in examples:
-            alone = model(torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]]))[0]  # (L, V)
+            alone = model(torch.tensor([ex["input_ids"]]), decoder_input_ids=torch.tensor([ex["labels"]]))[0]  # (L, V)
             torch.testing.assert_close(packed[start : start + len(alone)], alone, rtol=0, atol=1e-5)
             start += len(alone)
 

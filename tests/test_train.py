@@ -197,11 +197,11 @@ def test_packed_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
     reference = train(config(setup, tmp_path / "ref", **packed))
     real, calls = train_mod.loss_sum, {"n": 0}
 
-    def signalled(model, batch, seq2seq):
+    def signalled(model, batch):
         calls["n"] += 1
         if calls["n"] == 5:  # inside step 2 (the step's 8 examples make 3-4 rows)
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(model, batch, seq2seq)
+        return real(model, batch)
 
     monkeypatch.setattr(train_mod, "loss_sum", signalled)
     stopped = train(config(setup, tmp_path / "run", **packed))
@@ -274,9 +274,9 @@ def test_non_finite_loss_stops_with_the_step(setup, tmp_path, monkeypatch):
     real = train_mod.loss_sum
     calls = {"n": 0}
 
-    def poisoned(model, batch, seq2seq):
+    def poisoned(model, batch):
         calls["n"] += 1
-        loss = real(model, batch, seq2seq)
+        loss = real(model, batch)
         return loss * float("nan") if calls["n"] > 12 else loss  # 4 micro-batches per step: step 4 goes bad
 
     monkeypatch.setattr(train_mod, "loss_sum", poisoned)

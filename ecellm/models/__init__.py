@@ -12,10 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..labels import IGNORE_INDEX
 from .config import ConfigError, config_file, read_config_file
 from .llama import LlamaConfig, LlamaForCausalLM
 from .loading import CheckpointError, load_checkpoint
-from .loss import IGNORE_INDEX, causal_lm_loss, seq2seq_lm_loss
+from .loss import causal_lm_loss, seq2seq_lm_loss
 from .phi import PhiConfig, PhiForCausalLM
 from .t5 import T5Config, T5ForConditionalGeneration
 

@@ -30,6 +30,7 @@ from .layers import (
     rope_cos_sin,
     segment_positions,
 )
+from .loss import labelled_cross_entropy, next_token_labels
 
 
 @dataclass
@@ -254,22 +255,34 @@ class DecoderOnlyLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         *,
-        positions: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        loss_weights: torch.Tensor | None = None,
+        reduction: str = "mean",
     ) -> torch.Tensor:
-        """Logits of every position, or only of the selected ones.
+        """Logits of every position, or with `labels` the next-token loss over the labelled positions only.
+
+        With `labels`, position t is scored on label t+1 (the shift is `loss.next_token_labels`) and the vocabulary
+        projection runs only where that label is not -100, so no logits are returned.
 
         Args:
             input_ids: (B, T) token ids.
             attention_mask: (B, T) 1 for real tokens, 0 for padding.
-            positions: optional (B, T) bool; when given, the vocabulary projection runs only where it is True
-                (training needs logits only where a label exists).
-            segment_ids: optional (B, T) for packed rows, see `hidden_states`.
+            segment_ids: optional (B, T) for packed rows, see `hidden_states`; the first label of each segment
+                must be -100, so no position predicts across a boundary.
+            labels: optional (B, T) target ids aligned with `input_ids`, -100 where no loss is taken.
+            loss_weights: optional (B, T) float, aligned with `labels`: each label's loss is multiplied by its
+                weight before the reduction (`ecellm.data.label_weights`).
+            reduction: with `labels`, "mean" over labelled tokens or "sum" (for averaging across micro-batches
+                and ranks).
         Returns:
-            (B, T, V) logits, or (N, V) for the N selected positions in row-major order.
+            (B, T, V) logits, or with `labels` a scalar fp32 loss.
         """
         hidden = self.hidden_states(input_ids, attention_mask, segment_ids=segment_ids)  # (B, T, H)
-        return self.lm_head(hidden if positions is None else hidden[positions])  # (B, T, V) or (N, V)
+        if labels is None:
+            return self.lm_head(hidden)  # (B, T, V)
+        targets, weights = next_token_labels(labels, loss_weights)  # (B, T) each
+        return labelled_cross_entropy(self.lm_head, hidden, targets, weights, reduction)
 
     @torch.no_grad()
     def start_decoding(

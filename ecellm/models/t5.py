@@ -24,6 +24,7 @@ from torch import nn
 
 from . import config as cfg
 from .layers import KVCache, RMSNorm, activation, segment_mask
+from .loss import decoder_inputs_from_labels, labelled_cross_entropy
 
 
 # config.json fields that must be positive integers when present
@@ -436,35 +437,51 @@ class T5ForConditionalGeneration(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        decoder_input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         *,
-        positions: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         decoder_segment_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        loss_weights: torch.Tensor | None = None,
+        reduction: str = "mean",
     ) -> torch.Tensor:
-        """Decoder logits (teacher forcing).
+        """Decoder logits (teacher forcing), or with `labels` the loss over the labelled target tokens only.
+
+        With `labels` and no `decoder_input_ids`, the decoder reads the labels shifted right
+        (`loss.decoder_inputs_from_labels`); the vocabulary projection runs only where the label is not -100, so no
+        logits are returned.
 
         Args:
             input_ids: (B, Te) encoder token ids.
-            decoder_input_ids: (B, T) decoder token ids, starting with `decoder_start_token_id` (in a packed row,
-                every decoder segment starts with it).
             attention_mask: (B, Te) 1 for real encoder tokens, 0 for padding.
+            decoder_input_ids: (B, T) decoder token ids, starting with `decoder_start_token_id` (in a packed row,
+                every decoder segment starts with it); built from `labels` when not given.
             decoder_attention_mask: (B, T) 1 for real decoder tokens, 0 for padding (causal masking is always on).
-            positions: optional (B, T) bool; when given, the vocabulary projection runs only where it is True.
             segment_ids, decoder_segment_ids: packed rows, (B, Te) and (B, T): example i's encoder tokens carry
                 the same id as its decoder tokens; each attends only within its example, so every example gets
                 the logits it would get alone. Padding takes an id of its own; the masks are then not needed.
+            labels: optional (B, T) target ids, -100 where no loss is taken.
+            loss_weights: optional (B, T) float, aligned with `labels`: each label's loss is multiplied by its
+                weight before the reduction (`ecellm.data.label_weights`).
+            reduction: with `labels`, "mean" over labelled tokens or "sum".
         Returns:
-            (B, T, V) logits, or (N, V) for the N selected positions in row-major order.
+            (B, T, V) logits, or with `labels` a scalar fp32 loss.
         """
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("T5ForConditionalGeneration.forward: give decoder_input_ids or labels")
+            c = self.config
+            decoder_input_ids = decoder_inputs_from_labels(
+                labels, c.decoder_start_token_id, c.pad_token_id, decoder_segment_ids
+            )  # (B, T)
         encoder_out = self.encode(input_ids, attention_mask, segment_ids)
         cross = self.cross_attention_inputs(encoder_out, attention_mask, segment_ids, decoder_segment_ids)
         hidden = self.decoder(decoder_input_ids, decoder_attention_mask, cross, segment_ids=decoder_segment_ids)
-        if positions is not None:
-            hidden = hidden[positions]  # (N, d)
-        return self._logits(hidden)
+        if labels is None:
+            return self._logits(hidden)  # (B, T, V)
+        return labelled_cross_entropy(self._logits, hidden, labels, loss_weights, reduction)
 
     @torch.no_grad()
     def start_decoding(

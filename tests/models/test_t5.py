@@ -129,7 +129,7 @@ def test_logits_encoder_and_loss_match_transformers(pair):
     dec_mask[2, 10:] = 0
     with torch.no_grad():
         expected = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
-        got = ours(ids, dec, mask, dec_mask)
+        got = ours(ids, mask, dec, dec_mask)
         real = dec_mask.bool()
         torch.testing.assert_close(got[real], expected.logits[real], atol=1e-5, rtol=0)
         enc_expected = hf.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -175,7 +175,7 @@ def test_decode_steps_match_teacher_forcing(pair):
     tokens = torch.randint(2, TINY["vocab_size"], (3, 9), generator=torch.Generator().manual_seed(4))
     dec = torch.cat([torch.zeros(3, 1, dtype=torch.long), tokens], dim=1)  # (3, 10)
     with torch.no_grad():
-        forced = ours(ids, dec, mask)  # (3, 10, V)
+        forced = ours(ids, mask, dec)  # (3, 10, V)
         state, logits = ours.start_decoding(ids, mask, max_new_tokens=10)
         steps = [logits] + [ours.decode_step(state, tokens[:, t]) for t in range(9)]
     torch.testing.assert_close(torch.stack(steps, dim=1), forced, atol=1e-5, rtol=0)
@@ -186,8 +186,8 @@ def test_bf16_close_to_fp32(tmp_path):
     ids, mask = padded_batch()
     dec = torch.randint(2, TINY["vocab_size"], (3, 15), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        fp32 = from_pretrained(tmp_path)(ids, dec, mask)
-        bf16 = from_pretrained(tmp_path, dtype=torch.bfloat16)(ids, dec, mask).float()
+        fp32 = from_pretrained(tmp_path)(ids, mask, dec)
+        bf16 = from_pretrained(tmp_path, dtype=torch.bfloat16)(ids, mask, dec).float()
         # Two real bugs for contrast, made by editing weights of an fp32 copy: attention scaled by 1/sqrt(hs)
         # (SDPA's default scale, i.e. forgetting scale=1.0) and the relative-position bias dropped.
         sqrt_scaled, no_bias = from_pretrained(tmp_path), from_pretrained(tmp_path)
@@ -196,7 +196,7 @@ def test_bf16_close_to_fp32(tmp_path):
                 w.mul_(TINY["d_kv"] ** -0.5)
         for stack in (no_bias.encoder, no_bias.decoder):
             stack.block[0].layer[0].SelfAttention.relative_attention_bias.weight.zero_()
-        bugs = [sqrt_scaled(ids, dec, mask), no_bias(ids, dec, mask)]
+        bugs = [sqrt_scaled(ids, mask, dec), no_bias(ids, mask, dec)]
 
     def close_to_fp32(x: torch.Tensor) -> bool:
         rel_err = float((x - fp32).norm() / fp32.norm())
