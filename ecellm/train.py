@@ -65,7 +65,7 @@ from .data import (
     pack_examples,
     sample_per_task,
 )
-from .files import strict_json, write_dir_atomically, write_json
+from .files import read_json, strict_json, write_dir_atomically, write_json
 from .flags import parse_dtype, parse_flags
 from .models import from_pretrained
 from .models.loading import CheckpointError as RefusedWeights
@@ -579,7 +579,7 @@ RESUMABLE_CHANGES = {
 def check_same_settings(saved_file: Path, config: TrainConfig) -> None:
     """Refuse to resume the run recorded in `saved_file` (its config.json) under other settings, naming them."""
     try:
-        saved = json.loads(saved_file.read_text())
+        saved = read_json(saved_file)
     except (OSError, ValueError) as e:
         raise TrainingError(f"--resume: cannot read the run's settings in {saved_file}: {e}") from e
     new, absent = dataclasses.asdict(config), "<absent>"
