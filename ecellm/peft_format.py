@@ -112,7 +112,8 @@ _UNSUPPORTED_FIELDS = [
 ]
 
 
-def _read_adapter_config(path: Path) -> dict[str, Any]:
+def read_adapter_config(path: Path) -> dict[str, Any]:
+    """`path/adapter_config.json`, checked to be a LoRA adapter ecellm can load (each error names the file and field)."""
     file = path / ADAPTER_CONFIG
     if not file.is_file():
         raise FileNotFoundError(f"load_adapter: no {ADAPTER_CONFIG} in {path}")
@@ -238,7 +239,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         CheckpointError: an empty or truncated weights file, or a tensor holding NaN or Inf.
     """
     path = Path(path)
-    config = _read_adapter_config(path)
+    config = read_adapter_config(path)
     weights_file = path / ADAPTER_WEIGHTS
     tensors = _adapter_tensors_by_module(weights_file)
     existing = lora_layers(model)

@@ -124,8 +124,8 @@ def _sr_thread(rng: random.Random, name: str, n_history: int) -> tuple[list[tupl
 
 
 def _sr_record(rng: random.Random, names: list[str], position: int, history_len: int,
-               full: bool) -> tuple[str, str, str]:
-    """(input, options, output) of one SR record whose answer is at option `position`."""
+               full: bool, n_options: int) -> tuple[str, str, str]:
+    """(input, options, output) of one SR record whose answer is at option `position` of `n_options`."""
     picked = rng.sample(names, 20 + history_len)
     anchor, noise, others = picked[0], picked[1:history_len + 1], picked[history_len + 1:]
     thread, answer = _sr_thread(rng, anchor, history_len)
@@ -135,6 +135,7 @@ def _sr_record(rng: random.Random, names: list[str], position: int, history_len:
     options = [(answer[0].replace(anchor, name, 1), answer[1], name) for name in others[:2]]
     options += [_sr_thread(rng, name, rng.randint(1, 2))[1] for name in others[2:19]]
     rng.shuffle(options)
+    options = options[:n_options - 1]  # fewer options: a random subset of the distractors (an easier record)
     options.insert(position, answer)
     return (str([f"{_ordinal(i + 1)}: {_sr_item(*x, full)}" for i, x in enumerate(history)]),
             str([f"{LETTERS[i]}: {_sr_item(*x, full)}" for i, x in enumerate(options)]), LETTERS[position])
@@ -287,7 +288,7 @@ GENERATORS = {"AVE": _ave, "PRP": _prp, "PM": _pm, "SA": _sa, "MPC": _mpc, "PSI"
 
 # --- records and files --------------------------------------------------------------------------------------
 def generate_records(task: str, n: int, split: str = "train", seed: int = 0, *, sr_history_len: int = 2,
-                     sr_full_items: bool = False) -> list[dict]:
+                     sr_full_items: bool = False, sr_options: int = 20, names_seed: int | None = None) -> list[dict]:
     """`n` synthetic records of one task, the same for the same arguments.
 
     Args:
@@ -295,28 +296,36 @@ def generate_records(task: str, n: int, split: str = "train", seed: int = 0, *, 
         n: number of records.
         split: "train", "val" or "test"; val and test use held-out names.
         seed: the random seed.
+        names_seed: the seed of the split of names into training and held-out ones (default: `seed`); sets drawn
+            with other seeds but one `names_seed` never share a held-out name with each other's training records.
         sr_history_len: SR purchase-history length (>= 1); the prompt grows by one item per step.
         sr_full_items: SR items as the dataset writes them ("<title>. <cat 1>. <cat 2>. <brand>.") instead of
             "<title>" (short prompts: about 250 GPT-2 tokens for the alpaca prompt with 2 history items, +17 per extra item).
+        sr_options: SR options per record, 2 to 20 (the dataset: 20); fewer keep a random subset of the distractors,
+            for easier records (a curriculum). The same arguments with 20 give the same records as before the knob.
     Returns:
         a list of n record dicts in the ECInstruct schema with "synthetic": True. SR answers are spread exactly
-        evenly over the 20 letters (n // 20 each, the rest on random letters).
+        evenly over the `sr_options` letters (n // sr_options each, the rest on random letters).
     """
     info = task_info(task)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    names = _names(seed, split)
+    names = _names(seed if names_seed is None else names_seed, split)
     if not 1 <= sr_history_len <= len(names) - 20:
         raise ValueError(f"sr_history_len must be in [1, {len(names) - 20}] (one name per history item and "
                          f"option), got {sr_history_len}")
+    if not 2 <= sr_options <= len(LETTERS):
+        raise ValueError(f"sr_options must be in [2, {len(LETTERS)}], got {sr_options}")
     rng = random.Random(f"{seed}/{info.abbr}/{split}")
     if info.abbr == "SR":
-        positions = [i % 20 for i in range(n - n % 20)] + rng.sample(range(20), n % 20)
+        k = sr_options
+        positions = [i % k for i in range(n - n % k)] + rng.sample(range(k), n % k)
         rng.shuffle(positions)
     records = []
     for i in range(n):
         if info.abbr == "SR":
-            text, options, output, *extra = _sr_record(rng, names, positions[i], sr_history_len, sr_full_items)
+            text, options, output, *extra = _sr_record(rng, names, positions[i], sr_history_len, sr_full_items,
+                                                     sr_options)
         else:
             text, options, output, *extra = GENERATORS[info.abbr](rng, names)
         records.append({"instruction": rng.choice(info.instructions), "input": text, "options": options,
@@ -335,7 +344,7 @@ def write_dataset(out_dir: str | Path, n_per_task: int, n_eval_per_task: int, se
         seed: the random seed (same seed and arguments -> the same bytes).
         tasks: task names or abbreviations; None writes all 10.
         fmt: "json" (one JSON array, as released) or "jsonl" (JSON Lines).
-        knobs: `sr_history_len`, `sr_full_items` for `generate_records`.
+        knobs: `sr_history_len`, `sr_full_items`, `sr_options`, `names_seed` for `generate_records`.
     Returns:
         split -> path written.
     """
@@ -369,9 +378,11 @@ def main(argv=None) -> None:
     parser.add_argument("--sr-history-len", type=int, default=2, help="SR purchase-history length")
     parser.add_argument("--sr-full-items", action="store_true",
                         help="SR items as '<title>. <category 1>. <category 2>. <brand>.' (longer prompts)")
+    parser.add_argument("--sr-options", type=int, default=20, help="SR options per record (2-20; the dataset: 20)")
     args = parser.parse_args(argv)
     paths = write_dataset(args.out, args.n_per_task, args.n_eval_per_task, args.seed, tasks=args.tasks,
-                          fmt=args.format, sr_history_len=args.sr_history_len, sr_full_items=args.sr_full_items)
+                          fmt=args.format, sr_history_len=args.sr_history_len, sr_full_items=args.sr_full_items,
+                          sr_options=args.sr_options)
     for split, path in paths.items():
         print(f"{split}: {path}")
 

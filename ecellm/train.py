@@ -100,6 +100,9 @@ class TrainConfig:
     # N tokens, one row per forward (0: off)
     loss_average: str = "example"  # "example": each example weighs the same (the paper); "token": each answer token
     max_steps: int = 0  # stop after this many optimizer steps (0: train all epochs)
+    minutes: float = 0.0  # stop after the first step that ends this many minutes into training (0: no limit); the
+    # run then validates and writes its adapter as at its end (the learning rate follows the planned steps)
+    init_adapter: str = ""  # start LoRA from this adapter directory (PEFT format, same r, alpha and targets)
     dtype: str = "bf16"  # "bf16" or "fp32" ("fp32" for CPUs)
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
     activation_checkpointing: bool = False
@@ -572,7 +575,7 @@ def latest_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
 # Settings a resumed run may change: where and how often it writes, and how long ranks wait for each other. Every
 # other field (one added later included) shapes the run's mathematics and must keep its saved value.
 RESUMABLE_CHANGES = {
-    "out", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "eval_every", "dist_timeout_s"
+    "out", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "eval_every", "dist_timeout_s", "minutes"
 }
 
 
@@ -656,6 +659,11 @@ def check_config(config: TrainConfig, world: int) -> None:
         raise TrainingError(f"dtype must be 'bf16' or 'fp32', got {config.dtype!r}")
     if config.loss_average not in LOSS_AVERAGES:
         raise TrainingError(f"loss_average must be one of {LOSS_AVERAGES}, got {config.loss_average!r}")
+    if config.minutes < 0:
+        raise TrainingError(f"minutes must be >= 0 (0: no time limit), got {config.minutes}")
+    if config.init_adapter and not Path(config.init_adapter).is_dir():
+        raise TrainingError(f"init_adapter: {config.init_adapter} is not a directory (an adapter written by ecellm or "
+                            "peft: adapter_config.json + adapter_model.safetensors)")
     if config.pack_tokens < 0:
         raise TrainingError(f"pack_tokens must be >= 0 (0: no packing), got {config.pack_tokens}")
     if config.global_batch % (world * config.micro_batch):
@@ -682,11 +690,41 @@ def setup_model(config: TrainConfig, dist_ctx: DistContext) -> Run:
     tokenizer.check_fits(model.config.vocab_size, model_dir)
     targets = [t for t in config.lora_targets.split(",") if t] or None
     lora.inject(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, targets=targets)
+    if config.init_adapter:
+        load_initial_adapter(model, config)
     n_trainable, n_total = lora.count_parameters(model)
     run = Run(config, dist_ctx, model_dir, model, tokenizer, n_trainable)
     run.log(f"{model.config.model_type} from {model_dir}: {n_trainable:,} trainable of {n_total:,} parameters "
-            f"({100 * n_trainable / n_total:.2f}%)")
+            f"({100 * n_trainable / n_total:.2f}%)" + (f", LoRA from {config.init_adapter}" if config.init_adapter
+                                                       else ""))
     return run
+
+
+def load_initial_adapter(model: nn.Module, config: TrainConfig) -> None:
+    """Copy the LoRA weights of `config.init_adapter` into the freshly injected layers, to train further from them.
+    The adapter must have been trained with the same r, alpha and target modules; everything is checked first, so a
+    refused adapter leaves the model as it was."""
+    path = Path(config.init_adapter)
+    saved_config = peft_format.read_adapter_config(path)
+    if saved_config["lora_alpha"] != config.lora_alpha or saved_config["r"] != config.lora_r:
+        raise TrainingError(
+            f"init_adapter: {path / peft_format.ADAPTER_CONFIG} has r={saved_config['r']}, lora_alpha="
+            f"{saved_config['lora_alpha']}; this run has r={config.lora_r}, lora_alpha={config.lora_alpha} "
+            "(train with the adapter's values)"
+        )
+    saved = peft_format.read_adapter_weights(path)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    wrong = [f"{n} {tuple(saved[n].shape)} vs {tuple(p.shape)}" for n, p in params.items()
+             if n in saved and saved[n].shape != p.shape]
+    if missing or extra or wrong:
+        raise TrainingError(
+            f"init_adapter: {path / peft_format.ADAPTER_WEIGHTS} does not fit this run's LoRA layers (other targets or "
+            f"model): missing {missing[:4]}, unexpected {extra[:4]}, other shapes {wrong[:4]}"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
 
 
 def setup_data(run: Run) -> None:
@@ -883,19 +921,24 @@ class _Stop:
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+OUT_OF_TIME = "time limit"  # `fit`'s reason when `config.minutes` ran out
 
 
-def stop_requested(dist_ctx: DistContext) -> str | None:
-    """The name of the stop signal this rank received ("a signal to another rank" for another's), or None.
-    Collective: every rank stops at the same step."""
-    (stop,) = dist_ctx.all_reduce_sum(float(_Stop.received is not None))
-    return (_Stop.received or "a signal to another rank") if stop else None
+def stop_requested(run: Run) -> str | None:
+    """Why the run stops after this step: the name of the stop signal this rank received ("a signal to another rank"
+    for another's), `OUT_OF_TIME` when a rank's clock passed `config.minutes`, or None. Collective: every rank stops
+    at the same step."""
+    out_of_time = run.config.minutes > 0 and time.perf_counter() - run.started >= 60 * run.config.minutes
+    signalled, timed_out = run.dist_ctx.all_reduce_sum(float(_Stop.received is not None), float(out_of_time))
+    if signalled:
+        return _Stop.received or "a signal to another rank"
+    return OUT_OF_TIME if timed_out else None
 
 
 def fit(run: Run) -> str | None:
-    """The training loop: optimizer steps until the last one or a stop signal, validating and checkpointing on
-    schedule. SIGTERM and SIGINT are handled here and their previous handlers restored after. Returns the name of the
-    signal that stopped the run, if one did."""
+    """The training loop: optimizer steps until the last one, a stop signal or the time limit, validating and
+    checkpointing on schedule (and when the time is up). SIGTERM and SIGINT are handled here and their previous
+    handlers restored after. Returns what stopped the run early (a signal's name or `OUT_OF_TIME`), if anything."""
     config = run.config
     previous_handlers = {s: signal.signal(s, _Stop.handler) for s in STOP_SIGNALS}
     _Stop.received, stopped_by = None, None
@@ -911,16 +954,20 @@ def fit(run: Run) -> str | None:
                             tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
             epoch_end = run.step % run.steps_per_epoch == 0 or run.step == run.total_steps
-            if (config.eval_every and run.step % config.eval_every == 0) or (not config.eval_every and epoch_end):
+            stopped_by = stop_requested(run)
+            if (config.eval_every and run.step % config.eval_every == 0) or (not config.eval_every and epoch_end) \
+                    or stopped_by == OUT_OF_TIME:
                 validate(run, record["epoch"])
-            stopped_by = stop_requested(run.dist_ctx)
             if stopped_by or epoch_end or (config.checkpoint_every and run.step % config.checkpoint_every == 0):
                 save_checkpoint(run)
     finally:
         bar.close()
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
-    if stopped_by:
+    if stopped_by == OUT_OF_TIME:
+        run.log(f"time limit of {config.minutes:g} minutes reached after step {run.step} of {run.total_steps}: "
+                "checkpoint saved (--resume with a larger --minutes continues)")
+    elif stopped_by:
         run.log(f"{stopped_by}: checkpoint saved at step {run.step}; resume with --resume")
     return stopped_by
 
@@ -928,7 +975,7 @@ def fit(run: Run) -> str | None:
 def finish(run: Run, stopped_by: str | None) -> dict:
     """Write the final adapter (unless a signal stopped the run) and `out/summary.json`; returns the summary."""
     weights = lora_weights(run.trainable)
-    if run.dist_ctx.is_main and not stopped_by:
+    if run.dist_ctx.is_main and stopped_by in (None, OUT_OF_TIME):
         write_adapter(run, run.out / "adapter", weights)
     elapsed, speed = run.speed()
     summary = {

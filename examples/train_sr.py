@@ -41,6 +41,7 @@ from ecellm.tokenizer import load_tokenizer
 from ecellm.train import TrainConfig, setup_distributed, train
 
 # The demo recipe for the embedded default on a 2-core CPU (see the module docstring).
+DEFAULT_PHASES = "20:320"
 DEMO = dict(
     lr=1e-3, lora_r=16, lora_alpha=32.0, lora_dropout=0.05, epochs=1, global_batch=8, micro_batch=4,
     max_len=512, dtype="fp32", warmup_ratio=0.05, eval_every=0, checkpoint_every=25, max_val_examples=32,
@@ -70,17 +71,18 @@ def hr_at_1(model_dir: str, adapter: str | None, records: list[dict], rank: int,
     return result
 
 
-def learning_curve(run: Path, model_dir: str, records: list[dict], d, template: str, before: dict) -> list[dict]:
-    """HR@1 of every checkpoint the run kept, against training examples and minutes of training."""
-    steps = {x["step"]: x for x in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if x["type"] == "step"}
-    config = json.loads((run / "config.json").read_text())
-    rows = [{"step": 0, "examples": 0, "minutes": 0.0, "hr@1": before["hr@1"], "invalid": before["invalid"]}]
-    for checkpoint in sorted((run / "checkpoints").glob("step_*")):
-        step = int(checkpoint.name.split("_")[1])
-        result = hr_at_1(model_dir, str(checkpoint / "adapter"), records, d.rank, d.world, template)
-        rows.append({"step": step, "examples": step * config["global_batch"],
-                     "minutes": steps[step]["elapsed_s"] / 60, "hr@1": result["hr@1"], "invalid": result["invalid"]})
-    return rows
+def parse_phases(text: str) -> list[tuple[int, int]]:
+    """"2:480,4:160,20:160" -> [(2, 480), (4, 160), (20, 160)]: (options per record, training records) per phase."""
+    phases = []
+    for part in text.split(","):
+        try:
+            options, records = (int(x) for x in part.split(":"))
+        except ValueError:
+            raise SystemExit(f"--phases: {part!r} is not OPTIONS:RECORDS (e.g. 2:480)") from None
+        if not 2 <= options <= 20 or records < 1:
+            raise SystemExit(f"--phases: {part!r} needs 2 <= OPTIONS <= 20 and RECORDS >= 1")
+        phases.append((options, records))
+    return phases
 
 
 def chance_hr_at_1(records: list[dict]) -> float:
@@ -108,10 +110,12 @@ def results_markdown(results: dict) -> str:
         f"of global batch {results['global_batch']}, {results['tokens_per_s']:.0f} tokens/s, "
         f"{results['minutes']:.1f} minutes end to end.",
     ]
-    if results["curve"]:
-        lines += ["", "| training examples | minutes of training | HR@1 | invalid |", "|---|---|---|---|"]
-        lines += [f"| {r['examples']} | {r['minutes']:.1f} | {r['hr@1']:.3f} | {r['invalid']:.1%} |"
-                  for r in results["curve"]]
+    if len(results["curve"]) > 1:
+        lines += ["", "HR@1 on the 20-option test records after each phase:", "",
+                  "| after phase | options in training | steps | training examples | minutes of training | HR@1 | "
+                  "invalid |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['phase']} | {r['options']} | {r['steps']} | {r['examples']} | {r['minutes']:.1f} | "
+                  f"{r['hr@1']:.3f} | {r['invalid']:.1%} |" for r in results["curve"]]
     return "\n".join(lines) + "\n"
 
 
@@ -137,57 +141,84 @@ def main() -> None:
     parser.add_argument("--data", default="", help="ECInstruct directory (train.json, validation.json, test.json)")
     parser.add_argument("--out", default="",
                         help="run folder (default: $ECELLM_RUNS or ~/ecellm-runs, then train_sr-<date>-<time>)")
-    parser.add_argument("--n-train", type=int, default=320, help="synthetic training records")
+    parser.add_argument("--phases", default=DEFAULT_PHASES,
+                        help="synthetic curriculum: OPTIONS:RECORDS per phase, comma-separated (default: %(default)s); "
+                             "each phase trains from the previous one's adapter on records with that many options")
     parser.add_argument("--n-test", type=int, default=100, help="held-out records scored before and after")
-    parser.add_argument("--max-steps", type=int, default=0, help="stop training after this many steps (0: all)")
+    parser.add_argument("--minutes", type=float, default=0,
+                        help="stop training after this many minutes over all phases (0: no limit), then evaluate")
+    parser.add_argument("--max-steps", type=int, default=0, help="stop each phase after this many steps (0: all)")
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--lora-r", type=int, default=None)
+    parser.add_argument("--lora-targets", default=None, help="comma-separated module names (default: the paper's)")
+    parser.add_argument("--init-adapter", default="", help="start from this adapter (same r, alpha and targets)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--curve-every", type=int, default=0,
-                        help="checkpoint every N steps, then score each checkpoint: HR@1 against examples and minutes")
+    parser.add_argument("--score-phases", action="store_true",
+                        help="score the test records after every phase, not only the last (a curve by phase)")
     args = parser.parse_args()
     start = time.perf_counter()
 
     d = setup_distributed(TrainConfig().dist_timeout_s)
     out = Path(args.out) if args.out else default_out(d)
     synthetic = not args.data
-    data = args.data or str(out / "data")
-    if synthetic and d.is_main:
-        write_dataset(data, n_per_task=args.n_train, n_eval_per_task=args.n_test, seed=args.seed, tasks=["SR"])
+    phases = parse_phases(args.phases) if synthetic else [(0, 0)]
+    if synthetic and d.is_main:  # test records keep all 20 options and names no training record uses
+        write_dataset(out / "data" / "test", n_per_task=1, n_eval_per_task=args.n_test, seed=args.seed, tasks=["SR"])
+        for i, (options, n_records) in enumerate(phases, 1):
+            write_dataset(out / "data" / f"phase{i}", n_per_task=n_records, n_eval_per_task=32, seed=args.seed + i,
+                          tasks=["SR"], sr_options=options, names_seed=args.seed)
     d.barrier()
+    data_dirs = [str(out / "data" / f"phase{i}") for i in range(1, len(phases) + 1)] if synthetic else [args.data]
+    test_dir = out / "data" / "test" if synthetic else Path(args.data)
 
     recipe = DEMO if not args.model and synthetic else {}
-    config = TrainConfig(model=args.model, data=data, out=str(out / "run"), tasks="SR", seed=args.seed, **recipe)
-    if args.lr is not None:
-        config = dataclasses.replace(config, lr=args.lr)
-    if args.max_steps:
-        config = dataclasses.replace(config, max_steps=args.max_steps)
-    if args.curve_every:
-        config = dataclasses.replace(config, checkpoint_every=args.curve_every, keep_checkpoints=0)
-    if not config.model:
+    overrides = {k: v for k, v in (("lr", args.lr), ("lora_r", args.lora_r), ("lora_targets", args.lora_targets))
+                 if v is not None}
+    base = TrainConfig(model=args.model, tasks="SR", seed=args.seed, max_steps=args.max_steps,
+                       **{**recipe, **overrides})
+    if not base.model:
         from ecellm.models.default import default_model_dir
 
-        config = dataclasses.replace(config, model=str(default_model_dir()))
-    test_file = next((p for p in (Path(data) / "test.json", Path(data) / "test.jsonl") if p.is_file()), None)
+        base = dataclasses.replace(base, model=str(default_model_dir()))
+    test_file = next((p for p in (test_dir / "test.json", test_dir / "test.jsonl") if p.is_file()), None)
     if test_file is None:
-        raise FileNotFoundError(f"no test.json or test.jsonl in {data} (held-out records to score HR@1 on)")
+        raise FileNotFoundError(f"no test.json or test.jsonl in {test_dir} (held-out records to score HR@1 on)")
     records = list(load_records(test_file, split="test", setting="IND_Diverse_Instruction", tasks=["SR"]))
     records = records[: args.n_test]
-    family = json.loads((Path(config.model) / "config.json").read_text())["model_type"]
+    family = json.loads((Path(base.model) / "config.json").read_text())["model_type"]
     template = "mistral" if family == "mistral" else "alpaca"
 
-    before = hr_at_1(config.model, None, records, d.rank, d.world, template)
-    summary = train(config)
-    after = hr_at_1(config.model, str(out / "run" / "best_adapter"), records, d.rank, d.world, template)
+    before = hr_at_1(base.model, args.init_adapter or None, records, d.rank, d.world, template)
+    adapter, trained_s, steps, tokens = args.init_adapter, 0.0, 0, 0
+    curve = [{"phase": 0, "options": None, "steps": 0, "examples": 0, "minutes": 0.0, "hr@1": before["hr@1"],
+              "invalid": before["invalid"]}]
+    for i, ((options, _), data) in enumerate(zip(phases, data_dirs), 1):
+        minutes_left = args.minutes - trained_s / 60 if args.minutes else 0.0
+        if args.minutes and minutes_left <= 0:
+            print(f"time limit reached: phases {i}-{len(phases)} skipped") if d.is_main else None
+            break
+        run_dir = out / "run" / (f"phase{i}" if synthetic else "")
+        config = dataclasses.replace(base, data=data, out=str(run_dir), init_adapter=adapter, minutes=minutes_left)
+        summary = train(config)
+        adapter, trained_s = summary["adapter"], trained_s + summary["elapsed_s"]
+        steps, tokens = steps + summary["steps"], tokens + summary["tokens_per_s"] * summary["elapsed_s"]
+        if args.score_phases and i < len(phases):
+            scored = hr_at_1(base.model, adapter, records, d.rank, d.world, template)
+            curve.append({"phase": i, "options": options, "steps": steps, "examples": steps * base.global_batch,
+                          "minutes": trained_s / 60, "hr@1": scored["hr@1"], "invalid": scored["invalid"]})
+    after = hr_at_1(base.model, adapter, records, d.rank, d.world, template)
+    curve.append({"phase": i, "options": options, "steps": steps, "examples": steps * base.global_batch,
+                  "minutes": trained_s / 60, "hr@1": after["hr@1"], "invalid": after["invalid"]})
     minutes = (time.perf_counter() - start) / 60
-    curve = learning_curve(out / "run", config.model, records, d, template, before) if args.curve_every else None
 
     if d.is_main:
         results = {
             "minutes": minutes,
             "tasks": {"SR": {"metric": "hr@1", "before": before, "after": after,
                              "baseline": chance_hr_at_1(records)}},
-            "steps": summary["steps"], "global_batch": config.global_batch, "tokens_per_s": summary["tokens_per_s"],
-            "curve": curve, "train": summary, "args": vars(args), "date": time.strftime("%Y-%m-%d"),
+            "steps": steps, "global_batch": base.global_batch, "tokens_per_s": tokens / max(trained_s, 1e-9),
+            "training_minutes": trained_s / 60, "phases": [{"options": o, "records": n} for o, n in phases],
+            "curve": curve, "args": vars(args), "date": time.strftime("%Y-%m-%d"),
             "machine": machine(), "world_size": d.world,
             "command": shlex.join(launcher(d.world) + sys.argv),
         }
@@ -197,7 +228,7 @@ def main() -> None:
               f"{results['tasks']['SR']['baseline']:.2f}):")
         print(f"  before tuning: HR@1 {before['hr@1']:.3f}, invalid {before['invalid']:.1%}")
         print(f"  after tuning:  HR@1 {after['hr@1']:.3f}, invalid {after['invalid']:.1%}")
-        print(f"  {summary['steps']} steps, {minutes:.1f} minutes end to end")
+        print(f"  {steps} steps in {trained_s / 60:.1f} minutes of training, {minutes:.1f} minutes end to end")
         print(f"  results: {out / 'results.json'} and {out / 'results.md'}")
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -43,3 +44,24 @@ def test_train_sr_writes_results_to_the_run_folder_only(tmp_path):
     assert 0.0 <= sr["after"]["invalid"] <= 1.0 and results["minutes"] > 0 and results["steps"] == 1
     markdown = (out / "results.md").read_text()
     assert "| before tuning |" in markdown and "examples/train_sr.py" in markdown
+
+
+def test_train_sr_curriculum_phases_chain_adapters(tmp_path):
+    """Synthetic phases: each phase trains from the previous phase's adapter on records with its number of options;
+    the test records keep 20 options; --score-phases adds a row per phase."""
+    model = make_tiny_checkpoint(tmp_path / "model")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "examples/train_sr.py", "--model", str(model), "--out", str(out), "--phases", "2:16,4:8",
+           "--n-test", "4", "--max-steps", "1", "--score-phases", "--minutes", "30"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["phase"], r["options"], r["steps"]) for r in results["curve"]] == [(0, None, 0), (1, 2, 1), (2, 4, 2)]
+    assert results["phases"] == [{"options": 2, "records": 16}, {"options": 4, "records": 8}]
+    phase2 = json.loads((out / "run" / "phase2" / "config.json").read_text())
+    assert phase2["init_adapter"] == str(out / "run" / "phase1" / "adapter") and phase2["minutes"] > 0
+    train2 = json.loads((out / "data" / "phase2" / "train.json").read_text())
+    assert {len(ast.literal_eval(r["options"])) for r in train2} == {4}
+    test = json.loads((out / "data" / "test" / "test.json").read_text())
+    assert len(test) == 4 and {len(ast.literal_eval(r["options"])) for r in test} == {20}
+    assert "| after phase |" in (out / "results.md").read_text()

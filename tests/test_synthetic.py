@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ecellm.data import TASKS, format_prompt, load_records
-from ecellm.synthetic import main, generate_records, write_dataset
+from ecellm.synthetic import LETTERS, main, generate_records, write_dataset
 from ecellm.tokenizer import load_tokenizer
 
 ASSETS = Path(__file__).parent / "assets" / "tokenizers"
@@ -89,6 +89,39 @@ def test_sr_knobs():
     assert ast.literal_eval(long[0]["input"])[4].startswith("5th: ")
     with pytest.raises(ValueError, match="sr_history_len must be in"):
         generate_records("SR", 1, sr_history_len=0)
+
+
+@pytest.mark.parametrize("k", [2, 4, 8, 20])
+def test_sr_options_knob_cuts_distractors_and_spreads_answers(k):
+    records = generate_records("SR", 4 * k, seed=1, sr_options=k, names_seed=0)
+    for r in records:
+        history, _ = _sr_parts(r)
+        assert [o.split(": ")[0] for o in ast.literal_eval(r["options"])] == list(LETTERS[:k])
+        answer = dict(o.split(": ", 1) for o in ast.literal_eval(r["options"]))[r["output"]]
+        assert answer.split()[0] == history[-1].split()[0]  # still the last thread's follow-up
+    assert Counter(r["output"] for r in records) == {letter: 4 for letter in LETTERS[:k]}
+    with pytest.raises(ValueError, match="sr_options must be in"):
+        generate_records("SR", 1, sr_options=21)
+
+
+def test_sr_curriculum_never_trains_on_a_test_name():
+    """examples/train_sr.py's layout: phases drawn with other seeds and fewer options but one `names_seed`, scored on
+    20-option test records of the base seed: no name of a test record appears in any training record, and no test
+    record's history and options appear in training."""
+    def names(records):
+        return {t.split()[0] for r in records
+                for t in _sr_parts(r)[0] + [o.split(": ", 1)[1] for o in _sr_parts(r)[1]]}
+
+    test = generate_records("SR", 100, "test", seed=0)
+    assert all(len(ast.literal_eval(r["options"])) == 20 for r in test)
+    phases = [generate_records("SR", 200, "train", seed=i, sr_options=k, names_seed=0)
+              for i, k in enumerate((2, 4, 8, 20), 1)]
+    assert all(not names(p) & names(test) for p in phases)
+    assert len(names(test)) >= 20 and all(len(names(p)) > 60 for p in phases)
+    seen = {(r["input"], r["options"]) for p in phases for r in p}
+    assert not any((r["input"], r["options"]) in seen for r in test)
+    # without names_seed another seed splits the names differently: the leak the knob prevents
+    assert names(generate_records("SR", 200, "train", seed=1)) & names(test)
 
 
 def test_sr_prompt_is_short():

@@ -591,3 +591,45 @@ def test_the_stages_run_a_step_and_a_checkpoint_restores_it(setup, tmp_path):
     assert (first["step"], restored.step) == (1, 1)
     assert train_mod.train_step(restored)["loss"] == second["loss"]
     assert all(torch.equal(restored.trainable[n], p) for n, p in run.trainable.items())
+
+
+def test_time_limit_stops_after_a_step_validates_and_writes_the_adapter(setup, reference, tmp_path):
+    """`minutes` ends the run after the first step that passes it: validated, checkpointed, the final adapter written;
+    a resume with a larger limit (a setting a resume may change) continues to the end, as an uninterrupted run."""
+    out = tmp_path / "run"
+    stopped = train(config(setup, out, minutes=1e-9))
+    assert stopped["steps"] == 1 and stopped["stopped_by"] == "time limit"
+    assert [r["step"] for r in log_records(out, "eval")] == [1]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert [c.name for c in (out / "checkpoints").iterdir()] == ["step_00000001"]
+    resumed = train(config(setup, out, minutes=60, resume=True))
+    assert resumed["steps"] == 12 and resumed["stopped_by"] is None
+    assert step_losses(out) == step_losses(reference)
+
+
+def test_bad_minutes_and_init_adapter_are_explained(setup, tmp_path):
+    with pytest.raises(TrainingError, match="minutes must be >= 0"):
+        train(config(setup, tmp_path / "a", minutes=-1))
+    with pytest.raises(TrainingError, match=r"init_adapter: .*nowhere is not a directory"):
+        train(config(setup, tmp_path / "b", init_adapter=str(tmp_path / "nowhere")))
+
+
+def test_init_adapter_starts_from_its_weights(setup, reference, tmp_path):
+    """Training from an adapter starts where it ended: with lr 0 the run's adapter is the given one, bit for bit; with
+    the usual lr the first loss is the first run's final one's neighbourhood, not the fresh start's. Adapters of
+    another rank or alpha are refused naming the file, before anything runs."""
+    start = reference / "adapter"
+    still = train(config(setup, tmp_path / "still", init_adapter=str(start), lr=0.0, epochs=1))
+    assert still["steps"] == 6
+    a, b = adapter(reference), adapter(tmp_path / "still")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    fresh_first, trained_last = step_losses(reference)[0], step_losses(reference)[-1]
+    further = train(config(setup, tmp_path / "further", init_adapter=str(start), epochs=1))
+    first = step_losses(tmp_path / "further")[0]
+    assert abs(first - trained_last) < abs(first - fresh_first) and further["steps"] == 6
+    with pytest.raises(TrainingError, match=r"adapter_config.json has r=16, lora_alpha=16.0; this run has r=8"):
+        train(config(setup, tmp_path / "r8", init_adapter=str(start), lora_r=8))
+    with pytest.raises(TrainingError, match=r"adapter_model.safetensors does not fit this run's LoRA layers .*missing"):
+        train(config(setup, tmp_path / "more", init_adapter=str(start), lora_targets="q_proj,k_proj,v_proj,o_proj"))
