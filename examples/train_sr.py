@@ -206,6 +206,9 @@ def main() -> None:
             scored = hr_at_1(base.model, adapter, records, d.rank, d.world, template)
             curve.append({"phase": i, "options": options, "steps": steps, "examples": steps * base.global_batch,
                           "minutes": trained_s / 60, "hr@1": scored["hr@1"], "invalid": scored["invalid"]})
+            if d.is_main:
+                print(f"after phase {i} ({options} options, {steps} steps): HR@1 {scored['hr@1']:.3f}, "
+                      f"invalid {scored['invalid']:.1%} on the 20-option test records", flush=True)
     after = hr_at_1(base.model, adapter, records, d.rank, d.world, template)
     curve.append({"phase": i, "options": options, "steps": steps, "examples": steps * base.global_batch,
                   "minutes": trained_s / 60, "hr@1": after["hr@1"], "invalid": after["invalid"]})
