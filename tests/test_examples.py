@@ -1,8 +1,10 @@
-"""examples/train_sr.py on a tiny model: results land in the run folder only, in the documented layout."""
+"""examples/train_sr.py and examples/train_generalist.py on a tiny model: results land in the run folder only, in the
+documented layout; the generalist's baselines and standard errors by hand."""
 
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import os
 import subprocess
@@ -10,8 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ecellm.synthetic import write_dataset
+from ecellm.tasks import TASKS
 
 from .tiny_checkpoint import make_tiny_checkpoint
 
@@ -65,3 +69,93 @@ def test_train_sr_curriculum_phases_chain_adapters(tmp_path):
     test = json.loads((out / "data" / "test" / "test.json").read_text())
     assert len(test) == 4 and {len(ast.literal_eval(r["options"])) for r in test} == {20}
     assert "| after phase |" in (out / "results.md").read_text()
+
+
+def test_train_generalist_writes_results_to_the_run_folder_only(tmp_path):
+    model = make_tiny_checkpoint(tmp_path / "model", tasks=[t.abbr for t in TASKS], vocab_size=2048)  # short prompts
+    runs = tmp_path / "runs"
+    before = repository_files()
+    cmd = [sys.executable, "examples/train_generalist.py", "--model", str(model), "--n-train", "1", "--n-test", "2",
+           "--max-steps", "1", "--global-batch", "4"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "ECELLM_RUNS": str(runs)}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert repository_files() == before, "the example wrote into the repository"
+
+    (out,) = runs.glob("train_generalist-*")
+    assert {p.name for p in (out / "data").iterdir()} == {"train.json", "validation.json", "test.json"}
+    assert (out / "run" / "summary.json").is_file() and (out / "run" / "adapter").is_dir()
+    results = json.loads((out / "results.json").read_text())
+    abbrs = [t.abbr for t in TASKS]
+    assert results["minutes"] > 0 and results["steps"] == 1
+    for key in ("tasks", "unseen_instruction"):
+        assert list(results[key]) == abbrs
+        for abbr, row in results[key].items():
+            info = next(t for t in TASKS if t.abbr == abbr)
+            assert row["metric"] == info.metric and row["before"]["n"] == row["after"]["n"] == 2
+            assert row["before"][row["metric"]] is not None and 0.0 <= row["after"]["invalid"] <= 1.0
+            assert isinstance(row["clearly_above"], bool) and row["se"] >= 0 and row["baseline_answer"]
+        assert results[key]["SR"]["baseline"] == pytest.approx(0.05)
+        assert results["improved"][key] == sum(r["clearly_above"] for r in results[key].values())
+    generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(generations) == 2 * 2 * 10 * 2
+    assert {(g["stage"], g["setting"]) for g in generations} == {
+        (stage, setting) for stage in ("before", "after")
+        for setting in ("IND_Diverse_Instruction", "IND_Unseen_Instruction")}
+    markdown = (out / "results.md").read_text()
+    assert markdown.count("| task | metric | before | after | baseline |") == 2
+    assert "examples/train_generalist.py" in markdown and "Clearly above:" in markdown
+
+
+@pytest.fixture
+def generalist(monkeypatch):
+    """examples/train_generalist.py as a module (it imports examples/common.py as `common`)."""
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    return importlib.import_module("train_generalist")
+
+
+def _record(task, output, setting="IND_Diverse_Instruction", **fields):
+    return {"task": task, "output": output, "setting": setting, "instruction": "", "input": "", "options": None,
+            **fields}
+
+
+def test_baselines_by_hand(generalist):
+    pm = [_record("Product_Matching", x) for x in ("yes", "yes", "yes", "no")]
+    assert generalist.baseline("PM", pm, []) == (pytest.approx(6 / 7), "always 'yes'")  # P 3/4, R 1
+    mpc = [_record("Multiclass_Product_Classification", x) for x in ("A: exact", "A: exact", "B: sub", "D: irr")]
+    assert generalist.baseline("MPC", mpc, []) == (0.5, "always A")
+    options = [str([f"{c}: item" for c in letters]) for letters in ("ABCDEFGHIJKLMNOPQRST", "ABCD")]
+    sr = [_record("Sequential_Recommendation", "C", options=o) for o in options]
+    assert generalist.baseline("SR", sr, [])[0] == pytest.approx((1 / 20 + 1 / 4) / 2)
+    qpr = [_record("Query_Product_Rank", "B,A", esci_labels=["I", "E"])]  # "A,B": the E item second
+    assert generalist.baseline("QPR", qpr, []) == (pytest.approx(1 / torch.log2(torch.tensor(3.0)).item()),
+                                                   "options in given order")
+    ave = [_record("Attribute_Value_Extraction", json.dumps([{"attribute": a, "value": v, "source": s}]),
+                   input=json.dumps({"target attributes": a.title()}))
+           for a, v, s in (("color", "red", "product title"), ("size", "None", "None"))]
+    assert generalist.baseline("AVE", ave, [])[0] == pytest.approx(0.5)  # one hit of 2 predicted, 2 gold
+
+    vocabulary = {}
+
+    def words(texts):  # one-hot word embeddings: BERTScore counts shared words
+        ids = [[vocabulary.setdefault(w, len(vocabulary)) for w in t.split()] for t in texts]
+        return [torch.nn.functional.one_hot(torch.tensor(x), 32).float() for x in ids]
+
+    ag = [_record("Answer_Generation", x) for x in ("It is red.", "It is blue.")]
+    value, name = generalist.baseline("AG", ag, ["It is red.", "It is red.", "It is blue."], encoder=words)
+    assert name == "always 'It is red.'" and value == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_standard_errors_and_verdict(generalist):
+    mpc = [_record("Multiclass_Product_Classification", x) for x in ("A", "A", "B", "D")]
+    assert generalist.standard_error("MPC", ["A", "A", "B", "C"], mpc) == pytest.approx(0.5 / 2)  # per record 1,1,1,0
+    sa = [_record("Sentiment_Analysis", x) for x in ("A: very positive", "B: positive", "C: neutral")]
+    assert generalist.standard_error("SA", ["A", "B", "C"], sa) == 0.0  # every resample scores macro F1 = 1
+    pm = [_record("Product_Matching", x) for x in ("yes", "no", "yes", "no", "yes", "no")]
+    se = generalist.standard_error("PM", ["yes", "yes", "no", "no", "yes", "no"], pm)
+    assert 0 < se < 1 and se == generalist.standard_error("PM", ["yes", "yes", "no", "no", "yes", "no"], pm)
+    assert generalist.standard_error("MPC", ["A"], mpc[:1]) is None
+    assert generalist.clearly_above(before=0.1, after=0.9, baseline_score=0.667, se=0.1)
+    assert not generalist.clearly_above(before=0.1, after=0.9, baseline_score=0.667, se=0.12)
+    assert not generalist.clearly_above(before=0.8, after=0.9, baseline_score=0.1, se=0.06)  # untuned was close
+    assert not generalist.clearly_above(before=0.1, after=0.9, baseline_score=0.1, se=None)

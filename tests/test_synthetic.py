@@ -174,3 +174,13 @@ def test_answers_follow_from_inputs():
                 key = {"color": "The color", "made": "The body", "big": "It is the"}
                 word = next(k for k in key if k in q["question"])
                 assert (r["output"] == "yes") == any(d.startswith(key[word]) for d in q["document"])
+
+
+def test_unseen_instruction_never_in_any_split():
+    """The unseen-instruction setting (eval.derive_setting) is only fair if no synthetic record uses that
+    instruction: train, validation and test draw from the 5 diverse instructions alone."""
+    for info in TASKS:
+        assert info.unseen_instruction not in info.instructions, info.abbr
+        for split in ("train", "val", "test"):
+            used = {r["instruction"] for r in generate_records(info.abbr, 100, split, seed=0)}
+            assert used <= set(info.instructions) and info.unseen_instruction not in used, (info.abbr, split)

@@ -1,0 +1,432 @@
+"""Tune one model with LoRA on all 10 ECInstruct tasks at once and score every task before and after tuning.
+
+    torchrun --standalone --nproc_per_node=2 examples/train_generalist.py      (or: python examples/train_generalist.py)
+
+With no argument it tunes the embedded default, SmolLM2-135M-Instruct, on a synthetic set of all 10 tasks (seeded,
+written to `<out>/data`; validation and test records use names held out from training) with the demo recipe below,
+sized to finish within about 45 minutes (at most 60) on a 2-core CPU. For each task it reports the paper's metric
+on held-out test records before tuning, after tuning and for a trivial baseline, with the share of invalid answers, in
+two settings: the training instructions (`IND_Diverse_Instruction`) and an instruction never used in training
+(`IND_Unseen_Instruction`: each task's `TaskInfo.unseen_instruction`). Everything goes to the run folder (`--out`,
+default `~/ecellm-runs/train_generalist-<date>-<time>`): `results.json`, `results.md` (the tables to paste, with the
+command, machine and date), `generations.jsonl` (every answer), the synthetic data and the training run. Nothing is
+written into the repository.
+
+How the figures are read:
+- baseline: the best constant answer over the test records (`yes` or `no`; one option letter) for PM, PSI, AP, PRP,
+  SA and MPC; the expected HR@1 of a uniform guess among each record's options for SR; the options in the given
+  order for QPR; "not present" (value and source "None") for every target attribute for AVE; the most frequent
+  training answer, given to every record, for AG. Each is scored with `ecellm.metrics.score` on the same records.
+- clearly above: the tuned score exceeds both the untuned score and the baseline by more than 2 standard errors of
+  the tuned score over the test records. The standard error is std / sqrt(n) of the per-record scores where the
+  metric is a mean over records (HR@1, accuracy, NDCG, F_BERT), else the standard deviation of the metric over
+  bootstrap resamples of the records (F1, macro F1; 1000 resamples, seed 0).
+- AG's F_BERT embeds with the untuned model's hidden states, before and after (one encoder, so the two compare).
+- Answers are decoded greedily, with a per-task limit on new tokens (the longest training answer + 2; 4 for the
+  option tasks, which are scored on their first letter), to keep evaluation short.
+
+`--model DIR --data DIR` switch to your checkpoint and the real ECInstruct files (train.json, validation.json,
+test.json); the reference code's recipe (`ecellm.train.TrainConfig` defaults) is then the default instead of the demo
+recipe. QPR's test records then need their options' ESCI labels (an `esci_labels` field).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import random
+import shlex
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch.distributed as dist
+
+from ecellm.data import load_records
+from ecellm.eval import references, select_records
+from ecellm.metrics import ModelEncoder, score
+from ecellm.synthetic import write_dataset
+from ecellm.tasks import task_info
+from ecellm.train import TrainConfig, setup_distributed, train
+
+from common import by_task, default_out, evaluate_split, launcher, load_model, machine, template_for
+
+# The demo recipe for the embedded default on a 2-core CPU: fp32, a 10x higher learning rate than the paper's, small
+# global batches (many updates), one epoch; each step's examples packed into one row per rank (no padding).
+DEMO = dict(
+    lr=1e-3, lora_r=16, lora_alpha=32.0, lora_dropout=0.05, epochs=1, global_batch=8, micro_batch=4,
+    pack_tokens=2048, max_len=512, dtype="fp32", warmup_ratio=0.05, eval_every=0, checkpoint_every=50,
+    max_val_examples=32,
+)
+# Sizing, measured on a 2-core AMD EPYC (no AVX-512) with SmolLM2's tokenizer: a synthetic example is 158 tokens on
+# average (PSI 97 ... SR 265), so the default 180 records per task are 285k tokens, 32 minutes at 150 tokens/s (2 ranks,
+# fp32). An answer cost 1.1 s of one core (mostly the prompt's forward pass; measured untuned, with the answer limits
+# below, while other jobs kept the 2 cores busy), so the default 40 test records per task x 10 tasks x 2 settings,
+# before and after (1600 answers), take at most 15 minutes on 2 ranks, about 11 on a quiet machine: 44-48 minutes
+# end to end.
+N_TRAIN, N_TEST = 180, 40
+# results.json key -> the setting its test records are scored in
+SETTINGS = {"tasks": "IND_Diverse_Instruction", "unseen_instruction": "IND_Unseen_Instruction"}
+MEAN_METRICS = ("hr@1", "accuracy", "ndcg", "f_bert")  # metrics that are a mean of per-record scores
+BOOTSTRAP_RESAMPLES = 1000
+OPTION_ANSWER_TOKENS = 4  # option tasks are scored on the answer's first letter
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+def data_file(data: str | Path, stem: str) -> Path:
+    """`<data>/<stem>.json` or `<data>/<stem>.jsonl`, whichever exists.
+
+    Args:
+        data: an ECInstruct directory.
+        stem: "train", "validation" or "test".
+    """
+    found = next((p for p in (Path(data) / f"{stem}.json", Path(data) / f"{stem}.jsonl") if p.is_file()), None)
+    if found is None:
+        raise FileNotFoundError(f"no {stem}.json or {stem}.jsonl in {data}")
+    return found
+
+
+def answer_budgets(train_records: Sequence[dict], tokenizer) -> dict[str, int]:
+    """Task abbreviation -> most new tokens to generate: the longest training answer + 2 (at most the paper's 100),
+    or 4 for the option tasks (only the first letter is scored).
+
+    Args:
+        train_records: the training records of every task evaluated.
+        tokenizer: the model's tokenizer.
+    """
+    budgets = {}
+    for abbr, records in by_task(train_records).items():
+        if task_info(abbr).answer == "option":
+            budgets[abbr] = OPTION_ANSWER_TOKENS
+        else:
+            lengths = map(len, tokenizer.encode_batch([r["output"] for r in records], bos=False, eos=False))
+            budgets[abbr] = min(max(lengths) + 2, 100)
+    return budgets
+
+
+# --- baselines ----------------------------------------------------------------------------------------------------
+def uniform_guess(records: Sequence[dict]) -> float:
+    """SR's chance: the expected HR@1 of a uniform guess among each record's options, each guess scored with
+    `score` (for 20 options: 0.05).
+
+    Args:
+        records: SR test records; `options` is the serialized list of "<letter>: <item>" strings.
+    """
+    expected = []
+    for r in records:
+        letters = [option.split(":", 1)[0].strip() for option in ast.literal_eval(r["options"])]
+        expected.append(statistics.fmean(score("SR", [x], [r["output"]])["hr@1"] for x in letters))
+    return statistics.fmean(expected)
+
+
+def _not_present(record: dict) -> str:
+    """AVE's trivial answer: value and source "None" for every target attribute of the record."""
+    try:
+        targets = json.loads(record["input"]).get("target attributes", "")
+    except (ValueError, AttributeError):
+        targets = ""
+    names = targets.split(",") if isinstance(targets, str) else targets
+    return json.dumps([{"attribute": str(a).strip().lower(), "value": "None", "source": "None"}
+                       for a in names if str(a).strip()])
+
+
+def baseline_answers(task: str, records: Sequence[dict], train_outputs: Sequence[str]) -> dict[str, list[str]]:
+    """The trivial answer lists a task's baseline is the best of, by name (see the module docstring).
+
+    Args:
+        task: any spelling of a task other than SR (see `uniform_guess`).
+        records: the task's test records.
+        train_outputs: the task's training answers (AG's constant answer is the most frequent).
+    """
+    info, n = task_info(task), len(records)
+    if info.answer == "yes_no":
+        return {f"always '{a}'": [a] * n for a in ("yes", "no")}
+    if info.answer == "option":
+        return {f"always {letter}": [letter] * n for letter in info.options}
+    if info.answer == "ranking":
+        return {"options in given order": [",".join(chr(ord("A") + i) for i in range(len(ref["labels"])))
+                                           for ref in references(task, records)]}
+    if info.answer == "triples":
+        return {"'None' for every target attribute": [_not_present(r) for r in records]}
+    if info.answer == "text":
+        answer = Counter(train_outputs).most_common(1)[0][0]
+        return {f"always {answer!r}": [answer] * n}
+    raise ValueError(f"{info.abbr}: no constant baseline for answers of kind {info.answer!r}; see uniform_guess")
+
+
+def baseline(task: str, records: Sequence[dict], train_outputs: Sequence[str], encoder=None) -> tuple[float, str]:
+    """(score, name) of the task's baseline on `records`: the best of its trivial answer lists, scored with `score`.
+
+    Args:
+        task: any spelling of a task.
+        records: the task's test records, of one setting.
+        train_outputs: the task's training answers.
+        encoder: AG's BERTScore encoder.
+    """
+    info = task_info(task)
+    if info.answer == "letter":
+        return uniform_guess(records), "uniform guess among the options"
+    refs = references(task, records)
+    scores = {name: score(task, answers, refs, setting=records[0]["setting"], encoder=encoder)[info.metric]
+              for name, answers in baseline_answers(task, records, train_outputs).items()}
+    best = max(scores, key=scores.get)
+    return scores[best], best
+
+
+# --- how sure: standard errors ------------------------------------------------------------------------------------
+def standard_error(task: str, predictions: Sequence[str], records: Sequence[dict], encoder=None,
+                   seed: int = 0) -> float | None:
+    """The standard error of the task's metric over `records`: std / sqrt(n) of the per-record scores for a metric
+    that is their mean (`MEAN_METRICS`), else the standard deviation over bootstrap resamples of the records.
+
+    Args:
+        task: any spelling of a task.
+        predictions: the answers, aligned with `records`.
+        records: the task's test records, of one setting.
+        encoder: AG's BERTScore encoder.
+        seed: the bootstrap's seed.
+    Returns:
+        the standard error, or None for fewer than 2 records.
+    """
+    n, metric, setting = len(records), task_info(task).metric, records[0]["setting"]
+    if n < 2:
+        return None
+    refs = references(task, records)
+    if metric in MEAN_METRICS:
+        per_record = [score(task, [p], [r], setting=setting, encoder=encoder)[metric]
+                      for p, r in zip(predictions, refs)]
+        return statistics.stdev(per_record) / n ** 0.5
+    rng = random.Random(seed)
+    resampled = []
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        idx = [rng.randrange(n) for _ in range(n)]
+        resampled.append(score(task, [predictions[i] for i in idx], [refs[i] for i in idx], setting=setting)[metric])
+    return statistics.stdev(resampled)
+
+
+def clearly_above(before: float, after: float, baseline_score: float, se: float | None) -> bool:
+    """Whether the tuned score beats both the untuned score and the baseline by more than 2 standard errors.
+
+    Args:
+        before, after: the metric before and after tuning.
+        baseline_score: the baseline's metric.
+        se: the standard error of `after` (None: too few records to tell, never clearly above).
+    """
+    return se is not None and after - max(before, baseline_score) > 2 * se
+
+
+def compare(before: dict, after: dict, records: Sequence[dict], train_records: Sequence[dict], encoder) -> dict:
+    """Per task: the metric, before and after, the baseline, the standard error and the verdict.
+
+    Args:
+        before, after: `evaluate_split`'s results of one setting, before and after tuning.
+        records: that setting's test records.
+        train_records: the training records (for AG's baseline answer).
+        encoder: AG's BERTScore encoder (the same as the evaluations').
+    """
+    tests, trains = by_task(records), by_task(train_records)
+    table = {}
+    for abbr, group in tests.items():
+        metric = task_info(abbr).metric
+        outputs = [r["output"] for r in trains.get(abbr, [])]
+        value, name = baseline(abbr, group, outputs, encoder)
+        se = standard_error(abbr, after[abbr]["predictions"], group, encoder)
+        table[abbr] = {
+            "metric": metric, "before": _without_predictions(before[abbr]), "after": _without_predictions(after[abbr]),
+            "baseline": value, "baseline_answer": name, "se": se,
+            "clearly_above": clearly_above(before[abbr][metric], after[abbr][metric], value, se),
+        }
+    return table
+
+
+def _without_predictions(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "predictions"}
+
+
+# --- results ------------------------------------------------------------------------------------------------------
+def task_table(table: dict) -> str:
+    """One setting's Markdown table: task, metric, before, after (± its standard error), baseline, invalid shares,
+    verdict, then the count of tasks clearly above.
+
+    Args:
+        table: `compare`'s result.
+    """
+    lines = ["| task | metric | before | after | baseline | invalid before/after | clearly above? |",
+             "|---|---|---|---|---|---|---|"]
+    for abbr, t in table.items():
+        m = t["metric"]
+        se = "" if t["se"] is None else f" ± {t['se']:.3f}"
+        lines.append(f"| {abbr} | {m} | {t['before'][m]:.3f} | {t['after'][m]:.3f}{se} | {t['baseline']:.3f} | "
+                     f"{t['before']['invalid']:.0%} / {t['after']['invalid']:.0%} | "
+                     f"{'yes' if t['clearly_above'] else 'no'} |")
+    improved = sum(t["clearly_above"] for t in table.values())
+    return "\n".join(lines) + f"\n\nClearly above: {improved} of {len(table)} tasks.\n"
+
+
+def results_markdown(results: dict) -> str:
+    """Both tables, how they were measured, and the baselines' answers.
+
+    Args:
+        results: what results.json holds.
+    """
+    n = results["n_test_per_task"]
+    baselines = "; ".join(f"{abbr} {t['baseline_answer']}" for abbr, t in results["tasks"].items())
+    return "\n".join([
+        f"Training instructions (IND_Diverse_Instruction), {n} held-out test records per task:", "",
+        task_table(results["tasks"]),
+        f"Instructions never seen in training (IND_Unseen_Instruction), the same {n} records per task:", "",
+        task_table(results["unseen_instruction"]),
+        f"Measured {results['date']} with `{results['command']}` on {results['machine']}: {results['steps']} steps "
+        f"of global batch {results['global_batch']} ({results['n_train']} training records, all tasks), "
+        f"{results['tokens_per_s']:.0f} tokens/s, {results['minutes']:.1f} minutes end to end (evaluation "
+        f"{results['timings_s']['evaluation'] / 60:.1f}, training {results['timings_s']['training'] / 60:.1f}).", "",
+        "After: ± one standard error over the test records (std / sqrt(n) of per-record scores for HR@1, accuracy, "
+        f"NDCG and F_BERT; the standard deviation over {BOOTSTRAP_RESAMPLES} bootstrap resamples, seed 0, for F1 and "
+        "macro F1). Clearly above: after exceeds both before and the baseline by more than 2 standard errors. "
+        f"Baselines: {baselines}. AG's F_BERT embeds with the untuned model.", "",
+    ])
+
+
+def generation_lines(stage: str, key: str, results: dict, records: Sequence[dict]) -> list[str]:
+    """`generations.jsonl` lines of one evaluation: stage, setting, task, prediction and reference of each record.
+
+    Args:
+        stage: "before" or "after".
+        key: the setting's results.json key (see `SETTINGS`).
+        results: `evaluate_split`'s results on `records`.
+        records: the setting's test records.
+    """
+    lines = []
+    for abbr, group in by_task(records).items():
+        for p, r in zip(results[abbr]["predictions"], group):
+            lines.append(json.dumps({"stage": stage, "setting": SETTINGS[key], "task": abbr, "prediction": p,
+                                     "reference": r["output"]}, ensure_ascii=False))
+    return lines
+
+
+# --- the run ------------------------------------------------------------------------------------------------------
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="", help="checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--data", default="", help="ECInstruct directory (train.json, validation.json, test.json)")
+    parser.add_argument("--out", default="",
+                        help="run folder (default: $ECELLM_RUNS or ~/ecellm-runs, then train_generalist-<date>-<time>)")
+    parser.add_argument("--n-train", type=int, default=N_TRAIN, help="synthetic training records per task")
+    parser.add_argument("--n-test", type=int, default=N_TEST, help="held-out records per task scored before and after")
+    parser.add_argument("--max-steps", type=int, default=0, help="stop training after this many steps (0: all)")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--global-batch", type=int, default=None,
+                        help="examples per optimizer step (default: the recipe's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
+    return parser.parse_args()
+
+
+def load_test_sets(data: str, n_test: int) -> dict[str, list[dict]]:
+    """results.json key -> the first `n_test` test records per task in its setting (built from the diverse-instruction
+    records by `ecellm.eval.derive_setting` when the data lacks it).
+
+    Args:
+        data: the ECInstruct directory.
+        n_test: records per task.
+    """
+    records = load_records(data_file(data, "test"), split="test")
+    return {key: select_records(records, [setting], limit=n_test) for key, setting in SETTINGS.items()}
+
+
+def evaluate_settings(model, tokenizer, tests: dict, d, template: str, budgets: dict, encoder, batch_size: int,
+                      stage: str) -> dict[str, dict]:
+    """results.json key -> `evaluate_split`'s results of the model on that setting's records.
+
+    Args:
+        model, tokenizer: from `common.load_model`.
+        tests: `load_test_sets`'s records.
+        d: the run's `DistContext`.
+        template: "alpaca" or "mistral".
+        budgets: `answer_budgets`'s limits.
+        encoder: AG's BERTScore encoder.
+        batch_size: prompts per generation batch.
+        stage: "before" or "after", for the progress bars.
+    """
+    return {key: evaluate_split(model, tokenizer, records, d, template, budgets, batch_size=batch_size,
+                                encoder=encoder, desc=f"{stage}, {SETTINGS[key]}")
+            for key, records in tests.items()}
+
+
+def main() -> None:
+    args = parse_args()
+    start = time.perf_counter()
+    d = setup_distributed(TrainConfig().dist_timeout_s)
+    out = Path(args.out) if args.out else default_out(d, "train_generalist")
+    synthetic = not args.data
+    data = args.data or str(out / "data")
+    if synthetic and d.is_main:
+        write_dataset(data, n_per_task=args.n_train, n_eval_per_task=args.n_test, seed=args.seed)
+    d.barrier()
+
+    recipe = DEMO if not args.model and synthetic else {}
+    config = TrainConfig(model=args.model, data=data, out=str(out / "run"), tasks="", seed=args.seed, **recipe)
+    if args.lr is not None:
+        config = dataclasses.replace(config, lr=args.lr)
+    if args.global_batch is not None:
+        config = dataclasses.replace(config, global_batch=args.global_batch)
+    if args.max_steps:
+        config = dataclasses.replace(config, max_steps=args.max_steps)
+    if not config.model:
+        from ecellm.models.default import default_model_dir
+
+        config = dataclasses.replace(config, model=str(default_model_dir()))
+    template = template_for(config.model)
+    tests = load_test_sets(data, args.n_test)
+    train_records = load_records(data_file(data, "train"), split="train", setting=SETTINGS["tasks"])
+
+    # One encoder for AG's F_BERT before and after: the untuned model's hidden states.
+    base, tokenizer = load_model(config.model)
+    encoder = ModelEncoder(base, tokenizer, batch_size=args.batch_size)
+    budgets = answer_budgets(train_records, tokenizer)
+    timings = {"setup": time.perf_counter() - start}
+    clock = time.perf_counter()
+    before = evaluate_settings(base, tokenizer, tests, d, template, budgets, encoder, args.batch_size, "before")
+    timings["before"], clock = time.perf_counter() - clock, time.perf_counter()
+    summary = train(config)
+    timings["training"], clock = time.perf_counter() - clock, time.perf_counter()
+    run = out / "run"
+    if summary["stopped_by"]:
+        raise SystemExit(f"training stopped by {summary['stopped_by']} at step {summary['steps']}: no tuned adapter "
+                         f"to evaluate (its checkpoint is in {run / 'checkpoints'})")
+    adapter = run / "best_adapter" if (run / "best_adapter").is_dir() else run / "adapter"
+    tuned, _ = load_model(config.model, adapter)
+    after = evaluate_settings(tuned, tokenizer, tests, d, template, budgets, encoder, args.batch_size, "after")
+    timings["after"] = time.perf_counter() - clock
+    timings["evaluation"] = timings["before"] + timings["after"]
+
+    if d.is_main:
+        tables = {key: compare(before[key], after[key], tests[key], train_records, encoder) for key in SETTINGS}
+        results = {
+            "minutes": (time.perf_counter() - start) / 60, **tables,
+            "improved": {key: sum(t["clearly_above"] for t in table.values()) for key, table in tables.items()},
+            "steps": summary["steps"], "global_batch": config.global_batch, "tokens_per_s": summary["tokens_per_s"],
+            "n_train": sum(min(len(g), config.max_per_task) for g in by_task(train_records).values()),
+            "n_test_per_task": args.n_test,
+            "max_new_tokens": budgets, "adapter": str(adapter), "timings_s": timings, "train": summary,
+            "recipe": recipe, "args": vars(args), "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+            "world_size": d.world, "command": shlex.join(launcher(d.world) + sys.argv),
+        }
+        (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False))
+        (out / "results.md").write_text(results_markdown(results))
+        generations = [line for stage, evaluation in (("before", before), ("after", after)) for key in SETTINGS
+                       for line in generation_lines(stage, key, evaluation[key], tests[key])]
+        (out / "generations.jsonl").write_text("\n".join(generations) + "\n")
+        print("\n" + results_markdown(results))
+        print(f"results: {out / 'results.json'} and {out / 'results.md'}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
