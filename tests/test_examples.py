@@ -76,7 +76,7 @@ def test_train_generalist_writes_results_to_the_run_folder_only(tmp_path):
     runs = tmp_path / "runs"
     before = repository_files()
     cmd = [sys.executable, "examples/train_generalist.py", "--model", str(model), "--n-train", "1", "--n-test", "2",
-           "--max-steps", "1", "--global-batch", "4"]
+           "--max-steps", "2", "--global-batch", "4", "--minutes", "1e-6"]  # the time limit ends training after step 1
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "ECELLM_RUNS": str(runs)}, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -87,7 +87,8 @@ def test_train_generalist_writes_results_to_the_run_folder_only(tmp_path):
     assert (out / "run" / "summary.json").is_file() and (out / "run" / "adapter").is_dir()
     results = json.loads((out / "results.json").read_text())
     abbrs = [t.abbr for t in TASKS]
-    assert results["minutes"] > 0 and results["steps"] == 1
+    assert results["minutes"] > 0 and results["steps"] == 1 and results["train"]["stopped_by"] == "time limit"
+    assert json.loads((out / "run" / "config.json").read_text())["minutes"] == 1e-6
     for key in ("tasks", "unseen_instruction"):
         assert list(results[key]) == abbrs
         for abbr, row in results[key].items():
@@ -105,6 +106,7 @@ def test_train_generalist_writes_results_to_the_run_folder_only(tmp_path):
     markdown = (out / "results.md").read_text()
     assert markdown.count("| task | metric | before | after | baseline |") == 2
     assert "examples/train_generalist.py" in markdown and "Clearly above:" in markdown
+    assert "the time limit stopped training before the planned 2" in markdown
 
 
 @pytest.fixture
