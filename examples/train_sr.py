@@ -19,11 +19,9 @@ prompts (still 20 options), a 10x higher learning rate, small global batches (ma
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
-import ast
-import os
-import platform
 import shlex
 import sys
 import time
@@ -32,13 +30,10 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ecellm.data import load_records
-from ecellm.eval import evaluate
-from ecellm.lora import load_adapter
-from ecellm.metrics import score
-from ecellm.models import from_pretrained
 from ecellm.synthetic import write_dataset
-from ecellm.tokenizer import load_tokenizer
 from ecellm.train import TrainConfig, setup_distributed, train
+
+from common import default_out, evaluate_split, launcher, load_model, machine, template_for
 
 # The demo recipe for the embedded default on a 2-core CPU (see the module docstring).
 DEFAULT_PHASES = "20:320"
@@ -48,27 +43,10 @@ DEMO = dict(
 )
 
 
-def hr_at_1(model_dir: str, adapter: str | None, records: list[dict], rank: int, world: int, template: str) -> dict:
-    """HR@1 and invalid share on `records`, generation split over the ranks, scored on every rank."""
-    tokenizer = load_tokenizer(model_dir)
-    model = from_pretrained(model_dir)
-    if adapter:
-        load_adapter(model, adapter)
-    mine = records[rank::world]
-    out = evaluate(model, tokenizer, mine, template=template, batch_size=8, max_new_tokens=8, progress=rank == 0)
-    predictions = [g["prediction"] for g in out["generations"]]
-    gathered = [None] * world
-    if world > 1:
-        dist.all_gather_object(gathered, predictions)
-    else:
-        gathered = [predictions]
-    ordered = [None] * len(records)  # undo the rank::world split
-    for r, preds in enumerate(gathered):
-        ordered[r::world] = preds
-    result = score("SR", ordered, [x["output"] for x in records])
-    result["invalid"] = result["n_failed"] / result["n"]
-    result["examples"] = [{"prediction": p, "reference": x["output"]} for p, x in list(zip(ordered, records))[:5]]
-    return result
+def hr_at_1(model_dir: str, adapter: str | None, records: list[dict], d, template: str) -> dict:
+    """HR@1 and invalid share on `records` (generation split over the ranks, scored on every rank)."""
+    model, tokenizer = load_model(model_dir, adapter)
+    return evaluate_split(model, tokenizer, records, d, template, 8, desc="HR@1")["SR"]
 
 
 def parse_phases(text: str) -> list[tuple[int, int]]:
@@ -90,14 +68,6 @@ def chance_hr_at_1(records: list[dict]) -> float:
     return sum(1 / len(ast.literal_eval(r["options"])) for r in records) / len(records)
 
 
-def machine() -> str:
-    """CPU model and core count (or the GPU's name), for the results' provenance."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
-        platform.processor()
-    return f"{model}, {os.cpu_count()} cores"
-
-
 def results_markdown(results: dict) -> str:
     """The before/after table, the curve if any, and how they were measured."""
     sr = results["tasks"]["SR"]
@@ -117,22 +87,6 @@ def results_markdown(results: dict) -> str:
         lines += [f"| {r['phase']} | {r['options']} | {r['steps']} | {r['examples']} | {r['minutes']:.1f} | "
                   f"{r['hr@1']:.3f} | {r['invalid']:.1%} |" for r in results["curve"]]
     return "\n".join(lines) + "\n"
-
-
-def launcher(world: int) -> list[str]:
-    """How this process was started, for the results' command line."""
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        return ["torchrun", "--standalone", f"--nproc_per_node={world}"]
-    return ["python"]
-
-
-def default_out(d) -> Path:
-    """`$ECELLM_RUNS/train_sr-<date>-<time>` (default `~/ecellm-runs`), the same on every rank: a new folder each run."""
-    stamp = [time.strftime("%Y%m%d-%H%M%S")]
-    if d.world > 1:
-        dist.broadcast_object_list(stamp, src=0)
-    root = Path(os.environ.get("ECELLM_RUNS", Path.home() / "ecellm-runs"))
-    return root / f"train_sr-{stamp[0]}"
 
 
 def main() -> None:
@@ -159,7 +113,7 @@ def main() -> None:
     start = time.perf_counter()
 
     d = setup_distributed(TrainConfig().dist_timeout_s)
-    out = Path(args.out) if args.out else default_out(d)
+    out = Path(args.out) if args.out else default_out(d, "train_sr")
     synthetic = not args.data
     phases = parse_phases(args.phases) if synthetic else [(0, 0)]
     if synthetic and d.is_main:  # test records keep all 20 options and names no training record uses
@@ -185,10 +139,9 @@ def main() -> None:
         raise FileNotFoundError(f"no test.json or test.jsonl in {test_dir} (held-out records to score HR@1 on)")
     records = list(load_records(test_file, split="test", setting="IND_Diverse_Instruction", tasks=["SR"]))
     records = records[: args.n_test]
-    family = json.loads((Path(base.model) / "config.json").read_text())["model_type"]
-    template = "mistral" if family == "mistral" else "alpaca"
+    template = template_for(base.model)
 
-    before = hr_at_1(base.model, args.init_adapter or None, records, d.rank, d.world, template)
+    before = hr_at_1(base.model, args.init_adapter or None, records, d, template)
     adapter, trained_s, steps, tokens = args.init_adapter, 0.0, 0, 0
     curve = [{"phase": 0, "options": None, "steps": 0, "examples": 0, "minutes": 0.0, "hr@1": before["hr@1"],
               "invalid": before["invalid"]}]
@@ -203,13 +156,13 @@ def main() -> None:
         adapter, trained_s = summary["adapter"], trained_s + summary["elapsed_s"]
         steps, tokens = steps + summary["steps"], tokens + summary["tokens_per_s"] * summary["elapsed_s"]
         if args.score_phases and i < len(phases):
-            scored = hr_at_1(base.model, adapter, records, d.rank, d.world, template)
+            scored = hr_at_1(base.model, adapter, records, d, template)
             curve.append({"phase": i, "options": options, "steps": steps, "examples": steps * base.global_batch,
                           "minutes": trained_s / 60, "hr@1": scored["hr@1"], "invalid": scored["invalid"]})
             if d.is_main:
                 print(f"after phase {i} ({options} options, {steps} steps): HR@1 {scored['hr@1']:.3f}, "
                       f"invalid {scored['invalid']:.1%} on the 20-option test records", flush=True)
-    after = hr_at_1(base.model, adapter, records, d.rank, d.world, template)
+    after = hr_at_1(base.model, adapter, records, d, template)
     curve.append({"phase": i, "options": options, "steps": steps, "examples": steps * base.global_batch,
                   "minutes": trained_s / 60, "hr@1": after["hr@1"], "invalid": after["invalid"]})
     minutes = (time.perf_counter() - start) / 60
