@@ -22,6 +22,8 @@ setup(
     extras_require={
         # GGUF import (the embedded SmolLM2 default ships as a GGUF file).
         "gguf": ["gguf>=0.10"],
+        # The examples' curve.png (training loss and the metric against minutes).
+        "plot": ["matplotlib>=3.5"],
         # Tests: pytest plus the reference oracles our outputs must match. Never imported by ecellm/.
         "test": [
             "pytest>=7",

@@ -55,7 +55,8 @@ from ecellm.synthetic import write_dataset
 from ecellm.tasks import task_info
 from ecellm.train import OUT_OF_TIME, TrainConfig, setup_distributed, train
 
-from common import by_task, default_out, evaluate_split, launcher, load_model, machine, template_for
+from common import (by_task, default_out, evaluate_split, launcher, load_model, machine, template_for,
+                    training_losses, write_curve)
 
 # The demo recipe for the embedded default on a 2-core CPU: fp32, a 10x higher learning rate than the paper's, small
 # global batches (many updates), one epoch; each step's examples packed into one row per rank (no padding). Training
@@ -429,11 +430,17 @@ def main() -> None:
         }
         (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False))
         (out / "results.md").write_text(results_markdown(results))
+        mean = {stage: statistics.mean(r[r["metric"]] for r in table.values())
+                for stage, table in (("before", before["tasks"]), ("after", after["tasks"]))}
+        plotted = write_curve(out / "curve.png", training_losses([run]),
+                              [(0.0, mean["before"]), (summary["elapsed_s"] / 60, mean["after"])],
+                              "mean metric over the tasks")
         generations = [line for stage, evaluation in (("before", before), ("after", after)) for key in SETTINGS
                        for line in generation_lines(stage, key, evaluation[key], tests[key])]
         (out / "generations.jsonl").write_text("\n".join(generations) + "\n")
         print("\n" + results_markdown(results))
-        print(f"results: {out / 'results.json'} and {out / 'results.md'}")
+        print(f"results: {out / 'results.json'} and {out / 'results.md'}"
+              + (f", curve: {out / 'curve.png'}" if plotted else " (pip install -e '.[plot]' for curve.png)"))
     if dist.is_initialized():
         dist.destroy_process_group()
 

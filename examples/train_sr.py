@@ -33,7 +33,8 @@ from ecellm.data import load_records
 from ecellm.synthetic import write_dataset
 from ecellm.train import TrainConfig, setup_distributed, train
 
-from common import default_out, evaluate_split, launcher, load_model, machine, template_for
+from common import (default_out, evaluate_split, launcher, load_model, machine, template_for, training_losses,
+                    write_curve)
 
 # The demo recipe for the embedded default on a 2-core CPU (see the module docstring).
 DEFAULT_PHASES = "20:320"
@@ -142,7 +143,7 @@ def main() -> None:
     template = template_for(base.model)
 
     before = hr_at_1(base.model, args.init_adapter or None, records, d, template)
-    adapter, trained_s, steps, tokens = args.init_adapter, 0.0, 0, 0
+    adapter, trained_s, steps, tokens, run_dirs = args.init_adapter, 0.0, 0, 0, []
     curve = [{"phase": 0, "options": None, "steps": 0, "examples": 0, "minutes": 0.0, "hr@1": before["hr@1"],
               "invalid": before["invalid"]}]
     for i, ((options, _), data) in enumerate(zip(phases, data_dirs), 1):
@@ -153,6 +154,7 @@ def main() -> None:
         run_dir = out / "run" / (f"phase{i}" if synthetic else "")
         config = dataclasses.replace(base, data=data, out=str(run_dir), init_adapter=adapter, minutes=minutes_left)
         summary = train(config)
+        run_dirs.append(run_dir)
         adapter, trained_s = summary["adapter"], trained_s + summary["elapsed_s"]
         steps, tokens = steps + summary["steps"], tokens + summary["tokens_per_s"] * summary["elapsed_s"]
         if args.score_phases and i < len(phases):
@@ -180,12 +182,15 @@ def main() -> None:
         }
         (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False))
         (out / "results.md").write_text(results_markdown(results))
+        plotted = write_curve(out / "curve.png", training_losses(run_dirs),
+                              [(r["minutes"], r["hr@1"]) for r in curve], "HR@1 (20 options)")
         print(f"\nSequential recommendation, {len(records)} held-out records (chance HR@1 = "
               f"{results['tasks']['SR']['baseline']:.2f}):")
         print(f"  before tuning: HR@1 {before['hr@1']:.3f}, invalid {before['invalid']:.1%}")
         print(f"  after tuning:  HR@1 {after['hr@1']:.3f}, invalid {after['invalid']:.1%}")
         print(f"  {steps} steps in {trained_s / 60:.1f} minutes of training, {minutes:.1f} minutes end to end")
-        print(f"  results: {out / 'results.json'} and {out / 'results.md'}")
+        print(f"  results: {out / 'results.json'} and {out / 'results.md'}"
+              + (f", curve: {out / 'curve.png'}" if plotted else " (pip install -e '.[plot]' for curve.png)"))
     if dist.is_initialized():
         dist.destroy_process_group()
 
