@@ -50,17 +50,20 @@ def hr_at_1(model_dir: str, adapter: str | None, records: list[dict], d, templat
     return evaluate_split(model, tokenizer, records, d, template, 8, desc="HR@1")["SR"]
 
 
-def parse_phases(text: str) -> list[tuple[int, int]]:
-    """"2:480,4:160,20:160" -> [(2, 480), (4, 160), (20, 160)]: (options per record, training records) per phase."""
+def parse_phases(text: str) -> list[tuple[int, int, float | None]]:
+    """"2:480,4:80:1e-3" -> [(2, 480, None), (4, 80, 0.001)]: options per record, training records and, optionally,
+    the phase's learning rate (default: the run's)."""
     phases = []
     for part in text.split(","):
+        fields = part.split(":")
         try:
-            options, records = (int(x) for x in part.split(":"))
-        except ValueError:
-            raise SystemExit(f"--phases: {part!r} is not OPTIONS:RECORDS (e.g. 2:480)") from None
-        if not 2 <= options <= 20 or records < 1:
-            raise SystemExit(f"--phases: {part!r} needs 2 <= OPTIONS <= 20 and RECORDS >= 1")
-        phases.append((options, records))
+            options, records = int(fields[0]), int(fields[1])
+            lr = float(fields[2]) if len(fields) == 3 else None
+        except (ValueError, IndexError):
+            raise SystemExit(f"--phases: {part!r} is not OPTIONS:RECORDS or OPTIONS:RECORDS:LR (e.g. 2:480)") from None
+        if len(fields) > 3 or not 2 <= options <= 20 or records < 1 or (lr is not None and lr <= 0):
+            raise SystemExit(f"--phases: {part!r} needs 2 <= OPTIONS <= 20, RECORDS >= 1 and LR > 0")
+        phases.append((options, records, lr))
     return phases
 
 
@@ -116,10 +119,10 @@ def main() -> None:
     d = setup_distributed(TrainConfig().dist_timeout_s)
     out = Path(args.out) if args.out else default_out(d, "train_sr")
     synthetic = not args.data
-    phases = parse_phases(args.phases) if synthetic else [(0, 0)]
+    phases = parse_phases(args.phases) if synthetic else [(0, 0, None)]
     if synthetic and d.is_main:  # test records keep all 20 options and names no training record uses
         write_dataset(out / "data" / "test", n_per_task=1, n_eval_per_task=args.n_test, seed=args.seed, tasks=["SR"])
-        for i, (options, n_records) in enumerate(phases, 1):
+        for i, (options, n_records, _) in enumerate(phases, 1):
             write_dataset(out / "data" / f"phase{i}", n_per_task=n_records, n_eval_per_task=32, seed=args.seed + i,
                           tasks=["SR"], sr_options=options, names_seed=args.seed)
     d.barrier()
@@ -146,13 +149,14 @@ def main() -> None:
     adapter, trained_s, steps, tokens, run_dirs = args.init_adapter, 0.0, 0, 0, []
     curve = [{"phase": 0, "options": None, "steps": 0, "examples": 0, "minutes": 0.0, "hr@1": before["hr@1"],
               "invalid": before["invalid"]}]
-    for i, ((options, _), data) in enumerate(zip(phases, data_dirs), 1):
+    for i, ((options, _, lr), data) in enumerate(zip(phases, data_dirs), 1):
         minutes_left = args.minutes - trained_s / 60 if args.minutes else 0.0
         if args.minutes and minutes_left <= 0:
             print(f"time limit reached: phases {i}-{len(phases)} skipped") if d.is_main else None
             break
         run_dir = out / "run" / (f"phase{i}" if synthetic else "")
-        config = dataclasses.replace(base, data=data, out=str(run_dir), init_adapter=adapter, minutes=minutes_left)
+        config = dataclasses.replace(base, data=data, out=str(run_dir), init_adapter=adapter, minutes=minutes_left,
+                                     lr=lr or base.lr)
         summary = train(config)
         run_dirs.append(run_dir)
         adapter, trained_s = summary["adapter"], trained_s + summary["elapsed_s"]
@@ -175,7 +179,7 @@ def main() -> None:
             "tasks": {"SR": {"metric": "hr@1", "before": before, "after": after,
                              "baseline": chance_hr_at_1(records)}},
             "steps": steps, "global_batch": base.global_batch, "tokens_per_s": tokens / max(trained_s, 1e-9),
-            "training_minutes": trained_s / 60, "phases": [{"options": o, "records": n} for o, n in phases],
+            "training_minutes": trained_s / 60, "phases": [{"options": o, "records": n, "lr": lr or base.lr} for o, n, lr in phases],
             "curve": curve, "args": vars(args), "date": time.strftime("%Y-%m-%d"),
             "machine": machine(), "world_size": d.world,
             "command": shlex.join(launcher(d.world) + sys.argv),

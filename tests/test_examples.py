@@ -55,15 +55,16 @@ def test_train_sr_curriculum_phases_chain_adapters(tmp_path):
     the test records keep 20 options; --score-phases adds a row per phase."""
     model = make_tiny_checkpoint(tmp_path / "model")
     out = tmp_path / "out"
-    cmd = [sys.executable, "examples/train_sr.py", "--model", str(model), "--out", str(out), "--phases", "2:16,4:8",
+    cmd = [sys.executable, "examples/train_sr.py", "--model", str(model), "--out", str(out), "--phases", "2:16,4:8:5e-4",
            "--n-test", "4", "--max-steps", "1", "--score-phases", "--minutes", "30"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())
     assert [(r["phase"], r["options"], r["steps"]) for r in results["curve"]] == [(0, None, 0), (1, 2, 1), (2, 4, 2)]
-    assert results["phases"] == [{"options": 2, "records": 16}, {"options": 4, "records": 8}]
+    assert results["phases"] == [{"options": 2, "records": 16, "lr": 1e-3}, {"options": 4, "records": 8, "lr": 5e-4}]
     phase2 = json.loads((out / "run" / "phase2" / "config.json").read_text())
     assert phase2["init_adapter"] == str(out / "run" / "phase1" / "adapter") and phase2["minutes"] > 0
+    assert phase2["lr"] == 5e-4
     train2 = json.loads((out / "data" / "phase2" / "train.json").read_text())
     assert {len(ast.literal_eval(r["options"])) for r in train2} == {4}
     test = json.loads((out / "data" / "test" / "test.json").read_text())
