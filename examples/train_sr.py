@@ -31,13 +31,14 @@ import torch.distributed as dist
 
 from ecellm.data import load_records
 from ecellm.synthetic import write_dataset
-from ecellm.train import TrainConfig, setup_distributed, train
+from ecellm.train import OUT_OF_TIME, TrainConfig, setup_distributed, train
 
 from common import (default_out, evaluate_split, launcher, load_model, machine, template_for, training_losses,
                     write_curve)
 
 # The demo recipe for the embedded default on a 2-core CPU (see the module docstring).
 DEFAULT_PHASES = "20:320"
+DEMO_MINUTES = 12.0  # the demo's cap on training time, so a slow machine still ends within about 15 minutes
 DEMO = dict(
     lr=1e-3, lora_r=16, lora_alpha=32.0, lora_dropout=0.05, epochs=1, global_batch=8, micro_batch=4,
     max_len=512, dtype="fp32", warmup_ratio=0.05, eval_every=0, checkpoint_every=25, max_val_examples=32,
@@ -81,8 +82,12 @@ def results_markdown(results: dict) -> str:
         f"| after tuning | {sr['after']['hr@1']:.3f} | {sr['after']['invalid']:.1%} | {sr['after']['n']} |",
         f"| chance | {sr['baseline']:.3f} | | |", "",
         f"Measured {results['date']} with `{results['command']}` on {results['machine']}: {results['steps']} steps "
-        f"of global batch {results['global_batch']}, {results['tokens_per_s']:.0f} tokens/s, "
-        f"{results['minutes']:.1f} minutes end to end.",
+        f"of global batch {results['global_batch']} in {results['training_minutes']:.1f} minutes of training "
+        f"({results['tokens_per_s']:.0f} tokens/s), {results['minutes']:.1f} minutes end to end."
+        + (" Phases (options: records @ learning rate): " + ", ".join(
+            f"{p['options']}: {p['records']} @ {p['lr']:g}" for p in results["phases"]) + "." if results["phases"]
+           else "")
+        + (f" Training ended early: {results['stopped']}." if results["stopped"] else ""),
     ]
     if len(results["curve"]) > 1:
         lines += ["", "HR@1 on the 20-option test records after each phase:", "",
@@ -93,6 +98,68 @@ def results_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_synthetic_data(out: Path, phases: list[tuple[int, int, float | None]], n_test: int, seed: int) -> None:
+    """`out/data/test` (20 options, held-out names) and one `out/data/phase<i>` per phase (its number of options;
+    drawn with seed + i, the names split by `seed`, so no training record names a test record's items)."""
+    write_dataset(out / "data" / "test", n_per_task=1, n_eval_per_task=n_test, seed=seed, tasks=["SR"])
+    for i, (options, n_records, _) in enumerate(phases, 1):
+        write_dataset(out / "data" / f"phase{i}", n_per_task=n_records, n_eval_per_task=32, seed=seed + i,
+                      tasks=["SR"], sr_options=options, names_seed=seed)
+
+
+def phase_range(first: int, last: int) -> str:
+    """"phase 3" or "phases 3-4"."""
+    return f"phase {first}" if first == last else f"phases {first}-{last}"
+
+
+def train_phases(base: TrainConfig, phases, data_dirs: list[str], out: Path, args, score_phase, d) -> dict:
+    """Train phase after phase, each from the previous phase's adapter, within `args.minutes` of training in all.
+
+    Args:
+        base: the settings every phase shares.
+        phases: `parse_phases`'s result; data_dirs: each phase's data.
+        out: the run folder (phase i trains in `out/run/phase<i>`, or `out/run` for a single phase on real data).
+        args: the command line (`minutes`, `init_adapter`, `score_phases`).
+        score_phase: adapter -> HR@1 result, to score phases before the last when `args.score_phases`.
+        d: the run's `DistContext` (rank 0 prints).
+    Returns:
+        {"adapter", "steps", "seconds", "tokens", "run_dirs", "curve" (a row per scored phase), "stopped"
+         (why training ended before its last planned step, or None)}.
+    """
+    done = {"adapter": args.init_adapter, "steps": 0, "seconds": 0.0, "tokens": 0.0, "run_dirs": [], "curve": [],
+            "stopped": None}
+    for i, ((options, _, lr), data) in enumerate(zip(phases, data_dirs), 1):
+        minutes_left = args.minutes - done["seconds"] / 60 if args.minutes else 0.0
+        if args.minutes and minutes_left <= 0:
+            done["stopped"] = f"the {args.minutes:g}-minute time limit: {phase_range(i, len(phases))} skipped"
+            break
+        run_dir = out / "run" / (f"phase{i}" if not args.data else "")
+        config = dataclasses.replace(base, data=data, out=str(run_dir), init_adapter=done["adapter"],
+                                     minutes=minutes_left, lr=lr or base.lr)
+        summary = train(config)
+        done["run_dirs"].append(run_dir)
+        done["adapter"] = summary["adapter"]
+        done["steps"] += summary["steps"]
+        done["seconds"] += summary["elapsed_s"]
+        done["tokens"] += summary["tokens_per_s"] * summary["elapsed_s"]
+        if summary["stopped_by"] == OUT_OF_TIME:
+            done["stopped"] = (f"the {args.minutes:g}-minute time limit, at step {summary['steps']} of "
+                               f"{summary['total_steps']} of phase {i}"
+                               + (f" ({phase_range(i + 1, len(phases))} skipped)" if i < len(phases) else ""))
+        if args.score_phases and i < len(phases) and not done["stopped"]:
+            scored = score_phase(done["adapter"])
+            done["curve"].append({"phase": i, "options": options, "steps": done["steps"],
+                                  "examples": done["steps"] * base.global_batch, "minutes": done["seconds"] / 60,
+                                  "hr@1": scored["hr@1"], "invalid": scored["invalid"]})
+            if d.is_main:
+                print(f"after phase {i} ({options} options, {done['steps']} steps): HR@1 {scored['hr@1']:.3f}, "
+                      f"invalid {scored['invalid']:.1%} on the 20-option test records", flush=True)
+        if done["stopped"]:
+            break
+    done["last_phase"], done["last_options"] = i, options
+    return done
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="", help="checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
@@ -100,13 +167,15 @@ def main() -> None:
     parser.add_argument("--out", default="",
                         help="run folder (default: $ECELLM_RUNS or ~/ecellm-runs, then train_sr-<date>-<time>)")
     parser.add_argument("--phases", default=DEFAULT_PHASES,
-                        help="synthetic curriculum: OPTIONS:RECORDS per phase, comma-separated (default: %(default)s); "
-                             "each phase trains from the previous one's adapter on records with that many options")
+                        help="synthetic curriculum: OPTIONS:RECORDS[:LR] per phase, comma-separated (default: "
+                             "%(default)s); each phase trains from the previous one's adapter on records with that "
+                             "many options, at its own learning rate if given")
     parser.add_argument("--n-test", type=int, default=100, help="held-out records scored before and after")
-    parser.add_argument("--minutes", type=float, default=0,
-                        help="stop training after this many minutes over all phases (0: no limit), then evaluate")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help=f"stop training after this many minutes over all phases, then evaluate (0: no limit; "
+                             f"default: {DEMO_MINUTES:g} with the demo recipe, else none)")
     parser.add_argument("--max-steps", type=int, default=0, help="stop each phase after this many steps (0: all)")
-    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--lr", type=float, default=None, help="learning rate of phases that set none")
     parser.add_argument("--lora-r", type=int, default=None)
     parser.add_argument("--lora-targets", default=None, help="comma-separated module names (default: the paper's)")
     parser.add_argument("--init-adapter", default="", help="start from this adapter (same r, alpha and targets)")
@@ -120,20 +189,19 @@ def main() -> None:
     out = Path(args.out) if args.out else default_out(d, "train_sr")
     synthetic = not args.data
     phases = parse_phases(args.phases) if synthetic else [(0, 0, None)]
-    if synthetic and d.is_main:  # test records keep all 20 options and names no training record uses
-        write_dataset(out / "data" / "test", n_per_task=1, n_eval_per_task=args.n_test, seed=args.seed, tasks=["SR"])
-        for i, (options, n_records, _) in enumerate(phases, 1):
-            write_dataset(out / "data" / f"phase{i}", n_per_task=n_records, n_eval_per_task=32, seed=args.seed + i,
-                          tasks=["SR"], sr_options=options, names_seed=args.seed)
+    if synthetic and d.is_main:
+        write_synthetic_data(out, phases, args.n_test, args.seed)
     d.barrier()
     data_dirs = [str(out / "data" / f"phase{i}") for i in range(1, len(phases) + 1)] if synthetic else [args.data]
     test_dir = out / "data" / "test" if synthetic else Path(args.data)
 
-    recipe = DEMO if not args.model and synthetic else {}
+    demo = not args.model and synthetic
+    if args.minutes is None:
+        args.minutes = DEMO_MINUTES if demo else 0.0
     overrides = {k: v for k, v in (("lr", args.lr), ("lora_r", args.lora_r), ("lora_targets", args.lora_targets))
                  if v is not None}
     base = TrainConfig(model=args.model, tasks="SR", seed=args.seed, max_steps=args.max_steps,
-                       **{**recipe, **overrides})
+                       **{**(DEMO if demo else {}), **overrides})
     if not base.model:
         from ecellm.models.default import default_model_dir
 
@@ -145,32 +213,17 @@ def main() -> None:
     records = records[: args.n_test]
     template = template_for(base.model)
 
-    before = hr_at_1(base.model, args.init_adapter or None, records, d, template)
-    adapter, trained_s, steps, tokens, run_dirs = args.init_adapter, 0.0, 0, 0, []
+    def score_adapter(adapter: str | None) -> dict:
+        return hr_at_1(base.model, adapter, records, d, template)
+
+    before = score_adapter(args.init_adapter or None)
+    done = train_phases(base, phases, data_dirs, out, args, score_adapter, d)
+    after = score_adapter(done["adapter"])
     curve = [{"phase": 0, "options": None, "steps": 0, "examples": 0, "minutes": 0.0, "hr@1": before["hr@1"],
-              "invalid": before["invalid"]}]
-    for i, ((options, _, lr), data) in enumerate(zip(phases, data_dirs), 1):
-        minutes_left = args.minutes - trained_s / 60 if args.minutes else 0.0
-        if args.minutes and minutes_left <= 0:
-            print(f"time limit reached: phases {i}-{len(phases)} skipped") if d.is_main else None
-            break
-        run_dir = out / "run" / (f"phase{i}" if synthetic else "")
-        config = dataclasses.replace(base, data=data, out=str(run_dir), init_adapter=adapter, minutes=minutes_left,
-                                     lr=lr or base.lr)
-        summary = train(config)
-        run_dirs.append(run_dir)
-        adapter, trained_s = summary["adapter"], trained_s + summary["elapsed_s"]
-        steps, tokens = steps + summary["steps"], tokens + summary["tokens_per_s"] * summary["elapsed_s"]
-        if args.score_phases and i < len(phases):
-            scored = hr_at_1(base.model, adapter, records, d, template)
-            curve.append({"phase": i, "options": options, "steps": steps, "examples": steps * base.global_batch,
-                          "minutes": trained_s / 60, "hr@1": scored["hr@1"], "invalid": scored["invalid"]})
-            if d.is_main:
-                print(f"after phase {i} ({options} options, {steps} steps): HR@1 {scored['hr@1']:.3f}, "
-                      f"invalid {scored['invalid']:.1%} on the 20-option test records", flush=True)
-    after = hr_at_1(base.model, adapter, records, d, template)
-    curve.append({"phase": i, "options": options, "steps": steps, "examples": steps * base.global_batch,
-                  "minutes": trained_s / 60, "hr@1": after["hr@1"], "invalid": after["invalid"]})
+              "invalid": before["invalid"]}, *done["curve"],
+             {"phase": done["last_phase"], "options": done["last_options"], "steps": done["steps"],
+              "examples": done["steps"] * base.global_batch, "minutes": done["seconds"] / 60,
+              "hr@1": after["hr@1"], "invalid": after["invalid"]}]
     minutes = (time.perf_counter() - start) / 60
 
     if d.is_main:
@@ -178,21 +231,24 @@ def main() -> None:
             "minutes": minutes,
             "tasks": {"SR": {"metric": "hr@1", "before": before, "after": after,
                              "baseline": chance_hr_at_1(records)}},
-            "steps": steps, "global_batch": base.global_batch, "tokens_per_s": tokens / max(trained_s, 1e-9),
-            "training_minutes": trained_s / 60, "phases": [{"options": o, "records": n, "lr": lr or base.lr} for o, n, lr in phases],
+            "steps": done["steps"], "global_batch": base.global_batch,
+            "tokens_per_s": done["tokens"] / max(done["seconds"], 1e-9), "training_minutes": done["seconds"] / 60,
+            "stopped": done["stopped"],
+            "phases": [{"options": o, "records": n, "lr": lr or base.lr} for o, n, lr in phases] if synthetic else [],
             "curve": curve, "args": vars(args), "date": time.strftime("%Y-%m-%d"),
             "machine": machine(), "world_size": d.world,
             "command": shlex.join(launcher(d.world) + sys.argv),
         }
         (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False))
         (out / "results.md").write_text(results_markdown(results))
-        plotted = write_curve(out / "curve.png", training_losses(run_dirs),
+        plotted = write_curve(out / "curve.png", training_losses(done["run_dirs"]),
                               [(r["minutes"], r["hr@1"]) for r in curve], "HR@1 (20 options)")
         print(f"\nSequential recommendation, {len(records)} held-out records (chance HR@1 = "
               f"{results['tasks']['SR']['baseline']:.2f}):")
         print(f"  before tuning: HR@1 {before['hr@1']:.3f}, invalid {before['invalid']:.1%}")
         print(f"  after tuning:  HR@1 {after['hr@1']:.3f}, invalid {after['invalid']:.1%}")
-        print(f"  {steps} steps in {trained_s / 60:.1f} minutes of training, {minutes:.1f} minutes end to end")
+        print(f"  {done['steps']} steps in {done['seconds'] / 60:.1f} minutes of training, {minutes:.1f} minutes end "
+              "to end" + (f"; training ended early: {done['stopped']}" if done["stopped"] else ""))
         print(f"  results: {out / 'results.json'} and {out / 'results.md'}"
               + (f", curve: {out / 'curve.png'}" if plotted else " (pip install -e '.[plot]' for curve.png)"))
     if dist.is_initialized():

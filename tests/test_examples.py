@@ -61,7 +61,7 @@ def test_train_sr_curriculum_phases_chain_adapters(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())
     assert [(r["phase"], r["options"], r["steps"]) for r in results["curve"]] == [(0, None, 0), (1, 2, 1), (2, 4, 2)]
-    assert results["phases"] == [{"options": 2, "records": 16, "lr": 1e-3}, {"options": 4, "records": 8, "lr": 5e-4}]
+    assert results["phases"] == [{"options": 2, "records": 16, "lr": 1e-4}, {"options": 4, "records": 8, "lr": 5e-4}]
     phase2 = json.loads((out / "run" / "phase2" / "config.json").read_text())
     assert phase2["init_adapter"] == str(out / "run" / "phase1" / "adapter") and phase2["minutes"] > 0
     assert phase2["lr"] == 5e-4
@@ -176,3 +176,17 @@ def test_training_losses_chain_phases_and_the_curve_needs_matplotlib(generalist,
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     assert not common.write_curve(tmp_path / "curve.png", [(0.5, 2.0)], [(0.0, 0.1)], "HR@1")
     assert not (tmp_path / "curve.png").exists()
+
+
+def test_train_sr_time_limit_skips_later_phases_and_says_so(tmp_path):
+    model = make_tiny_checkpoint(tmp_path / "model")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "examples/train_sr.py", "--model", str(model), "--out", str(out), "--phases", "2:16,4:8",
+           "--n-test", "4", "--minutes", "1e-9"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 1 and not (out / "run" / "phase2").exists()
+    assert results["stopped"] == "the 1e-09-minute time limit, at step 1 of 3 of phase 1 (phase 2 skipped)"
+    assert "Training ended early: the 1e-09-minute time limit" in (out / "results.md").read_text()
+    assert [r["phase"] for r in results["curve"]] == [0, 1]
