@@ -15,8 +15,9 @@ padding.
 Checkpoints (`out/checkpoints/step_N/`) hold the adapter in PEFT format, the optimizer's tensors in safetensors and
 the step, scheduler and RNG states in JSON (nothing is unpickled); they are written to a temporary directory and
 renamed, so an interrupted write leaves the previous one usable. `--resume` continues exactly where the newest complete
-checkpoint stopped, under the same settings. SIGTERM and Ctrl-C save a checkpoint and exit. A new run refuses an `--out`
-that holds another run unless `--overwrite` is given.
+checkpoint stopped, under the same settings. SIGTERM and Ctrl-C save a checkpoint and exit; `--minutes M` ends the run
+after the step that passes M minutes, validated, checkpointed and with its adapter written. A new run refuses an
+`--out` that holds another run unless `--overwrite` is given. `--init-adapter DIR` starts LoRA from a saved adapter.
 
 The run reads top to bottom in `_train`, as stages over one `Run` (settings, ranks, model, data, optimizer, progress):
 
