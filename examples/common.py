@@ -225,7 +225,7 @@ def write_curve(path: Path, losses: Sequence[tuple[float, float]], scores: Seque
     loss_axis.plot(*zip(*losses), color="tab:blue", linewidth=1)
     loss_axis.set(xlabel="minutes of training", ylabel="training loss", yscale="log")
     metric_axis = loss_axis.twinx()
-    metric_axis.plot(*zip(*scores), "o-", color="tab:red")
+    metric_axis.plot(*zip(*scores), "o", color="tab:red")  # measured points only: no line implies values between
     metric_axis.set(ylabel=metric, ylim=(0, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)

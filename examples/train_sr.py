@@ -12,7 +12,7 @@ written into the repository.
 The demo trains in phases, a curriculum on the number of options (docs/sr_recipe.md has every recipe we tried): 2
 options per record until the model has learned to find the option that continues the last purchase (the loss sits at
 chance for ~30 steps, then falls), then 4, 8 and 20, each phase starting from the previous phase's adapter. On a
-2-core CPU that takes about 25 minutes; `--minutes M` caps the training time (later phases are then cut or skipped,
+2-core CPU that takes about 24 minutes; `--minutes M` caps the training time (later phases are then cut or skipped,
 and the results say so).
 
 `--model DIR --data DIR` switch to your checkpoint (any supported family) and the real ECInstruct files; the
