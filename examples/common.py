@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ecellm.data import parse_response
 from ecellm.eval import build_prompt, references
+from ecellm.files import write_json
 from ecellm.generate import generate_text
 from ecellm.lora import load_adapter, merge
 from ecellm.metrics import ModelEncoder, score
@@ -60,6 +61,12 @@ def default_out(d, prefix: str) -> Path:
         dist.broadcast_object_list(stamp, src=0)
     root = Path(os.environ.get("ECELLM_RUNS", Path.home() / "ecellm-runs"))
     return root / f"{prefix}-{stamp[0]}"
+
+
+def write_results(out: Path, results: dict, markdown: str) -> None:
+    """`out/results.json` (strict JSON: a non-finite number is written as null) and `out/results.md`."""
+    write_json(out / "results.json", results, strict=True)
+    (out / "results.md").write_text(markdown, encoding="utf-8")
 
 
 # --- evaluation over the ranks ------------------------------------------------------------------------------------

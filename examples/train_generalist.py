@@ -56,7 +56,7 @@ from ecellm.tasks import task_info
 from ecellm.train import OUT_OF_TIME, TrainConfig, setup_distributed, train
 
 from common import (by_task, default_out, evaluate_split, launcher, load_model, machine, template_for,
-                    training_losses, write_curve)
+                    training_losses, write_curve, write_results)
 
 # The demo recipe for the embedded default on a 2-core CPU: fp32, a 10x higher learning rate than the paper's, small
 # global batches (many updates), one epoch; each step's examples packed into one row per rank (no padding). Training
@@ -428,8 +428,7 @@ def main() -> None:
             "recipe": recipe, "args": vars(args), "date": time.strftime("%Y-%m-%d"), "machine": machine(),
             "world_size": d.world, "command": shlex.join(launcher(d.world) + sys.argv),
         }
-        (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False))
-        (out / "results.md").write_text(results_markdown(results))
+        write_results(out, results, results_markdown(results))
         mean = {stage: statistics.mean(r[r["metric"]] for r in table.values())
                 for stage, table in (("before", before["tasks"]), ("after", after["tasks"]))}
         plotted = write_curve(out / "curve.png", training_losses([run]),

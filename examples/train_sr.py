@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import json
 import shlex
 import sys
 import time
@@ -42,7 +41,7 @@ from ecellm.synthetic import write_dataset
 from ecellm.train import OUT_OF_TIME, TrainConfig, setup_distributed, train
 
 from common import (default_out, evaluate_split, launcher, load_model, machine, template_for, training_losses,
-                    write_curve)
+                    write_curve, write_results)
 
 # The demo recipe for the embedded default on a 2-core CPU (see the module docstring): options:records per phase.
 DEFAULT_PHASES = "2:480,4:240,8:240,20:240"
@@ -243,8 +242,7 @@ def main() -> None:
             "machine": machine(), "world_size": d.world,
             "command": shlex.join(launcher(d.world) + sys.argv),
         }
-        (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False))
-        (out / "results.md").write_text(results_markdown(results))
+        write_results(out, results, results_markdown(results))
         plotted = write_curve(out / "curve.png", training_losses(done["run_dirs"]),
                               [(r["minutes"], r["hr@1"]) for r in curve], "HR@1 (20 options)")
         print(f"\nSequential recommendation, {len(records)} held-out records (chance HR@1 = "
