@@ -175,3 +175,37 @@ def test_packed_loss_and_lora_grads_equal_unpacked(family, average):
     assert len(grads) > 0 and all(g.abs().max() > 0 for g in grads.values())
     for name, grad in grads.items():  # fp32 summation order differs: tolerance relative to the gradient's scale
         torch.testing.assert_close(packed_grads[name], grad, rtol=0, atol=1e-5 * grad.abs().max().item())
+
+
+def _reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+    """torch 2.11's `varlen_attn` signature (no `enable_gqa`: query and key heads must match), computed per segment
+    with a written-out mask, so the packed path's fallback can be checked without a GPU."""
+    assert q.shape[1] == k.shape[1] == v.shape[1], "torch 2.11's varlen_attn takes as many key heads as query heads"
+    out = []
+    for a, b in zip(cu_q.tolist(), cu_q.tolist()[1:]):
+        i = torch.arange(b - a)
+        allowed = (i[None, :] <= i[:, None]) & ((window_size[0] < 0) | (i[:, None] - i[None, :] <= window_size[0]))
+        qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))  # (heads, L, hs)
+        out.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale).transpose(0, 1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "mistral-window"])
+def test_varlen_path_repeats_kv_heads_where_torch_has_no_enable_gqa(name, monkeypatch):
+    """The CUDA varlen branch, run on the CPU through a stand-in with torch 2.11's signature: key/value heads are
+    repeated for GQA, and packed logits still equal the examples run alone."""
+    import torch.nn.attention.varlen as varlen
+
+    from ecellm.models import layers
+
+    monkeypatch.setattr(varlen, "varlen_attn", _reference_varlen_attn)
+    monkeypatch.setattr(layers, "use_varlen_attention", lambda device, dtype, head_dim: True)
+    model = tiny_model({**TINY, **DECODERS[name]})
+    examples = decoder_examples([7, 12, 5], [2, 3, 1])
+    batch = collate_packed([examples], pad_id=0, multiple_of=8)
+    with torch.no_grad():
+        packed = model(batch["input_ids"], segment_ids=batch["segment_ids"])[0]
+    monkeypatch.undo()
+    with torch.no_grad():
+        alone = torch.cat([model(torch.tensor([ex["input_ids"]]))[0] for ex in examples])
+    torch.testing.assert_close(packed[: len(alone)], alone, rtol=0, atol=5e-5)  # masked vs causal kernel: rounding

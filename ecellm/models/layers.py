@@ -7,6 +7,8 @@ nkv key/value heads, hs head size, V vocabulary.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -239,6 +241,12 @@ def attend(
     return y.transpose(1, 2).reshape(B, T, nh * hs)
 
 
+@functools.cache
+def _varlen_takes_gqa(varlen_attn) -> bool:
+    """Whether this torch's `varlen_attn` accepts fewer key/value heads than query heads (`enable_gqa`, torch 2.12+)."""
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
 def _packed_attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs, scale: float | None, gqa: bool
 ) -> torch.Tensor:
@@ -252,11 +260,14 @@ def _packed_attend(
     if use_varlen_attention(q.device, q.dtype, hs):
         from torch.nn.attention.varlen import varlen_attn
 
+        if gqa and not _varlen_takes_gqa(varlen_attn):  # torch 2.11: one key/value head per query head
+            k, v = k.repeat_interleave(nh // k.shape[1], dim=1), v.repeat_interleave(nh // v.shape[1], dim=1)
+            gqa = False
         flat = lambda x: x.transpose(1, 2).reshape(B * T, x.shape[1], hs)  # (B * T, heads, hs)
         left = -1 if window is None else window - 1  # a query sees keys q-left .. q
         y = varlen_attn(
             flat(q), flat(k), flat(v), segments.cu_seqlens, segments.cu_seqlens, segments.max_len, segments.max_len,
-            scale=scale, window_size=(left, 0), enable_gqa=gqa,
+            scale=scale, window_size=(left, 0), **({"enable_gqa": True} if gqa else {}),
         )  # (B * T, nh, hs)
         return y.reshape(B, T, nh * hs)
     flat = lambda x: x.transpose(0, 1).reshape(1, x.shape[1], B * T, hs)  # (1, heads, B * T, hs)
