@@ -40,6 +40,26 @@ def model_dir(name: str, root: Path) -> Path:
     return smollm2_dir() if name == "smollm2" else tiny_dir(root)
 
 
+def random_weights_if_missing() -> None:
+    """On a machine that cannot fetch the embedded SmolLM2 (no network), write random weights of its shapes into
+    the cache directory that holds its config and tokenizer: speed does not depend on the values (decoding is forced
+    to a fixed number of tokens)."""
+    import transformers
+
+    from ecellm.models.default import NAME, cache_dir
+
+    target = cache_dir() / NAME
+    if (target / "model.safetensors").is_file():
+        return
+    if not (target / "config.json").is_file():
+        sys.exit(f"--random-weights: no {target / 'config.json'} (copy the converted checkpoint's config and tokenizer "
+                 "files there)")
+    config = transformers.AutoConfig.from_pretrained(target)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(target)
+    print(f"# random weights of SmolLM2-135M-Instruct's shapes written to {target}")
+
+
 def _sr_records(n: int, min_tokens: int, split: str, seed: int) -> list[dict]:
     """Synthetic SR records whose alpaca prompts all have at least `min_tokens` tokens (the purchase history grows
     until they do; items are written in full, title + categories + brand, beyond ~420 tokens)."""
@@ -135,7 +155,9 @@ def run_child(script: str, args: list[str], pythonpath: str | None = None) -> di
     import json
 
     env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None
-    out = subprocess.run([sys.executable, script, *args], check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(args)} exited {out.returncode}:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -94,26 +94,6 @@ def fsdp_run(root: Path, steps: int) -> dict | None:
     return summary
 
 
-def random_weights_if_missing() -> None:
-    """On a machine that cannot fetch the embedded SmolLM2 (no network), write random weights of its shapes into
-    the cache directory that holds its config and tokenizer: speed does not depend on the values (decoding is forced
-    to a fixed number of tokens)."""
-    import transformers
-
-    from ecellm.models.default import NAME, cache_dir
-
-    target = cache_dir() / NAME
-    if (target / "model.safetensors").is_file():
-        return
-    if not (target / "config.json").is_file():
-        sys.exit(f"--random-weights: no {target / 'config.json'} (copy the converted checkpoint's config and tokenizer "
-                 "files there)")
-    config = transformers.AutoConfig.from_pretrained(target)
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(target)
-    print(f"# random weights of SmolLM2-135M-Instruct's shapes written to {target}")
-
-
 def section(fn, *args) -> None:
     """Run one part; a failure prints its traceback and the next part still runs (one device call, every figure)."""
     try:
@@ -178,7 +158,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench/gpu.py needs a CUDA GPU")
     if args.random_weights:
-        random_weights_if_missing()
+        common.random_weights_if_missing()
     path = common.smollm2_dir()
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {torch.cuda.get_device_name()}; "
           f"{common.machine()}")

@@ -23,6 +23,10 @@ Configurations alternate within one run (the order rotates each repetition), so 
 
     python bench/packing.py --models tiny --reps 3                # the tiny random Llama (SmolLM2's vocabulary)
     python bench/packing.py --models smollm2 --global-batch 16 --steps 1 --reps 2
+    python bench/packing.py --models smollm2 --device cuda --dtype bf16 --random-weights   # a GPU: bf16 base, fp32 LoRA
+
+On a GPU, memory is `torch.cuda.max_memory_allocated` during the steps minus the memory allocated before them, and
+packed rows in bf16 run flash attention's variable-length kernel.
 """
 
 from __future__ import annotations
@@ -89,7 +93,7 @@ def ecellm_step_fn(model, config: str, args, examples: list[dict]):
         weight = sum(example_loss_weight(examples[i]["labels"], "example", False) for i in indices)
         padded = 0
         for group in micro_batches(examples, indices, train_config.micro_batch, train_config.pack_tokens, False):
-            batch = make_batch(group, train_config, args.pad_id, False)
+            batch = {k: v.to(args.device) for k, v in make_batch(group, train_config, args.pad_id, False).items()}
             (loss_sum(model, batch) / weight).backward()
             padded += batch["input_ids"].numel()
         return padded
@@ -97,14 +101,15 @@ def ecellm_step_fn(model, config: str, args, examples: list[dict]):
     return run
 
 
-def hf_step_fn(loss_fn, examples: list[dict]):
+def hf_step_fn(loss_fn, examples: list[dict], device: str):
     """The reference's way: micro-batch 1, the mean over each example's answer tokens, divided by the step's size."""
 
     def run(indices: list[int]) -> int:
         padded = 0
         for i in indices:
-            ids = torch.tensor([examples[i]["input_ids"]])
-            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([examples[i]["labels"]])}
+            ids = torch.tensor([examples[i]["input_ids"]], device=device)
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                     "labels": torch.tensor([examples[i]["labels"]], device=device)}
             (loss_fn(batch) / len(indices)).backward()
             padded += ids.numel()
         return padded
@@ -121,8 +126,9 @@ def child(args) -> None:
     args.pad_id = load_tokenizer(common.smollm2_dir()).pad_id
     steps = steps_of(examples, args.child, args.global_batch, args.steps + 1, args.seed)
     lib = "hf" if args.child == "transformers+peft" else "ecellm"
-    model, loss_fn = build(lib, Path(args.model_dir), args.dropout, False)
-    run = hf_step_fn(loss_fn, examples) if lib == "hf" else ecellm_step_fn(model, args.child, args, examples)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model, loss_fn = build(lib, Path(args.model_dir), args.dropout, False, args.device, dtype)
+    run = hf_step_fn(loss_fn, examples, args.device) if lib == "hf" else ecellm_step_fn(model, args.child, args, examples)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
 
@@ -132,16 +138,22 @@ def child(args) -> None:
         opt.zero_grad(set_to_none=True)
         return padded
 
-    before = common.rss_mb()
+    cuda = args.device == "cuda"
+    before = torch.cuda.memory_allocated() / 2**20 if cuda else common.rss_mb()
     common.reset_peak_rss()
     step(steps[0])  # warm-up
+    if cuda:
+        torch.cuda.synchronize()
     real = padded = 0
     start = time.perf_counter()
     for indices in steps[1:]:
         padded += step(indices)
         real += sum(len(examples[i]["input_ids"]) for i in indices)
+    if cuda:
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    print(json.dumps({"tokens_per_s": real / elapsed, "padding": 1 - real / padded, "peak_mb": common.peak_rss_mb() - before,
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else common.peak_rss_mb()
+    print(json.dumps({"tokens_per_s": real / elapsed, "padding": 1 - real / padded, "peak_mb": peak - before,
                       "step_s": elapsed / args.steps, "real_tokens": real}))
 
 
@@ -156,6 +168,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="timed steps per process (after one warm-up step)")
     ap.add_argument("--reps", type=int, default=2, help="processes per configuration (alternating)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the frozen base's dtype (LoRA: fp32)")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="offline GPU machine: random weights of SmolLM2's shapes in the cache that holds its config")
     ap.add_argument("--dropout", type=float, default=0.1, help="LoRA dropout (the paper's 0.1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--root", default="/tmp/ecellm-bench", help="where the tiny checkpoint is written")
@@ -166,9 +182,13 @@ def main() -> None:
         return child(args)
 
     configs = args.configs.split(",")
-    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {common.machine()}; threads={args.threads}")
+    if args.random_weights:
+        common.random_weights_if_missing()
+    gpu = f"{torch.cuda.get_device_name()}; " if args.device == "cuda" else ""
+    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {gpu}{common.machine()}; threads={args.threads}")
     print(f"# {args.n_per_task} records per task, steps of {args.global_batch} examples, pack {args.pack}, "
-          f"micro-batch {args.micro_batch}; LoRA r=16 alpha=16 dropout={args.dropout}, fp32; {args.reps} reps x "
+          f"micro-batch {args.micro_batch}; LoRA r=16 alpha=16 dropout={args.dropout}, {args.dtype} base on "
+          f"{args.device}; {args.reps} reps x "
           f"{args.steps} steps (+1 warm-up)")
     for name in args.models.split(","):
         path = common.model_dir(name, Path(args.root))
@@ -176,9 +196,13 @@ def main() -> None:
         for rep in range(args.reps):
             for config in configs[rep % len(configs):] + configs[: rep % len(configs)]:
                 flags = ["--child", config, "--model-dir", str(path)]
-                for key in ("pack", "micro_batch", "global_batch", "n_per_task", "steps", "threads", "dropout", "seed"):
+                for key in ("pack", "micro_batch", "global_batch", "n_per_task", "steps", "threads", "dropout", "seed",
+                            "device", "dtype"):
                     flags += ["--" + key.replace("_", "-"), str(getattr(args, key))]
-                runs[config].append(common.run_child(__file__, flags))
+                result = common.run_child(__file__, flags)
+                runs[config].append(result)
+                print(f"# {name} rep {rep + 1} {config}: {result['tokens_per_s']:.0f} tokens/s, "
+                      f"peak {result['peak_mb']:.0f} MB", flush=True)
         unpacked_random = [c for c in configs if c in ("micro-batch 1", "random padded")]
         best_unpacked = max((common.median([r["tokens_per_s"] for r in runs[c]]) for c in unpacked_random), default=0)
         print(f"\n{name}: configuration | effective tokens/s | padding | peak MB | packed speed-up")
