@@ -101,7 +101,13 @@ def _read_tensors(file: Path):
     if file.suffix == ".safetensors":
         yield from read_safetensors(file)
     else:
-        yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001 (truncated zip, bad pickle, refused global: all name the file)
+            raise CheckpointError(f"{file}: not a readable torch weights file, perhaps empty or truncated ({e})") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{file}: holds a {type(state).__name__}, not a dict of tensors")
+        yield from state.items()
 
 
 def _checked_tensors(file: Path, expected: dict[str, torch.Tensor], dtype: torch.dtype, device: str | torch.device,

@@ -229,6 +229,19 @@ def test_pickle_checkpoints_refused_unless_opted_in(tmp_path):
         assert close(ref(ids).logits, from_pretrained(tmp_path, allow_pickle=True)(ids))
 
 
+def test_truncated_pickle_checkpoint_names_the_file(tmp_path):
+    ref = save_tiny_decoder("llama-untied", tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin")
+    data = (tmp_path / "pytorch_model.bin").read_bytes()
+    (tmp_path / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: not a readable torch weights file"):
+        from_pretrained(tmp_path, allow_pickle=True)
+    torch.save([1, 2], tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: holds a list"):
+        from_pretrained(tmp_path, allow_pickle=True)
+
+
 def test_tied_weights_with_different_values_are_refused(tmp_path):
     """A config that ties lm_head to the embeddings while the file holds a different lm_head must not load silently."""
     save_tiny_decoder("llama-tied-gqa", tmp_path)
