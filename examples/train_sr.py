@@ -183,6 +183,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="learning rate of phases that set none")
     parser.add_argument("--lora-r", type=int, default=None)
     parser.add_argument("--lora-targets", default=None, help="comma-separated module names (default: the paper's)")
+    parser.add_argument("--pack", type=int, default=None,
+                        help="pack each step's examples into rows of up to N tokens (0: padded micro-batches)")
     parser.add_argument("--init-adapter", default="", help="start from this adapter (same r, alpha and targets)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--score-phases", action="store_true",
@@ -201,8 +203,8 @@ def main() -> None:
     test_dir = out / "data" / "test" if synthetic else Path(args.data)
 
     demo = not args.model and synthetic
-    overrides = {k: v for k, v in (("lr", args.lr), ("lora_r", args.lora_r), ("lora_targets", args.lora_targets))
-                 if v is not None}
+    overrides = {k: v for k, v in (("lr", args.lr), ("lora_r", args.lora_r), ("lora_targets", args.lora_targets),
+                                   ("pack_tokens", args.pack)) if v is not None}
     base = TrainConfig(model=args.model, tasks="SR", seed=args.seed, max_steps=args.max_steps,
                        **{**(DEMO if demo else {}), **overrides})
     if not base.model:

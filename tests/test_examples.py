@@ -56,11 +56,12 @@ def test_train_sr_curriculum_phases_chain_adapters(tmp_path):
     model = make_tiny_checkpoint(tmp_path / "model")
     out = tmp_path / "out"
     cmd = [sys.executable, "examples/train_sr.py", "--model", str(model), "--out", str(out), "--phases", "2:16,4:8:5e-4",
-           "--n-test", "4", "--max-steps", "1", "--score-phases", "--minutes", "30"]
+           "--n-test", "4", "--max-steps", "1", "--score-phases", "--minutes", "30", "--pack", "1024"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())
     assert [(r["phase"], r["options"], r["steps"]) for r in results["curve"]] == [(0, None, 0), (1, 2, 1), (2, 4, 2)]
+    assert json.loads((out / "run" / "phase1" / "config.json").read_text())["pack_tokens"] == 1024
     assert results["phases"] == [{"options": 2, "records": 16, "lr": 1e-4}, {"options": 4, "records": 8, "lr": 5e-4}]
     phase2 = json.loads((out / "run" / "phase2" / "config.json").read_text())
     assert phase2["init_adapter"] == str(out / "run" / "phase1" / "adapter") and phase2["minutes"] > 0
