@@ -4,8 +4,8 @@
 
 With no argument it tunes the embedded default, SmolLM2-135M-Instruct, on a synthetic set of all 10 tasks (seeded,
 written to `<out>/data`; validation and test records use names held out from training) with the demo recipe below,
-sized to finish within about 35-45 minutes on a 2-core CPU (training stops at 38 minutes at the latest, so that a slower
-machine still ends within 60). For each task it reports the paper's metric on held-out test records before tuning,
+sized to finish within 60 minutes on a 2-core CPU (training stops at 46 minutes at the latest, then about 9 minutes of
+evaluation follow). For each task it reports the paper's metric on held-out test records before tuning,
 after tuning and for a trivial baseline, with the share of invalid answers, in two settings: the training
 instructions (`IND_Diverse_Instruction`) and an instruction never used in training (`IND_Unseen_Instruction`: each
 task's `TaskInfo.unseen_instruction`). Everything goes to the run folder (`--out`, default
@@ -52,28 +52,29 @@ from ecellm.data import load_records
 from ecellm.eval import references, select_records
 from ecellm.metrics import ModelEncoder, score
 from ecellm.synthetic import write_dataset
-from ecellm.tasks import task_info
+from ecellm.tasks import TASKS, task_info
 from ecellm.train import OUT_OF_TIME, TrainConfig, setup_distributed, train
 
 from common import (by_task, default_out, evaluate_split, launcher, load_model, machine, template_for,
                     training_losses, write_curve, write_results)
 
-# The demo recipe for the embedded default on a 2-core CPU: fp32, a 10x higher learning rate than the paper's, small
+# The demo recipe for the embedded default on a 2-core CPU: fp32, a 20x higher learning rate than the paper's, small
 # global batches (many updates), one epoch; each step's examples packed into one row per rank (no padding). Training
-# stops after 38 minutes at the latest (then validates, writes its adapter and the evaluation follows), so that a slow
-# machine still ends within 60 minutes.
+# stops after 46 minutes at the latest (then validates, writes its adapter and the evaluation follows), so that the run
+# ends within 60 minutes on a 2-core AMD EPYC, the slower of the machines we measured on.
 DEMO = dict(
-    lr=1e-3, lora_r=16, lora_alpha=32.0, lora_dropout=0.05, epochs=1, global_batch=8, micro_batch=4,
+    lr=2e-3, lora_r=16, lora_alpha=32.0, lora_dropout=0.05, epochs=1, global_batch=8, micro_batch=4,
     pack_tokens=2048, max_len=512, dtype="fp32", warmup_ratio=0.05, eval_every=0, checkpoint_every=50,
-    max_val_examples=32, minutes=38.0,
+    max_val_examples=32, minutes=46.0,
 )
 # Sizing, measured on a 2-core AMD EPYC (no AVX-512) with SmolLM2's tokenizer: a synthetic example is 158 tokens on
-# average (PSI 97 ... SR 265), so the default 180 records per task are 285k tokens, 32 minutes at 150 tokens/s (2 ranks,
-# fp32). An answer cost 1.1 s of one core (mostly the prompt's forward pass; measured untuned, with the answer limits
-# below, while other jobs kept the 2 cores busy), so the default 40 test records per task x 10 tasks x 2 settings,
-# before and after (1600 answers), take at most 15 minutes on 2 ranks. Measured with the defaults on that machine,
-# quiet (2026-11-30): training 26.2 minutes (181 tokens/s), evaluation 7.7, 34.3 end to end.
-N_TRAIN, N_TEST = 180, 40
+# average (PSI 97 ... SR 265), so the default 300 records per task are 474k tokens, about 47 minutes at 167 tokens/s
+# (2 ranks, fp32): the 46-minute limit may end training a few steps early (the run says so). An answer costs about
+# 0.6 s of one core (mostly the prompt's forward pass, with the answer limits below), so the 40 test records per task
+# x 10 tasks x 2 settings, before and after (1600 answers), take about 8.5 minutes on 2 ranks. Measured with these
+# defaults on that machine (2026-11-30): 364 of 375 steps in 46.3 minutes (166 tokens/s), evaluation 8.4, 55.1 end to
+# end. (lr 1e-3 with 180 records per task: 3 of 10 tasks clearly above, not 4; README.)
+N_TRAIN, N_TEST = 300, 40
 # results.json key -> the setting its test records are scored in
 SETTINGS = {"tasks": "IND_Diverse_Instruction", "unseen_instruction": "IND_Unseen_Instruction"}
 MEAN_METRICS = ("hr@1", "accuracy", "ndcg", "f_bert")  # metrics that are a mean of per-record scores
@@ -279,6 +280,7 @@ def results_markdown(results: dict) -> str:
         results: what results.json holds.
     """
     n, train = results["n_test_per_task"], results["train"]
+    tasks = "all tasks" if len(results["tasks"]) == len(TASKS) else "tasks " + ", ".join(results["tasks"])
     stopped = (f"(the time limit stopped training before the planned {train['total_steps']}) "
                if train["stopped_by"] == OUT_OF_TIME else "")
     baselines = "; ".join(f"{abbr} {t['baseline_answer']}" for abbr, t in results["tasks"].items())
@@ -288,7 +290,7 @@ def results_markdown(results: dict) -> str:
         f"Instructions never seen in training (IND_Unseen_Instruction), the same {n} records per task:", "",
         task_table(results["unseen_instruction"]),
         f"Measured {results['date']} with `{results['command']}` on {results['machine']}: {results['steps']} steps "
-        f"{stopped}of global batch {results['global_batch']} ({results['n_train']} training records, all tasks), "
+        f"{stopped}of global batch {results['global_batch']} ({results['n_train']} training records, {tasks}), "
         f"{results['tokens_per_s']:.0f} tokens/s, {results['minutes']:.1f} minutes end to end (evaluation "
         f"{results['timings_s']['evaluation'] / 60:.1f}, training {results['timings_s']['training'] / 60:.1f}).", "",
         "After: ± one standard error over the test records (std / sqrt(n) of per-record scores for HR@1, accuracy, "
@@ -322,12 +324,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data", default="", help="ECInstruct directory (train.json, validation.json, test.json)")
     parser.add_argument("--out", default="",
                         help="run folder (default: $ECELLM_RUNS or ~/ecellm-runs, then train_generalist-<date>-<time>)")
+    parser.add_argument("--tasks", default="",
+                        help="comma-separated task abbreviations to tune on and score (default: all 10)")
     parser.add_argument("--n-train", type=int, default=N_TRAIN, help="synthetic training records per task")
     parser.add_argument("--n-test", type=int, default=N_TEST, help="held-out records per task scored before and after")
     parser.add_argument("--max-steps", type=int, default=0, help="stop training after this many steps (0: all)")
     parser.add_argument("--minutes", type=float, default=None,
                         help="stop training after this many minutes, then evaluate (0: no limit; default: the demo "
-                             "recipe's 38, none with --model or --data)")
+                             "recipe's 46, none with --model or --data)")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--global-batch", type=int, default=None,
                         help="examples per optimizer step (default: the recipe's)")
@@ -336,15 +340,16 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def load_test_sets(data: str, n_test: int) -> dict[str, list[dict]]:
+def load_test_sets(data: str, n_test: int, tasks: list[str] | None = None) -> dict[str, list[dict]]:
     """results.json key -> the first `n_test` test records per task in its setting (built from the diverse-instruction
     records by `ecellm.eval.derive_setting` when the data lacks it).
 
     Args:
         data: the ECInstruct directory.
         n_test: records per task.
+        tasks: the tasks to keep (None: all).
     """
-    records = load_records(data_file(data, "test"), split="test")
+    records = load_records(data_file(data, "test"), split="test", tasks=tasks)
     return {key: select_records(records, [setting], limit=n_test) for key, setting in SETTINGS.items()}
 
 
@@ -374,12 +379,13 @@ def main() -> None:
     out = Path(args.out) if args.out else default_out(d, "train_generalist")
     synthetic = not args.data
     data = args.data or str(out / "data")
+    tasks = args.tasks.split(",") if args.tasks else None
     if synthetic and d.is_main:
-        write_dataset(data, n_per_task=args.n_train, n_eval_per_task=args.n_test, seed=args.seed)
+        write_dataset(data, n_per_task=args.n_train, n_eval_per_task=args.n_test, seed=args.seed, tasks=tasks)
     d.barrier()
 
     recipe = DEMO if not args.model and synthetic else {}
-    config = TrainConfig(model=args.model, data=data, out=str(out / "run"), tasks="", seed=args.seed, **recipe)
+    config = TrainConfig(model=args.model, data=data, out=str(out / "run"), tasks=args.tasks, seed=args.seed, **recipe)
     if args.lr is not None:
         config = dataclasses.replace(config, lr=args.lr)
     if args.global_batch is not None:
@@ -393,8 +399,8 @@ def main() -> None:
 
         config = dataclasses.replace(config, model=str(default_model_dir()))
     template = template_for(config.model)
-    tests = load_test_sets(data, args.n_test)
-    train_records = load_records(data_file(data, "train"), split="train", setting=SETTINGS["tasks"])
+    tests = load_test_sets(data, args.n_test, tasks)
+    train_records = load_records(data_file(data, "train"), split="train", setting=SETTINGS["tasks"], tasks=tasks)
 
     # One encoder for AG's F_BERT before and after: the untuned model's hidden states.
     base, tokenizer = load_model(config.model)

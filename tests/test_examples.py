@@ -111,11 +111,39 @@ def test_train_generalist_writes_results_to_the_run_folder_only(tmp_path):
     assert "the time limit stopped training before the planned 2" in markdown
 
 
+def test_train_generalist_tasks_flag_tunes_and_scores_only_those(tmp_path):
+    model = make_tiny_checkpoint(tmp_path / "model", tasks=["SA", "AP"], vocab_size=2048)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "examples/train_generalist.py", "--model", str(model), "--out", str(out), "--tasks", "SA,AP",
+           "--n-train", "2", "--n-test", "2", "--max-steps", "1", "--global-batch", "4"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["tasks"]) == list(results["unseen_instruction"]) == ["SA", "AP"]
+    assert results["n_train"] == 4
+    train_records = json.loads((out / "data" / "train.json").read_text())
+    assert {r["task"] for r in train_records} == {"Sentiment_Analysis", "Answerability_Prediction"}
+    assert "training records, tasks SA, AP)" in (out / "results.md").read_text()
+
+
 @pytest.fixture
 def generalist(monkeypatch):
     """examples/train_generalist.py as a module (it imports examples/common.py as `common`)."""
     monkeypatch.syspath_prepend(str(ROOT / "examples"))
     return importlib.import_module("train_generalist")
+
+
+def test_train_sr_caps_only_the_default_demo(monkeypatch):
+    import argparse
+
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    train_sr = importlib.import_module("train_sr")
+    args = lambda **kw: argparse.Namespace(**{"minutes": None, "phases": train_sr.DEFAULT_PHASES, "model": "",
+                                              "data": "", **kw})
+    assert train_sr.training_cap(args()) == train_sr.DEFAULT_MINUTES
+    assert train_sr.training_cap(args(minutes=0.0)) == 0.0 and train_sr.training_cap(args(minutes=7.0)) == 7.0
+    assert train_sr.training_cap(args(phases="2:480,4:240,8:240,20:240")) == 0.0
+    assert train_sr.training_cap(args(model="/my/model")) == 0.0 and train_sr.training_cap(args(data="/ec")) == 0.0
 
 
 def _record(task, output, setting="IND_Diverse_Instruction", **fields):
