@@ -243,7 +243,8 @@ def attend(
 
 @functools.cache
 def _varlen_takes_gqa(varlen_attn) -> bool:
-    """Whether this torch's `varlen_attn` accepts fewer key/value heads than query heads (`enable_gqa`: torch 2.13 has it, 2.11 does not)."""
+    """Whether this torch's `varlen_attn` accepts fewer key/value heads than query heads (`enable_gqa`: torch 2.13
+    has it, 2.11 does not)."""
     return "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
