@@ -6,11 +6,12 @@ A script in this folder imports it as `from common import ...` (run as a script,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch.distributed as dist
@@ -25,6 +26,7 @@ from ecellm.metrics import ModelEncoder, score
 from ecellm.models import from_pretrained
 from ecellm.tasks import task_abbr
 from ecellm.tokenizer import load_tokenizer
+from ecellm.train import OUT_OF_TIME, TrainConfig, train
 
 
 # --- provenance -----------------------------------------------------------------------------------------------
@@ -195,6 +197,79 @@ def evaluate_split(model, tokenizer, records: Sequence[dict], d, template: str,
         results[abbr] = {**score_task(abbr, predictions, group, encoder), "predictions": predictions}
     bar.close()
     return results
+
+
+# --- training in phases (a curriculum) ----------------------------------------------------------------------------
+def parse_phases(text: str, flag: str = "--phases") -> list[tuple[int, int, float | None]]:
+    """"2:480,4:80:1e-3" -> [(2, 480, None), (4, 80, 0.001)]: SR options per record, training records and,
+    optionally, the phase's learning rate (default: the run's).
+
+    Args:
+        text: the flag's value.
+        flag: the flag's name, for the error message.
+    """
+    phases = []
+    for part in text.split(","):
+        fields = part.split(":")
+        try:
+            options, records = int(fields[0]), int(fields[1])
+            lr = float(fields[2]) if len(fields) == 3 else None
+        except (ValueError, IndexError):
+            raise SystemExit(f"{flag}: {part!r} is not OPTIONS:RECORDS or OPTIONS:RECORDS:LR (e.g. 2:480)") from None
+        if len(fields) > 3 or not 2 <= options <= 20 or records < 1 or (lr is not None and lr <= 0):
+            raise SystemExit(f"{flag}: {part!r} needs 2 <= OPTIONS <= 20, RECORDS >= 1 and LR > 0")
+        phases.append((options, records, lr))
+    return phases
+
+
+def phase_range(first: int, last: int) -> str:
+    """"phase 3" or "phases 3-4"."""
+    return f"phase {first}" if first == last else f"phases {first}-{last}"
+
+
+def train_phases(base: TrainConfig, phases: Sequence[tuple[str, Path, float | None]], minutes: float,
+                 init_adapter: str = "", after_phase: Callable[[int, dict], None] | None = None) -> dict:
+    """Train phase after phase, each from the previous phase's adapter, within `minutes` of training in all.
+
+    Args:
+        base: the settings every phase shares.
+        phases: (data directory, run directory, learning rate or None for the base's) of each phase, in order.
+        minutes: the training time of all phases together (0: no limit); a phase that reaches it is cut short and the
+            phases after it are skipped.
+        init_adapter: the adapter the first phase starts from ("" for a fresh LoRA).
+        after_phase: called with (phase number, the progress so far) after each phase but the last, unless the time
+            limit ended training there (e.g. to score the adapter so far).
+    Returns:
+        {"adapter", "steps", "seconds", "tokens", "run_dirs", "stopped" (why training ended before its last planned
+         step, or None), "last_phase" (the number of the last phase trained)}.
+    """
+    done = {"adapter": init_adapter, "steps": 0, "seconds": 0.0, "tokens": 0.0, "run_dirs": [], "stopped": None}
+    for i, (data, run_dir, lr) in enumerate(phases, 1):
+        minutes_left = minutes - done["seconds"] / 60 if minutes else 0.0
+        if minutes and minutes_left <= 0:
+            done["stopped"] = f"the {minutes:g}-minute time limit: {phase_range(i, len(phases))} skipped"
+            break
+        config = dataclasses.replace(base, data=str(data), out=str(run_dir), init_adapter=done["adapter"],
+                                     minutes=minutes_left, lr=lr or base.lr)
+        summary = train(config)
+        done["run_dirs"].append(Path(run_dir))
+        done["adapter"] = summary["adapter"]
+        done["steps"] += summary["steps"]
+        done["seconds"] += summary["elapsed_s"]
+        done["tokens"] += summary["tokens_per_s"] * summary["elapsed_s"]
+        done["last_phase"] = i
+        if summary["stopped_by"] == OUT_OF_TIME:
+            done["stopped"] = (f"the {minutes:g}-minute time limit, at step {summary['steps']} of "
+                               f"{summary['total_steps']} of phase {i}"
+                               + (f" ({phase_range(i + 1, len(phases))} skipped)" if i < len(phases) else ""))
+        elif summary["stopped_by"] is not None:
+            raise SystemExit(f"phase {i}: training stopped by {summary['stopped_by']} at step {summary['steps']}: no "
+                             f"tuned adapter (its checkpoint is in {Path(run_dir) / 'checkpoints'})")
+        if done["stopped"]:
+            break
+        if after_phase is not None and i < len(phases):
+            after_phase(i, done)
+    return done
 
 
 # --- the optional plot --------------------------------------------------------------------------------------------

@@ -53,10 +53,10 @@ from ecellm.eval import references, select_records
 from ecellm.metrics import ModelEncoder, score
 from ecellm.synthetic import write_dataset
 from ecellm.tasks import TASKS, task_info
-from ecellm.train import OUT_OF_TIME, TrainConfig, setup_distributed, train
+from ecellm.train import TrainConfig, setup_distributed
 
-from common import (by_task, default_out, evaluate_split, launcher, load_model, machine, template_for,
-                    training_losses, write_curve, write_results)
+from common import (by_task, default_out, evaluate_split, launcher, load_model, machine, parse_phases, template_for,
+                    train_phases, training_losses, write_curve, write_results)
 
 # The demo recipe for the embedded default on a 2-core CPU: fp32, a 20x higher learning rate than the paper's, small
 # global batches (many updates), one epoch; each step's examples packed into one row per rank (no padding). Training
@@ -67,14 +67,16 @@ DEMO = dict(
     pack_tokens=2048, max_len=512, dtype="fp32", warmup_ratio=0.05, eval_every=0, checkpoint_every=50,
     max_val_examples=32, minutes=46.0,
 )
-# Sizing, measured on a 2-core AMD EPYC (no AVX-512) with SmolLM2's tokenizer: a synthetic example is 158 tokens on
-# average (PSI 97 ... SR 265), so the default 300 records per task are 474k tokens, about 47 minutes at 167 tokens/s
-# (2 ranks, fp32): the 46-minute limit may end training a few steps early (the run says so). An answer costs about
-# 0.6 s of one core (mostly the prompt's forward pass, with the answer limits below), so the 40 test records per task
-# x 10 tasks x 2 settings, before and after (1600 answers), take about 8.5 minutes on 2 ranks. Measured with these
-# defaults on that machine (2026-11-30): 364 of 375 steps in 46.3 minutes (166 tokens/s), evaluation 8.4, 55.1 end to
-# end. (lr 1e-3 with 180 records per task: 3 of 10 tasks clearly above, not 4; README.)
-N_TRAIN, N_TEST = 300, 40
+# SR's look-up is learned only through a curriculum on the number of options (examples/train_sr.py,
+# docs/sr_recipe.md), so training starts with the main job's phases on SR alone (2, 4, then 8 options per record), then
+# tunes on the mix of all tasks from that adapter. Sizing, measured on a 2-core AMD EPYC (no AVX-512) with SmolLM2's
+# tokenizer: the warm-up takes about 13 minutes; a mixed example is 158 tokens on average (PSI 97 ... SR 265), so 240
+# records per task are 379k tokens, about 38 minutes at 167 tokens/s (2 ranks, fp32): the 46-minute limit may end the
+# mix a few dozen steps early (the run says so). An answer costs about 0.6 s of one core (mostly the prompt's forward
+# pass, with the answer limits below), so the 40 test records per task x 10 tasks x 2 settings, before and after
+# (1600 answers), take about 8.5 minutes on 2 ranks.
+SR_PHASES = "2:480,4:240,8:240"
+N_TRAIN, N_TEST = 240, 40
 # results.json key -> the setting its test records are scored in
 SETTINGS = {"tasks": "IND_Diverse_Instruction", "unseen_instruction": "IND_Unseen_Instruction"}
 MEAN_METRICS = ("hr@1", "accuracy", "ndcg", "f_bert")  # metrics that are a mean of per-record scores
@@ -279,10 +281,10 @@ def results_markdown(results: dict) -> str:
     Args:
         results: what results.json holds.
     """
-    n, train = results["n_test_per_task"], results["train"]
+    n = results["n_test_per_task"]
     tasks = "all tasks" if len(results["tasks"]) == len(TASKS) else "tasks " + ", ".join(results["tasks"])
-    stopped = (f"(the time limit stopped training before the planned {train['total_steps']}) "
-               if train["stopped_by"] == OUT_OF_TIME else "")
+    stopped = f"(training ended early: {results['stopped']}) " if results["stopped"] else ""
+    warmup = "".join(f"{p['records']} SR records with {p['options']} options, then " for p in results["sr_phases"])
     baselines = "; ".join(f"{abbr} {t['baseline_answer']}" for abbr, t in results["tasks"].items())
     return "\n".join([
         f"Training instructions (IND_Diverse_Instruction), {n} held-out test records per task:", "",
@@ -290,7 +292,7 @@ def results_markdown(results: dict) -> str:
         f"Instructions never seen in training (IND_Unseen_Instruction), the same {n} records per task:", "",
         task_table(results["unseen_instruction"]),
         f"Measured {results['date']} with `{results['command']}` on {results['machine']}: {results['steps']} steps "
-        f"{stopped}of global batch {results['global_batch']} ({results['n_train']} training records, {tasks}), "
+        f"{stopped}of global batch {results['global_batch']} ({warmup}{results['n_train']} training records, {tasks}), "
         f"{results['tokens_per_s']:.0f} tokens/s, {results['minutes']:.1f} minutes end to end (evaluation "
         f"{results['timings_s']['evaluation'] / 60:.1f}, training {results['timings_s']['training'] / 60:.1f}).", "",
         "After: ± one standard error over the test records (std / sqrt(n) of per-record scores for HR@1, accuracy, "
@@ -317,6 +319,38 @@ def generation_lines(stage: str, key: str, results: dict, records: Sequence[dict
     return lines
 
 
+# --- the SR warm-up ------------------------------------------------------------------------------------------------
+def warmup_phases(args: argparse.Namespace, tasks: list[str] | None) -> list[tuple[int, int, float | None]]:
+    """The SR warm-up phases to train before the mix (`parse_phases`'s form): `--sr-phases`, or `SR_PHASES` on
+    synthetic data; none when the tasks leave SR out or with `--sr-phases none`.
+
+    Args:
+        args: the command line (`sr_phases`, `data`).
+        tasks: the `--tasks` list, or None for all.
+    """
+    if args.sr_phases is not None and args.data and args.sr_phases != "none":
+        raise SystemExit("--sr-phases needs the synthetic data (the warm-up writes SR records with fewer options); "
+                         "leave it out with --data")
+    text = args.sr_phases if args.sr_phases is not None else ("none" if args.data else SR_PHASES)
+    if text == "none" or (tasks is not None and "SR" not in {task_info(t).abbr for t in tasks}):
+        return []
+    return parse_phases(text, "--sr-phases")
+
+
+def write_warmup_data(out: Path, phases: list[tuple[int, int, float | None]], seed: int) -> None:
+    """`out/data/sr_phase<i>`: SR records with each phase's number of options, drawn with seed + 1 + i and the names
+    split by `seed`, so no warm-up record names a test record's items.
+
+    Args:
+        out: the run folder.
+        phases: `warmup_phases`'s result.
+        seed: the run's seed.
+    """
+    for i, (options, n_records, _) in enumerate(phases, 1):
+        write_dataset(out / "data" / f"sr_phase{i}", n_per_task=n_records, n_eval_per_task=32, seed=seed + 1 + i,
+                      tasks=["SR"], sr_options=options, names_seed=seed)
+
+
 # --- the run ------------------------------------------------------------------------------------------------------
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -327,6 +361,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tasks", default="",
                         help="comma-separated task abbreviations to tune on and score (default: all 10)")
     parser.add_argument("--n-train", type=int, default=N_TRAIN, help="synthetic training records per task")
+    parser.add_argument("--sr-phases", default=None,
+                        help="SR warm-up before the mix of all tasks: OPTIONS:RECORDS[:LR] per phase, comma-separated, "
+                             "each phase on synthetic SR records with that many options (default: "
+                             f"{SR_PHASES} on synthetic data; 'none' to start with the mix)"),
     parser.add_argument("--n-test", type=int, default=N_TEST, help="held-out records per task scored before and after")
     parser.add_argument("--max-steps", type=int, default=0, help="stop training after this many steps (0: all)")
     parser.add_argument("--minutes", type=float, default=None,
@@ -380,12 +418,14 @@ def main() -> None:
     synthetic = not args.data
     data = args.data or str(out / "data")
     tasks = args.tasks.split(",") if args.tasks else None
+    sr_phases = warmup_phases(args, tasks)
     if synthetic and d.is_main:
         write_dataset(data, n_per_task=args.n_train, n_eval_per_task=args.n_test, seed=args.seed, tasks=tasks)
+        write_warmup_data(out, sr_phases, args.seed)
     d.barrier()
 
     recipe = DEMO if not args.model and synthetic else {}
-    config = TrainConfig(model=args.model, data=data, out=str(out / "run"), tasks=args.tasks, seed=args.seed, **recipe)
+    config = TrainConfig(model=args.model, tasks=args.tasks, seed=args.seed, **recipe)
     if args.lr is not None:
         config = dataclasses.replace(config, lr=args.lr)
     if args.global_batch is not None:
@@ -410,13 +450,11 @@ def main() -> None:
     clock = time.perf_counter()
     before = evaluate_settings(base, tokenizer, tests, d, template, budgets, encoder, args.batch_size, "before")
     timings["before"], clock = time.perf_counter() - clock, time.perf_counter()
-    summary = train(config)
+    phases = [(out / "data" / f"sr_phase{i}", out / "run" / f"sr_phase{i}", lr)
+              for i, (_, _, lr) in enumerate(sr_phases, 1)] + [(data, out / "run" / ("mix" if sr_phases else ""), None)]
+    done = train_phases(config, phases, config.minutes)
     timings["training"], clock = time.perf_counter() - clock, time.perf_counter()
-    run = out / "run"
-    if summary["stopped_by"] not in (None, OUT_OF_TIME):
-        raise SystemExit(f"training stopped by {summary['stopped_by']} at step {summary['steps']}: no tuned adapter "
-                         f"to evaluate (its checkpoint is in {run / 'checkpoints'})")
-    adapter = run / "best_adapter" if (run / "best_adapter").is_dir() else run / "adapter"
+    adapter = done["adapter"]
     tuned, _ = load_model(config.model, adapter)
     after = evaluate_settings(tuned, tokenizer, tests, d, template, budgets, encoder, args.batch_size, "after")
     timings["after"] = time.perf_counter() - clock
@@ -427,18 +465,20 @@ def main() -> None:
         results = {
             "minutes": (time.perf_counter() - start) / 60, **tables,
             "improved": {key: sum(t["clearly_above"] for t in table.values()) for key, table in tables.items()},
-            "steps": summary["steps"], "global_batch": config.global_batch, "tokens_per_s": summary["tokens_per_s"],
+            "steps": done["steps"], "global_batch": config.global_batch, "stopped": done["stopped"],
+            "tokens_per_s": done["tokens"] / max(done["seconds"], 1e-9), "training_minutes": done["seconds"] / 60,
+            "sr_phases": [{"options": o, "records": n, "lr": lr or config.lr} for o, n, lr in sr_phases],
             "n_train": sum(min(len(g), config.max_per_task) for g in by_task(train_records).values()),
             "n_test_per_task": args.n_test,
-            "max_new_tokens": budgets, "adapter": str(adapter), "timings_s": timings, "train": summary,
+            "max_new_tokens": budgets, "adapter": str(adapter), "timings_s": timings,
             "recipe": recipe, "args": vars(args), "date": time.strftime("%Y-%m-%d"), "machine": machine(),
             "world_size": d.world, "command": shlex.join(launcher(d.world) + sys.argv),
         }
         write_results(out, results, results_markdown(results))
         mean = {stage: statistics.mean(r[r["metric"]] for r in table.values())
                 for stage, table in (("before", before["tasks"]), ("after", after["tasks"]))}
-        plotted = write_curve(out / "curve.png", training_losses([run]),
-                              [(0.0, mean["before"]), (summary["elapsed_s"] / 60, mean["after"])],
+        plotted = write_curve(out / "curve.png", training_losses(done["run_dirs"]),
+                              [(0.0, mean["before"]), (done["seconds"] / 60, mean["after"])],
                               "mean metric over the tasks")
         generations = [line for stage, evaluation in (("before", before), ("after", after)) for key in SETTINGS
                        for line in generation_lines(stage, key, evaluation[key], tests[key])]

@@ -40,10 +40,10 @@ import torch.distributed as dist
 
 from ecellm.data import load_records
 from ecellm.synthetic import write_dataset
-from ecellm.train import OUT_OF_TIME, TrainConfig, setup_distributed, train
+from ecellm.train import TrainConfig, setup_distributed
 
-from common import (default_out, evaluate_split, launcher, load_model, machine, template_for, training_losses,
-                    write_curve, write_results)
+from common import (default_out, evaluate_split, launcher, load_model, machine, parse_phases, template_for,
+                    train_phases, training_losses, write_curve, write_results)
 
 # The demo recipe for the embedded default on a 2-core CPU (see the module docstring): options:records per phase.
 DEFAULT_PHASES = "2:480,4:240,8:240"
@@ -59,23 +59,6 @@ def hr_at_1(model_dir: str, adapter: str | None, records: list[dict], d, templat
     """HR@1 and invalid share on `records` (generation split over the ranks, scored on every rank)."""
     model, tokenizer = load_model(model_dir, adapter)
     return evaluate_split(model, tokenizer, records, d, template, 8, desc="HR@1")["SR"]
-
-
-def parse_phases(text: str) -> list[tuple[int, int, float | None]]:
-    """"2:480,4:80:1e-3" -> [(2, 480, None), (4, 80, 0.001)]: options per record, training records and, optionally,
-    the phase's learning rate (default: the run's)."""
-    phases = []
-    for part in text.split(","):
-        fields = part.split(":")
-        try:
-            options, records = int(fields[0]), int(fields[1])
-            lr = float(fields[2]) if len(fields) == 3 else None
-        except (ValueError, IndexError):
-            raise SystemExit(f"--phases: {part!r} is not OPTIONS:RECORDS or OPTIONS:RECORDS:LR (e.g. 2:480)") from None
-        if len(fields) > 3 or not 2 <= options <= 20 or records < 1 or (lr is not None and lr <= 0):
-            raise SystemExit(f"--phases: {part!r} needs 2 <= OPTIONS <= 20, RECORDS >= 1 and LR > 0")
-        phases.append((options, records, lr))
-    return phases
 
 
 def chance_hr_at_1(records: list[dict]) -> float:
@@ -115,59 +98,6 @@ def write_synthetic_data(out: Path, phases: list[tuple[int, int, float | None]],
     for i, (options, n_records, _) in enumerate(phases, 1):
         write_dataset(out / "data" / f"phase{i}", n_per_task=n_records, n_eval_per_task=32, seed=seed + i,
                       tasks=["SR"], sr_options=options, names_seed=seed)
-
-
-def phase_range(first: int, last: int) -> str:
-    """"phase 3" or "phases 3-4"."""
-    return f"phase {first}" if first == last else f"phases {first}-{last}"
-
-
-def train_phases(base: TrainConfig, phases, data_dirs: list[str], out: Path, args, score_phase, d) -> dict:
-    """Train phase after phase, each from the previous phase's adapter, within `args.minutes` of training in all.
-
-    Args:
-        base: the settings every phase shares.
-        phases: `parse_phases`'s result; data_dirs: each phase's data.
-        out: the run folder (phase i trains in `out/run/phase<i>`, or `out/run` for a single phase on real data).
-        args: the command line (`minutes`, `init_adapter`, `score_phases`).
-        score_phase: adapter -> HR@1 result, to score phases before the last when `args.score_phases`.
-        d: the run's `DistContext` (rank 0 prints).
-    Returns:
-        {"adapter", "steps", "seconds", "tokens", "run_dirs", "curve" (a row per scored phase), "stopped"
-         (why training ended before its last planned step, or None)}.
-    """
-    done = {"adapter": args.init_adapter, "steps": 0, "seconds": 0.0, "tokens": 0.0, "run_dirs": [], "curve": [],
-            "stopped": None}
-    for i, ((options, _, lr), data) in enumerate(zip(phases, data_dirs), 1):
-        minutes_left = args.minutes - done["seconds"] / 60 if args.minutes else 0.0
-        if args.minutes and minutes_left <= 0:
-            done["stopped"] = f"the {args.minutes:g}-minute time limit: {phase_range(i, len(phases))} skipped"
-            break
-        run_dir = out / "run" / (f"phase{i}" if not args.data else "")
-        config = dataclasses.replace(base, data=data, out=str(run_dir), init_adapter=done["adapter"],
-                                     minutes=minutes_left, lr=lr or base.lr)
-        summary = train(config)
-        done["run_dirs"].append(run_dir)
-        done["adapter"] = summary["adapter"]
-        done["steps"] += summary["steps"]
-        done["seconds"] += summary["elapsed_s"]
-        done["tokens"] += summary["tokens_per_s"] * summary["elapsed_s"]
-        if summary["stopped_by"] == OUT_OF_TIME:
-            done["stopped"] = (f"the {args.minutes:g}-minute time limit, at step {summary['steps']} of "
-                               f"{summary['total_steps']} of phase {i}"
-                               + (f" ({phase_range(i + 1, len(phases))} skipped)" if i < len(phases) else ""))
-        if args.score_phases and i < len(phases) and not done["stopped"]:
-            scored = score_phase(done["adapter"])
-            done["curve"].append({"phase": i, "options": options, "steps": done["steps"],
-                                  "examples": done["steps"] * base.global_batch, "minutes": done["seconds"] / 60,
-                                  "hr@1": scored["hr@1"], "invalid": scored["invalid"]})
-            if d.is_main:
-                print(f"after phase {i} ({options} options, {done['steps']} steps): HR@1 {scored['hr@1']:.3f}, "
-                      f"invalid {scored['invalid']:.1%} on the 20-option test records", flush=True)
-        if done["stopped"]:
-            break
-    done["last_phase"], done["last_options"] = i, options
-    return done
 
 
 def training_cap(args: argparse.Namespace) -> float:
@@ -236,11 +166,24 @@ def main() -> None:
         return hr_at_1(base.model, adapter, records, d, template)
 
     before = score_adapter(args.init_adapter or None)
-    done = train_phases(base, phases, data_dirs, out, args, score_adapter, d)
+    run_dirs = [out / "run" / f"phase{i}" for i in range(1, len(phases) + 1)] if synthetic else [out / "run"]
+    scored_phases = []
+
+    def score_phase(i: int, done: dict) -> None:
+        scored = score_adapter(done["adapter"])
+        scored_phases.append({"phase": i, "options": phases[i - 1][0], "steps": done["steps"],
+                              "examples": done["steps"] * base.global_batch, "minutes": done["seconds"] / 60,
+                              "hr@1": scored["hr@1"], "invalid": scored["invalid"]})
+        if d.is_main:
+            print(f"after phase {i} ({phases[i - 1][0]} options, {done['steps']} steps): HR@1 {scored['hr@1']:.3f}, "
+                  f"invalid {scored['invalid']:.1%} on the 20-option test records", flush=True)
+
+    done = train_phases(base, [(data, run, lr) for data, run, (_, _, lr) in zip(data_dirs, run_dirs, phases)],
+                        args.minutes, args.init_adapter, score_phase if args.score_phases else None)
     after = score_adapter(done["adapter"])
     curve = [{"phase": 0, "options": None, "steps": 0, "examples": 0, "minutes": 0.0, "hr@1": before["hr@1"],
-              "invalid": before["invalid"]}, *done["curve"],
-             {"phase": done["last_phase"], "options": done["last_options"], "steps": done["steps"],
+              "invalid": before["invalid"]}, *scored_phases,
+             {"phase": done["last_phase"], "options": phases[done["last_phase"] - 1][0], "steps": done["steps"],
               "examples": done["steps"] * base.global_batch, "minutes": done["seconds"] / 60,
               "hr@1": after["hr@1"], "invalid": after["invalid"]}]
     minutes = (time.perf_counter() - start) / 60

@@ -78,7 +78,8 @@ def test_train_generalist_writes_results_to_the_run_folder_only(tmp_path):
     runs = tmp_path / "runs"
     before = repository_files()
     cmd = [sys.executable, "examples/train_generalist.py", "--model", str(model), "--n-train", "1", "--n-test", "2",
-           "--max-steps", "2", "--global-batch", "4", "--minutes", "1e-6"]  # the time limit ends training after step 1
+           "--max-steps", "2", "--global-batch", "4", "--minutes", "1e-6",  # the time limit ends training after step 1
+           "--sr-phases", "none"]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "ECELLM_RUNS": str(runs)}, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -89,7 +90,8 @@ def test_train_generalist_writes_results_to_the_run_folder_only(tmp_path):
     assert (out / "run" / "summary.json").is_file() and (out / "run" / "adapter").is_dir()
     results = json.loads((out / "results.json").read_text())
     abbrs = [t.abbr for t in TASKS]
-    assert results["minutes"] > 0 and results["steps"] == 1 and results["train"]["stopped_by"] == "time limit"
+    assert results["minutes"] > 0 and results["steps"] == 1 and results["sr_phases"] == []
+    assert results["stopped"] == "the 1e-06-minute time limit, at step 1 of 2 of phase 1"
     assert json.loads((out / "run" / "config.json").read_text())["minutes"] == 1e-6
     for key in ("tasks", "unseen_instruction"):
         assert list(results[key]) == abbrs
@@ -108,7 +110,7 @@ def test_train_generalist_writes_results_to_the_run_folder_only(tmp_path):
     markdown = (out / "results.md").read_text()
     assert markdown.count("| task | metric | before | after | baseline |") == 2
     assert "examples/train_generalist.py" in markdown and "Clearly above:" in markdown
-    assert "the time limit stopped training before the planned 2" in markdown
+    assert "training ended early: the 1e-06-minute time limit, at step 1 of 2 of phase 1" in markdown
 
 
 def test_train_generalist_tasks_flag_tunes_and_scores_only_those(tmp_path):
@@ -124,6 +126,35 @@ def test_train_generalist_tasks_flag_tunes_and_scores_only_those(tmp_path):
     train_records = json.loads((out / "data" / "train.json").read_text())
     assert {r["task"] for r in train_records} == {"Sentiment_Analysis", "Answerability_Prediction"}
     assert "training records, tasks SA, AP)" in (out / "results.md").read_text()
+
+
+def test_train_generalist_warms_up_on_sr_phases_then_tunes_the_mix_from_their_adapter(tmp_path):
+    model = make_tiny_checkpoint(tmp_path / "model", tasks=["SR", "AP"], vocab_size=2048)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "examples/train_generalist.py", "--model", str(model), "--out", str(out), "--tasks", "SR,AP",
+           "--n-train", "2", "--n-test", "2", "--max-steps", "1", "--global-batch", "4", "--sr-phases", "2:4,4:4:5e-4"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["sr_phases"] == [{"options": 2, "records": 4, "lr": 1e-4}, {"options": 4, "records": 4, "lr": 5e-4}]
+    assert results["steps"] == 3 and results["adapter"] == str(out / "run" / "mix" / "adapter")
+    for i, options in ((1, 2), (2, 4)):
+        records = json.loads((out / "data" / f"sr_phase{i}" / "train.json").read_text())
+        assert {r["task"] for r in records} == {"Sequential_Recommendation"}
+        assert {len(ast.literal_eval(r["options"])) for r in records} == {options}
+    test_items = {item for r in json.loads((out / "data" / "test.json").read_text()) if r["task"].startswith("Seq")
+                  for item in ast.literal_eval(r["options"])}
+    warmup_items = {item for i in (1, 2) for r in json.loads((out / "data" / f"sr_phase{i}" / "train.json").read_text())
+                    for item in ast.literal_eval(r["options"])}
+    assert not {x.split(": ", 1)[1] for x in test_items} & {x.split(": ", 1)[1] for x in warmup_items}
+    configs = [json.loads((out / "run" / name / "config.json").read_text()) for name in ("sr_phase2", "mix")]
+    assert configs[0]["init_adapter"] == str(out / "run" / "sr_phase1" / "adapter") and configs[0]["lr"] == 5e-4
+    assert configs[1]["init_adapter"] == str(out / "run" / "sr_phase2" / "adapter") and configs[1]["lr"] == 1e-4
+    assert "4 SR records with 2 options, then 4 SR records with 4 options, then 4 training records" in (
+        (out / "results.md").read_text())
+    proc = subprocess.run(cmd[:-2] + ["--data", str(out / "data"), "--sr-phases", "2:4"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--sr-phases needs the synthetic data" in proc.stderr
 
 
 @pytest.fixture
