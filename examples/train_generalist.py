@@ -5,7 +5,9 @@
 With no argument it tunes the embedded default, SmolLM2-135M-Instruct, on a synthetic set of all 10 tasks (seeded,
 written to `<out>/data`; validation and test records use names held out from training) with the demo recipe below,
 sized to finish within 60 minutes on a 2-core CPU (training stops at 46 minutes at the latest, then about 9 minutes of
-evaluation follow). For each task it reports the paper's metric on held-out test records before tuning,
+evaluation follow). Training runs in phases, each from the previous phase's adapter: first SR alone on records with 2,
+4, then 8 options (`--sr-phases`; the main job's curriculum, without which SR's look-up is not learned), then the mix
+of all tasks (`<out>/run/sr_phase<i>`, then `<out>/run/mix`). For each task it reports the paper's metric on held-out test records before tuning,
 after tuning and for a trivial baseline, with the share of invalid answers, in two settings: the training
 instructions (`IND_Diverse_Instruction`) and an instruction never used in training (`IND_Unseen_Instruction`: each
 task's `TaskInfo.unseen_instruction`). Everything goes to the run folder (`--out`, default
