@@ -69,7 +69,7 @@ from .data import (
 from .files import read_json, strict_json, write_dir_atomically, write_json
 from .flags import parse_dtype, parse_flags
 from .models import from_pretrained
-from .models.loading import CheckpointError as RefusedWeights
+from .models.loading import CheckpointError
 from .tokenizer import Tokenizer, load_tokenizer
 
 
@@ -121,7 +121,7 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (non-finite loss, bad configuration)."""
 
 
-class CheckpointError(TrainingError):
+class ResumeError(TrainingError):
     """A checkpoint that cannot be resumed from (a missing, truncated or non-finite part)."""
 
 
@@ -528,7 +528,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str
     Only JSON and safetensors are read: a `trainer.pt` (the pickle format of older versions) is never loaded.
 
     Raises:
-        CheckpointError: a missing, truncated or unreadable file, a missing field, or a non-finite tensor.
+        ResumeError: a missing, truncated or unreadable file, a missing field, or a non-finite tensor.
     """
     adapter_weights = f"adapter/{peft_format.ADAPTER_WEIGHTS}"
     readers = {
@@ -542,20 +542,20 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str
         if not (path / name).is_file():
             pickled = (path / "trainer.pt").exists()
             old = " (its trainer.pt, the pickle format of older versions, is never loaded)" if pickled else ""
-            raise CheckpointError(f"{path}: missing {name}{old}")
+            raise ResumeError(f"{path}: missing {name}{old}")
         try:
             parts.append(read(path / name))
-        except RefusedWeights as e:  # read, but refused (e.g. NaN/Inf): the message names the file and tensor
-            raise CheckpointError(f"{path}: {name} is refused ({e})") from e
+        except CheckpointError as e:  # read, but refused (e.g. NaN/Inf): the message names the file and tensor
+            raise ResumeError(f"{path}: {name} is refused ({e})") from e
         except (OSError, ValueError, SafetensorError) as e:
-            raise CheckpointError(f"{path}: {name} is unreadable ({type(e).__name__}: {e})") from e
+            raise ResumeError(f"{path}: {name} is unreadable ({type(e).__name__}: {e})") from e
     trainer, _, optim, weights = parts
     missing = [key for key in TRAINER_FIELDS if key not in trainer]
     if missing:
-        raise CheckpointError(f"{path}: {TRAINER_JSON} lacks the fields {missing}")
+        raise ResumeError(f"{path}: {TRAINER_JSON} lacks the fields {missing}")
     bad = [name for name, t in optim.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:  # (read_adapter_weights already refused non-finite LoRA weights)
-        raise CheckpointError(f"{path}: {TRAINER_TENSORS} holds non-finite values in {bad[:3]}")
+        raise ResumeError(f"{path}: {TRAINER_TENSORS} holds non-finite values in {bad[:3]}")
     return trainer, optim, weights
 
 
@@ -566,7 +566,7 @@ def latest_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
         try:
             read_checkpoint(path)
             return path, damaged
-        except CheckpointError as e:
+        except ResumeError as e:
             damaged.append(str(e))
     return None, damaged
 

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from ecellm import train as train_mod
 from ecellm.synthetic import write_dataset
-from ecellm.train import TrainConfig, TrainingError, latest_checkpoint, prune_checkpoints, read_checkpoint, train
+from ecellm.train import (ResumeError, TrainConfig, TrainingError, latest_checkpoint, prune_checkpoints, read_checkpoint,
+                          train)
 
 from .tiny_checkpoint import make_tiny_checkpoint
 
@@ -439,6 +440,8 @@ def test_resume_skips_a_damaged_newest_checkpoint(setup, reference, tmp_path, ca
         weights = load_file(newest / "adapter" / "adapter_model.safetensors")
         next(iter(weights.values()))[0, 0] = float("inf")
         save_file(weights, newest / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(ResumeError):  # one error class for every damage (refused weights included)
+        read_checkpoint(newest)
     train(config(setup, out, resume=True))
     log = capsys.readouterr().err
     reason = {
