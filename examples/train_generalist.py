@@ -7,13 +7,13 @@ written to `<out>/data`; validation and test records use names held out from tra
 sized to finish within 60 minutes on a 2-core CPU (training stops at 46 minutes at the latest, then about 9 minutes of
 evaluation follow). Training runs in phases, each from the previous phase's adapter: first SR alone on records with 2,
 4, then 8 options (`--sr-phases`; the main job's curriculum, without which SR's look-up is not learned), then the mix
-of all tasks (`<out>/run/sr_phase<i>`, then `<out>/run/mix`). For each task it reports the paper's metric on held-out test records before tuning,
-after tuning and for a trivial baseline, with the share of invalid answers, in two settings: the training
-instructions (`IND_Diverse_Instruction`) and an instruction never used in training (`IND_Unseen_Instruction`: each
-task's `TaskInfo.unseen_instruction`). Everything goes to the run folder (`--out`, default
-`~/ecellm-runs/train_generalist-<date>-<time>`): `results.json`, `results.md` (the tables to paste, with the command,
-machine and date), `generations.jsonl` (every answer), the synthetic data and the training run. Nothing is written
-into the repository.
+of all tasks (`<out>/run/sr_phase<i>`, then `<out>/run/mix`). For each task it reports the paper's metric on held-out
+test records before tuning, after tuning and for a trivial baseline, with the share of invalid answers, in two
+settings: the training instructions (`IND_Diverse_Instruction`) and an instruction never used in training
+(`IND_Unseen_Instruction`: each task's `TaskInfo.unseen_instruction`). Everything goes to the run folder (`--out`,
+default `~/ecellm-runs/train_generalist-<date>-<time>`): `results.json`, `results.md` (the tables to paste, with the
+command, machine and date), `generations.jsonl` (every answer), the synthetic data and the training run. Nothing is
+written into the repository.
 
 How the figures are read:
 - baseline: the best constant answer over the test records (`yes` or `no`; one option letter) for PM, PSI, AP, PRP,
@@ -368,7 +368,8 @@ def parse_args() -> argparse.Namespace:
                              "each phase on synthetic SR records with that many options (default: "
                              f"{SR_PHASES} on synthetic data; 'none' to start with the mix)"),
     parser.add_argument("--n-test", type=int, default=N_TEST, help="held-out records per task scored before and after")
-    parser.add_argument("--max-steps", type=int, default=0, help="stop training after this many steps (0: all)")
+    parser.add_argument("--max-steps", type=int, default=0,
+                        help="stop each training phase after this many steps (0: all)")
     parser.add_argument("--minutes", type=float, default=None,
                         help="stop training after this many minutes, then evaluate (0: no limit; default: the demo "
                              "recipe's 46, none with --model or --data)")
