@@ -24,6 +24,7 @@ from ecellm.generate import generate_text
 from ecellm.lora import load_adapter, merge
 from ecellm.metrics import ModelEncoder, score
 from ecellm.models import from_pretrained
+from ecellm.synthetic import write_dataset
 from ecellm.tasks import task_abbr
 from ecellm.tokenizer import load_tokenizer
 from ecellm.train import OUT_OF_TIME, TrainConfig, train
@@ -220,6 +221,23 @@ def parse_phases(text: str, flag: str = "--phases") -> list[tuple[int, int, floa
             raise SystemExit(f"{flag}: {part!r} needs 2 <= OPTIONS <= 20, RECORDS >= 1 and LR > 0")
         phases.append((options, records, lr))
     return phases
+
+
+def write_sr_phase_data(dirs: Sequence[Path], phases: Sequence[tuple[int, int, float | None]], first_seed: int,
+                        names_seed: int) -> None:
+    """One synthetic SR set per phase (`parse_phases`'s form) with that phase's number of options: phase k (from 0)
+    goes to `dirs[k]`, drawn with `first_seed + k`, the names split by `names_seed` (the test records' seed), so no
+    training record names a test record's items.
+
+    Args:
+        dirs: each phase's data directory.
+        phases: (options, records, lr) per phase.
+        first_seed: the first phase's seed.
+        names_seed: the seed of the split of names into training and held-out ones.
+    """
+    for k, (directory, (options, n_records, _)) in enumerate(zip(dirs, phases)):
+        write_dataset(directory, n_per_task=n_records, n_eval_per_task=32, seed=first_seed + k, tasks=["SR"],
+                      sr_options=options, names_seed=names_seed)
 
 
 def phase_range(first: int, last: int) -> str:

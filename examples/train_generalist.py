@@ -58,7 +58,7 @@ from ecellm.tasks import TASKS, task_info
 from ecellm.train import TrainConfig, setup_distributed
 
 from common import (by_task, default_out, evaluate_split, launcher, load_model, machine, parse_phases, template_for,
-                    train_phases, training_losses, write_curve, write_results)
+                    train_phases, training_losses, write_curve, write_results, write_sr_phase_data)
 
 # The demo recipe for the embedded default on a 2-core CPU: fp32, a 20x higher learning rate than the paper's, small
 # global batches (many updates), one epoch; each step's examples packed into one row per rank (no padding). Training
@@ -339,20 +339,6 @@ def warmup_phases(args: argparse.Namespace, tasks: list[str] | None) -> list[tup
     return parse_phases(text, "--sr-phases")
 
 
-def write_warmup_data(out: Path, phases: list[tuple[int, int, float | None]], seed: int) -> None:
-    """`out/data/sr_phase<i>`: SR records with each phase's number of options, drawn with seed + 1 + i and the names
-    split by `seed`, so no warm-up record names a test record's items.
-
-    Args:
-        out: the run folder.
-        phases: `warmup_phases`'s result.
-        seed: the run's seed.
-    """
-    for i, (options, n_records, _) in enumerate(phases, 1):
-        write_dataset(out / "data" / f"sr_phase{i}", n_per_task=n_records, n_eval_per_task=32, seed=seed + 1 + i,
-                      tasks=["SR"], sr_options=options, names_seed=seed)
-
-
 # --- the run ------------------------------------------------------------------------------------------------------
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -424,7 +410,8 @@ def main() -> None:
     sr_phases = warmup_phases(args, tasks)
     if synthetic and d.is_main:
         write_dataset(data, n_per_task=args.n_train, n_eval_per_task=args.n_test, seed=args.seed, tasks=tasks)
-        write_warmup_data(out, sr_phases, args.seed)
+        write_sr_phase_data([out / "data" / f"sr_phase{i}" for i in range(1, len(sr_phases) + 1)], sr_phases,
+                            args.seed + 2, args.seed)
     d.barrier()
 
     recipe = DEMO if not args.model and synthetic else {}

@@ -43,7 +43,7 @@ from ecellm.synthetic import write_dataset
 from ecellm.train import TrainConfig, setup_distributed
 
 from common import (default_out, evaluate_split, launcher, load_model, machine, parse_phases, template_for,
-                    train_phases, training_losses, write_curve, write_results)
+                    train_phases, training_losses, write_curve, write_results, write_sr_phase_data)
 
 # The demo recipe for the embedded default on a 2-core CPU (see the module docstring): options:records per phase.
 DEFAULT_PHASES = "2:480,4:240,8:240"
@@ -95,9 +95,7 @@ def write_synthetic_data(out: Path, phases: list[tuple[int, int, float | None]],
     """`out/data/test` (20 options, held-out names) and one `out/data/phase<i>` per phase (its number of options;
     drawn with seed + i, the names split by `seed`, so no training record names a test record's items)."""
     write_dataset(out / "data" / "test", n_per_task=1, n_eval_per_task=n_test, seed=seed, tasks=["SR"])
-    for i, (options, n_records, _) in enumerate(phases, 1):
-        write_dataset(out / "data" / f"phase{i}", n_per_task=n_records, n_eval_per_task=32, seed=seed + i,
-                      tasks=["SR"], sr_options=options, names_seed=seed)
+    write_sr_phase_data([out / "data" / f"phase{i}" for i in range(1, len(phases) + 1)], phases, seed + 1, seed)
 
 
 def training_cap(args: argparse.Namespace) -> float:
