@@ -55,8 +55,9 @@ def test_train_sr_curriculum_phases_chain_adapters(tmp_path):
     the test records keep 20 options; --score-phases adds a row per phase."""
     model = make_tiny_checkpoint(tmp_path / "model")
     out = tmp_path / "out"
-    cmd = [sys.executable, "examples/train_sr.py", "--model", str(model), "--out", str(out), "--phases", "2:16,4:8:5e-4",
-           "--n-test", "4", "--max-steps", "1", "--score-phases", "--minutes", "30", "--pack", "1024"]
+    cmd = [sys.executable, "examples/train_sr.py", "--model", str(model), "--out", str(out),
+           "--phases", "2:16,4:8:5e-4", "--n-test", "4", "--max-steps", "1", "--score-phases", "--minutes", "30",
+           "--pack", "1024"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())
