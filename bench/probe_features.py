@@ -15,9 +15,10 @@ Tasks are the synthetic ones (`ecellm.synthetic`) by abbreviation, plus two prob
 the main job's first curriculum phase, which LoRA learns in about 45 steps) and `PM-easy` (product matching whose
 non-matching pairs differ in brand, type and colour at once, instead of in one of them).
 
-    python bench/probe_features.py --tasks SR-2 PM-easy PM MPC --threads 2
+    python bench/probe_features.py --tasks SR-2 PM-easy PM MPC --threads 1
 
-About 3 minutes a task on 2 cores (400 forward passes of 150-250 tokens). Prints a markdown table; nothing is written.
+About 5 minutes a task on one core (400 forward passes of 150-250 tokens, then 33 read-outs). Prints a markdown
+table; nothing is written.
 `--write-data DIR` instead writes the tasks' records as ECInstruct files (`train.json` with `--n-train` records a task,
 `validation.json` and `test.json` with `--n-test`), for tuning the same variants with `ecellm train`.
 """
@@ -54,6 +55,7 @@ def pm_all_fields_differ(rng: random.Random, names: list[str]):
 
 
 def records(task: str, n: int, split: str, seed: int) -> list[dict]:
+    """`n` records of a synthetic task or of one of the two probe variants (see the module docstring)."""
     if task == "SR-2":
         return synthetic.generate_records("SR", n, split, seed, sr_options=2)
     if task == "PM-easy":
