@@ -133,8 +133,8 @@ def main() -> None:
     if args.write_data:
         out = Path(args.write_data)
         out.mkdir(parents=True, exist_ok=True)
-        for split, file, n in (("train", "train", args.n_train), ("val", "validation", args.n_test),
-                               ("test", "test", args.n_test)):
+        for split, file in synthetic.SPLIT_FILES.items():
+            n = args.n_train if split == "train" else args.n_test
             recs = [r for task in args.tasks for r in records(task, n, split, args.seed)]
             (out / f"{file}.json").write_text(json.dumps(recs), encoding="utf-8")
             print(f"{split}: {out / file}.json ({len(recs)} records)")
