@@ -62,23 +62,27 @@ from common import (by_task, default_out, evaluate_split, launcher, load_model, 
 
 # The demo recipe for the embedded default on a 2-core CPU: fp32, a 20x higher learning rate than the paper's, small
 # global batches (many updates), one epoch; each step's examples packed into one row per rank (no padding). Training
-# stops after 46 minutes at the latest (then validates, writes its adapter and the evaluation follows), so that the run
+# stops after 47 minutes at the latest (then validates, writes its adapter and the evaluation follows), so that the run
 # ends within 60 minutes on a 2-core AMD EPYC, the slower of the machines we measured on.
 DEMO = dict(
     lr=2e-3, lora_r=16, lora_alpha=32.0, lora_dropout=0.05, epochs=1, global_batch=8, micro_batch=4,
     pack_tokens=2048, max_len=512, dtype="fp32", warmup_ratio=0.05, eval_every=0, checkpoint_every=50,
-    max_val_examples=32, minutes=46.0,
+    max_val_examples=32, minutes=47.0,
 )
 # SR's look-up is learned only through a curriculum on the number of options (examples/train_sr.py,
-# docs/sr_recipe.md), so training starts with the main job's phases on SR alone (2, 4, then 8 options per record), then
-# tunes on the mix of all tasks from that adapter. Sizing, measured on a 2-core AMD EPYC (no AVX-512) with SmolLM2's
-# tokenizer: the warm-up takes about 13 minutes; a mixed example is 158 tokens on average (PSI 97 ... SR 265), so 240
-# records per task are 379k tokens, about 38 minutes at 167 tokens/s (2 ranks, fp32): the 46-minute limit may end the
-# mix a few dozen steps early (the run says so). An answer costs about 0.6 s of one core (mostly the prompt's forward
-# pass, with the answer limits below), so the 40 test records per task x 10 tasks x 2 settings, before and after
-# (1600 answers), take about 8.5 minutes on 2 ranks.
+# docs/sr_recipe.md), so training starts with the main job's phases on SR alone (2, 4, then 8 options per record).
 SR_PHASES = "2:480,4:240,8:240"
-N_TRAIN, N_TEST = 240, 40
+# The four tasks that judge whether two texts match (PM and PSI: two products; MPC and QPR: a query and titles) stay
+# at chance in the mix: alone, each needs 100-200 optimizer steps of its own at lr 1e-3 or less before its loss drops,
+# and tuned together they share those steps (four together for 200 steps: all at chance; README). The hour affords one:
+# PSI, the quickest (~100 steps alone), gets a phase of its own between the SR warm-up and the mix (`--focus-phase`).
+FOCUS_PHASE = "PSI:1200:1e-3"  # TASKS (joined by +):RECORDS per task[:LR]
+# Sizing, measured on a 2-core AMD EPYC (no AVX-512) with SmolLM2's tokenizer at about 170 tokens/s (2 ranks, fp32):
+# the SR warm-up takes about 13 minutes; the PSI phase (97 tokens an example) 11; a mixed example is 158 tokens on
+# average (PSI 97 ... SR 265), so 140 records per task are 221k tokens, about 22 minutes. An answer costs about 0.6 s
+# of one core (mostly the prompt's forward pass, with the answer limits below), so the 40 test records per task x 10
+# tasks x 2 settings, before and after (1600 answers), take about 8 minutes on 2 ranks.
+N_TRAIN, N_TEST = 140, 40
 # results.json key -> the setting its test records are scored in
 SETTINGS = {"tasks": "IND_Diverse_Instruction", "unseen_instruction": "IND_Unseen_Instruction"}
 MEAN_METRICS = ("hr@1", "accuracy", "ndcg", "f_bert")  # metrics that are a mean of per-record scores
@@ -287,6 +291,9 @@ def results_markdown(results: dict) -> str:
     tasks = "all tasks" if len(results["tasks"]) == len(TASKS) else "tasks " + ", ".join(results["tasks"])
     stopped = f"(training ended early: {results['stopped']}) " if results["stopped"] else ""
     warmup = "".join(f"{p['records']} SR records with {p['options']} options, then " for p in results["sr_phases"])
+    if results["focus_phase"]:
+        f = results["focus_phase"]
+        warmup += f"{f['records']} records each of {', '.join(f['tasks'])} at lr {f['lr']:g}, then "
     baselines = "; ".join(f"{abbr} {t['baseline_answer']}" for abbr, t in results["tasks"].items())
     return "\n".join([
         f"Training instructions (IND_Diverse_Instruction), {n} held-out test records per task:", "",
@@ -321,7 +328,37 @@ def generation_lines(stage: str, key: str, results: dict, records: Sequence[dict
     return lines
 
 
-# --- the SR warm-up ------------------------------------------------------------------------------------------------
+# --- the phases before the mix ----------------------------------------------------------------------------------------
+def focus_phase(args: argparse.Namespace, tasks: list[str] | None) -> dict | None:
+    """The phase on a few tasks alone after the SR warm-up and before the mix: {"tasks", "records" (per task), "lr"
+    (None: the run's)} from `--focus-phase`, or `FOCUS_PHASE` on synthetic data (its tasks among `tasks`); None with
+    `--focus-phase none` or when `--tasks` leaves out the default's tasks.
+
+    Args:
+        args: the command line (`focus_phase`, `data`).
+        tasks: the `--tasks` list, or None for all.
+    """
+    text = args.focus_phase
+    if text is not None and args.data and text != "none":
+        raise SystemExit("--focus-phase needs the synthetic data (it writes its own records of its tasks); leave it "
+                         "out with --data")
+    if text == "none" or (text is None and args.data):
+        return None
+    fields = (text or FOCUS_PHASE).split(":")
+    try:
+        names = [task_info(t).abbr for t in fields[0].split("+")]
+        records, lr = int(fields[1]), (float(fields[2]) if len(fields) == 3 else None)
+    except (KeyError, ValueError, IndexError):
+        names, records, lr = [], 0, None
+    if not names or len(fields) > 3 or records < 1 or (lr is not None and lr <= 0):
+        raise SystemExit(f"--focus-phase: {text!r} is not TASKS:RECORDS or TASKS:RECORDS:LR (task abbreviations "
+                         "joined by +, RECORDS >= 1 and LR > 0; e.g. PSI+PM:400:1e-3), nor 'none'")
+    chosen = names if tasks is None else [t for t in names if t in {task_info(x).abbr for x in tasks}]
+    if text is not None and chosen != names:
+        raise SystemExit(f"--focus-phase: {', '.join(sorted(set(names) - set(chosen)))} not among --tasks")
+    return {"tasks": chosen, "records": records, "lr": lr} if chosen else None
+
+
 def warmup_phases(args: argparse.Namespace, tasks: list[str] | None) -> list[tuple[int, int, float | None]]:
     """The SR warm-up phases to train before the mix (`parse_phases`'s form): `--sr-phases`, or `SR_PHASES` on
     synthetic data; none when the tasks leave SR out or with `--sr-phases none`.
@@ -352,7 +389,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sr-phases", default=None,
                         help="SR warm-up before the mix of all tasks: OPTIONS:RECORDS[:LR] per phase, comma-separated, "
                              "each phase on synthetic SR records with that many options (default: "
-                             f"{SR_PHASES} on synthetic data; 'none' to start with the mix)"),
+                             f"{SR_PHASES} on synthetic data; 'none' to start with the mix)")
+    parser.add_argument("--focus-phase", default=None,
+                        help="a phase on a few tasks alone, after the SR warm-up and before the mix: "
+                             "TASKS:RECORDS[:LR] with task abbreviations joined by + and RECORDS per task (default: "
+                             f"{FOCUS_PHASE} on synthetic data; 'none' to go straight to the mix)")
     parser.add_argument("--n-test", type=int, default=N_TEST, help="held-out records per task scored before and after")
     parser.add_argument("--max-steps", type=int, default=0,
                         help="stop each training phase after this many steps (0: all)")
@@ -408,10 +449,14 @@ def main() -> None:
     data = args.data or str(out / "data")
     tasks = args.tasks.split(",") if args.tasks else None
     sr_phases = warmup_phases(args, tasks)
+    focus = focus_phase(args, tasks)
     if synthetic and d.is_main:
         write_dataset(data, n_per_task=args.n_train, n_eval_per_task=args.n_test, seed=args.seed, tasks=tasks)
         write_sr_phase_data([out / "data" / f"sr_phase{i}" for i in range(1, len(sr_phases) + 1)], sr_phases,
                             args.seed + 2, args.seed)
+        if focus:
+            write_dataset(out / "data" / "focus", n_per_task=focus["records"], n_eval_per_task=8, seed=args.seed + 1,
+                          tasks=focus["tasks"], names_seed=args.seed)
     d.barrier()
 
     recipe = DEMO if not args.model and synthetic else {}
@@ -441,7 +486,10 @@ def main() -> None:
     before = evaluate_settings(base, tokenizer, tests, d, template, budgets, encoder, args.batch_size, "before")
     timings["before"], clock = time.perf_counter() - clock, time.perf_counter()
     phases = [(out / "data" / f"sr_phase{i}", out / "run" / f"sr_phase{i}", lr)
-              for i, (_, _, lr) in enumerate(sr_phases, 1)] + [(data, out / "run" / ("mix" if sr_phases else ""), None)]
+              for i, (_, _, lr) in enumerate(sr_phases, 1)]
+    if focus:
+        phases.append((out / "data" / "focus", out / "run" / "focus", focus["lr"]))
+    phases.append((data, out / "run" / ("mix" if phases else ""), None))
     done = train_phases(config, phases, config.minutes)
     timings["training"], clock = time.perf_counter() - clock, time.perf_counter()
     adapter = done["adapter"]
@@ -458,6 +506,7 @@ def main() -> None:
             "steps": done["steps"], "global_batch": config.global_batch, "stopped": done["stopped"],
             "tokens_per_s": done["tokens"] / max(done["seconds"], 1e-9), "training_minutes": done["seconds"] / 60,
             "sr_phases": [{"options": o, "records": n, "lr": lr or config.lr} for o, n, lr in sr_phases],
+            "focus_phase": focus and {**focus, "lr": focus["lr"] or config.lr},
             "n_train": sum(min(len(g), config.max_per_task) for g in by_task(train_records).values()),
             "n_test_per_task": args.n_test,
             "max_new_tokens": budgets, "adapter": str(adapter), "timings_s": timings,

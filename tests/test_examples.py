@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -80,7 +81,7 @@ def test_train_generalist_writes_results_to_the_run_folder_only(tmp_path):
     before = repository_files()
     cmd = [sys.executable, "examples/train_generalist.py", "--model", str(model), "--n-train", "1", "--n-test", "2",
            "--max-steps", "2", "--global-batch", "4", "--minutes", "1e-6",  # the time limit ends training after step 1
-           "--sr-phases", "none"]
+           "--sr-phases", "none", "--focus-phase", "none"]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "ECELLM_RUNS": str(runs)}, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -92,6 +93,7 @@ def test_train_generalist_writes_results_to_the_run_folder_only(tmp_path):
     results = json.loads((out / "results.json").read_text())
     abbrs = [t.abbr for t in TASKS]
     assert results["minutes"] > 0 and results["steps"] == 1 and results["sr_phases"] == []
+    assert results["focus_phase"] is None
     assert results["stopped"] == "the 1e-06-minute time limit, at step 1 of 2 of phase 1"
     assert json.loads((out / "run" / "config.json").read_text())["minutes"] == 1e-6
     for key in ("tasks", "unseen_instruction"):
@@ -156,6 +158,41 @@ def test_train_generalist_warms_up_on_sr_phases_then_tunes_the_mix_from_their_ad
     proc = subprocess.run(cmd[:-2] + ["--data", str(out / "data"), "--sr-phases", "2:4"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "--sr-phases needs the synthetic data" in proc.stderr
+
+
+def test_train_generalist_focus_phase_trains_its_tasks_alone_before_the_mix(tmp_path):
+    model = make_tiny_checkpoint(tmp_path / "model", tasks=["PM", "MPC", "AP"], vocab_size=2048)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "examples/train_generalist.py", "--model", str(model), "--out", str(out), "--tasks",
+           "PM,MPC,AP", "--n-train", "2", "--n-test", "2", "--max-steps", "1", "--global-batch", "4",
+           "--focus-phase", "PM+MPC:4:5e-4"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["sr_phases"] == []  # SR is not among the tasks: no warm-up
+    assert results["focus_phase"] == {"tasks": ["PM", "MPC"], "records": 4, "lr": 5e-4}
+    assert results["steps"] == 2 and results["adapter"] == str(out / "run" / "mix" / "adapter")
+    phase_records = json.loads((out / "data" / "focus" / "train.json").read_text())
+    assert Counter(r["task"] for r in phase_records) == {"Product_Matching": 4, "Multiclass_Product_Classification": 4}
+    mix_records = json.loads((out / "data" / "train.json").read_text())
+    assert not {r["input"] for r in phase_records} & {r["input"] for r in mix_records}  # drawn with another seed
+
+    def brands(records):  # PM's manufacturers: names the generator holds out of training
+        return {json.loads(r["input"])[side]["manufacturer"] for r in records if r["task"] == "Product_Matching"
+                for side in ("product 1", "product 2")}
+
+    test_brands = brands(json.loads((out / "data" / "test.json").read_text()))
+    assert test_brands and brands(phase_records) and not brands(phase_records) & test_brands
+    configs = [json.loads((out / "run" / name / "config.json").read_text()) for name in ("focus", "mix")]
+    assert configs[0]["init_adapter"] == "" and configs[0]["lr"] == 5e-4
+    assert configs[1]["init_adapter"] == str(out / "run" / "focus" / "adapter") and configs[1]["lr"] == 1e-4
+    assert "4 records each of PM, MPC at lr 0.0005, then 6 training records" in (out / "results.md").read_text()
+    for value, message in (("PM:0", "is not TASKS:RECORDS"), ("PM:4:x", "is not TASKS:RECORDS"),
+                           ("XX:4", "is not TASKS:RECORDS"), ("PSI:4", "PSI not among --tasks")):
+        proc = subprocess.run(cmd[:-1] + [value], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    proc = subprocess.run(cmd + ["--data", str(out / "data")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--focus-phase needs the synthetic data" in proc.stderr
 
 
 @pytest.fixture
