@@ -4,11 +4,12 @@
 
 With no argument it tunes the embedded default, SmolLM2-135M-Instruct, on a synthetic set of all 10 tasks (seeded,
 written to `<out>/data`; validation and test records use names held out from training) with the demo recipe below,
-sized to finish within 60 minutes on a 2-core CPU (training stops at 46 minutes at the latest, then about 9 minutes of
+sized to finish within 60 minutes on a 2-core CPU (training stops at 49 minutes at the latest, then about 8 minutes of
 evaluation follow). Training runs in phases, each from the previous phase's adapter: first SR alone on records with 2,
-4, then 8 options (`--sr-phases`; the main job's curriculum, without which SR's look-up is not learned), then the mix
-of all tasks (`<out>/run/sr_phase<i>`, then `<out>/run/mix`). For each task it reports the paper's metric on held-out
-test records before tuning, after tuning and for a trivial baseline, with the share of invalid answers, in two
+4, then 8 options (`--sr-phases`; the main job's curriculum, without which SR's look-up is not learned), then PSI
+alone at a lower learning rate (`--focus-phase`; in the mix it stays at chance), then the mix of all tasks
+(`<out>/run/sr_phase<i>`, `<out>/run/focus`, then `<out>/run/mix`). For each task it reports the paper's metric on
+held-out test records before tuning, after tuning and for a trivial baseline, with the share of invalid answers, in two
 settings: the training instructions (`IND_Diverse_Instruction`) and an instruction never used in training
 (`IND_Unseen_Instruction`: each task's `TaskInfo.unseen_instruction`). Everything goes to the run folder (`--out`,
 default `~/ecellm-runs/train_generalist-<date>-<time>`): `results.json`, `results.md` (the tables to paste, with the
@@ -62,12 +63,12 @@ from common import (by_task, default_out, evaluate_split, launcher, load_model, 
 
 # The demo recipe for the embedded default on a 2-core CPU: fp32, a 20x higher learning rate than the paper's, small
 # global batches (many updates), one epoch; each step's examples packed into one row per rank (no padding). Training
-# stops after 47 minutes at the latest (then validates, writes its adapter and the evaluation follows), so that the run
+# stops after 49 minutes at the latest (then validates, writes its adapter and the evaluation follows), so that the run
 # ends within 60 minutes on a 2-core AMD EPYC, the slower of the machines we measured on.
 DEMO = dict(
     lr=2e-3, lora_r=16, lora_alpha=32.0, lora_dropout=0.05, epochs=1, global_batch=8, micro_batch=4,
     pack_tokens=2048, max_len=512, dtype="fp32", warmup_ratio=0.05, eval_every=0, checkpoint_every=50,
-    max_val_examples=32, minutes=47.0,
+    max_val_examples=32, minutes=49.0,
 )
 # SR's look-up is learned only through a curriculum on the number of options (examples/train_sr.py,
 # docs/sr_recipe.md), so training starts with the main job's phases on SR alone (2, 4, then 8 options per record).
@@ -77,12 +78,13 @@ SR_PHASES = "2:480,4:240,8:240"
 # and tuned together they share those steps (four together for 200 steps: all at chance; README). The hour affords one:
 # PSI, the quickest (~100 steps alone), gets a phase of its own between the SR warm-up and the mix (`--focus-phase`).
 FOCUS_PHASE = "PSI:1200:1e-3"  # TASKS (joined by +):RECORDS per task[:LR]
-# Sizing, measured on a 2-core AMD EPYC (no AVX-512) with SmolLM2's tokenizer at about 170 tokens/s (2 ranks, fp32):
-# the SR warm-up takes about 13 minutes; the PSI phase (97 tokens an example) 11; a mixed example is 158 tokens on
-# average (PSI 97 ... SR 265), so 140 records per task are 221k tokens, about 22 minutes. An answer costs about 0.6 s
-# of one core (mostly the prompt's forward pass, with the answer limits below), so the 40 test records per task x 10
-# tasks x 2 settings, before and after (1600 answers), take about 8 minutes on 2 ranks.
-N_TRAIN, N_TEST = 140, 40
+# Sizing, measured on a 2-core AMD EPYC (no AVX-512) with SmolLM2's tokenizer (2 ranks, fp32): the SR warm-up takes
+# about 13 minutes, the PSI phase 13.5 (150 steps of 5.4 s: short examples, 97 tokens, so the per-step cost counts);
+# a mixed step takes about 6.5 s (158 tokens an example on average, PSI 97 ... SR 265), so 165 records per task (206
+# steps) take about 22.5 minutes. An answer costs about 0.6 s of one core (mostly the prompt's forward pass, with the
+# answer limits below), so the 40 test records per task x 10 tasks x 2 settings, before and after (1600 answers),
+# take about 8 minutes on 2 ranks. With 140 records per task SA stayed at chance (macro F1 0.15; README).
+N_TRAIN, N_TEST = 165, 40
 # results.json key -> the setting its test records are scored in
 SETTINGS = {"tasks": "IND_Diverse_Instruction", "unseen_instruction": "IND_Unseen_Instruction"}
 MEAN_METRICS = ("hr@1", "accuracy", "ndcg", "f_bert")  # metrics that are a mean of per-record scores
@@ -348,7 +350,7 @@ def focus_phase(args: argparse.Namespace, tasks: list[str] | None) -> dict | Non
     try:
         names = [task_info(t).abbr for t in fields[0].split("+")]
         records, lr = int(fields[1]), (float(fields[2]) if len(fields) == 3 else None)
-    except (KeyError, ValueError, IndexError):
+    except (ValueError, IndexError):  # task_info raises ValueError for an unknown task
         names, records, lr = [], 0, None
     if not names or len(fields) > 3 or records < 1 or (lr is not None and lr <= 0):
         raise SystemExit(f"--focus-phase: {text!r} is not TASKS:RECORDS or TASKS:RECORDS:LR (task abbreviations "
