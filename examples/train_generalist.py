@@ -355,7 +355,8 @@ def focus_phase(args: argparse.Namespace, tasks: list[str] | None) -> dict | Non
     if not names or len(fields) > 3 or records < 1 or (lr is not None and lr <= 0):
         raise SystemExit(f"--focus-phase: {text!r} is not TASKS:RECORDS or TASKS:RECORDS:LR (task abbreviations "
                          "joined by +, RECORDS >= 1 and LR > 0; e.g. PSI+PM:400:1e-3), nor 'none'")
-    chosen = names if tasks is None else [t for t in names if t in {task_info(x).abbr for x in tasks}]
+    kept = None if tasks is None else {task_info(x).abbr for x in tasks}
+    chosen = names if kept is None else [t for t in names if t in kept]
     if text is not None and chosen != names:
         raise SystemExit(f"--focus-phase: {', '.join(sorted(set(names) - set(chosen)))} not among --tasks")
     return {"tasks": chosen, "records": records, "lr": lr} if chosen else None
