@@ -202,6 +202,13 @@ def generalist(monkeypatch):
     return importlib.import_module("train_generalist")
 
 
+@pytest.fixture
+def scoring(monkeypatch):
+    """examples/scoring.py as a module (baselines, standard errors, the verdict)."""
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    return importlib.import_module("scoring")
+
+
 def test_train_sr_caps_only_the_default_demo(monkeypatch):
     import argparse
 
@@ -220,21 +227,21 @@ def _record(task, output, setting="IND_Diverse_Instruction", **fields):
             **fields}
 
 
-def test_baselines_by_hand(generalist):
+def test_baselines_by_hand(scoring):
     pm = [_record("Product_Matching", x) for x in ("yes", "yes", "yes", "no")]
-    assert generalist.baseline("PM", pm, []) == (pytest.approx(6 / 7), "always 'yes'")  # P 3/4, R 1
+    assert scoring.baseline("PM", pm, []) == (pytest.approx(6 / 7), "always 'yes'")  # P 3/4, R 1
     mpc = [_record("Multiclass_Product_Classification", x) for x in ("A: exact", "A: exact", "B: sub", "D: irr")]
-    assert generalist.baseline("MPC", mpc, []) == (0.5, "always A")
+    assert scoring.baseline("MPC", mpc, []) == (0.5, "always A")
     options = [str([f"{c}: item" for c in letters]) for letters in ("ABCDEFGHIJKLMNOPQRST", "ABCD")]
     sr = [_record("Sequential_Recommendation", "C", options=o) for o in options]
-    assert generalist.baseline("SR", sr, [])[0] == pytest.approx((1 / 20 + 1 / 4) / 2)
+    assert scoring.baseline("SR", sr, [])[0] == pytest.approx((1 / 20 + 1 / 4) / 2)
     qpr = [_record("Query_Product_Rank", "B,A", esci_labels=["I", "E"])]  # "A,B": the E item second
-    assert generalist.baseline("QPR", qpr, []) == (pytest.approx(1 / torch.log2(torch.tensor(3.0)).item()),
+    assert scoring.baseline("QPR", qpr, []) == (pytest.approx(1 / torch.log2(torch.tensor(3.0)).item()),
                                                    "options in given order")
     ave = [_record("Attribute_Value_Extraction", json.dumps([{"attribute": a, "value": v, "source": s}]),
                    input=json.dumps({"target attributes": a.title()}))
            for a, v, s in (("color", "red", "product title"), ("size", "None", "None"))]
-    assert generalist.baseline("AVE", ave, [])[0] == pytest.approx(0.5)  # one hit of 2 predicted, 2 gold
+    assert scoring.baseline("AVE", ave, [])[0] == pytest.approx(0.5)  # one hit of 2 predicted, 2 gold
 
     vocabulary = {}
 
@@ -243,23 +250,23 @@ def test_baselines_by_hand(generalist):
         return [torch.nn.functional.one_hot(torch.tensor(x), 32).float() for x in ids]
 
     ag = [_record("Answer_Generation", x) for x in ("It is red.", "It is blue.")]
-    value, name = generalist.baseline("AG", ag, ["It is red.", "It is red.", "It is blue."], encoder=words)
+    value, name = scoring.baseline("AG", ag, ["It is red.", "It is red.", "It is blue."], encoder=words)
     assert name == "always 'It is red.'" and value == pytest.approx((1 + 2 / 3) / 2)
 
 
-def test_standard_errors_and_verdict(generalist):
+def test_standard_errors_and_verdict(scoring):
     mpc = [_record("Multiclass_Product_Classification", x) for x in ("A", "A", "B", "D")]
-    assert generalist.standard_error("MPC", ["A", "A", "B", "C"], mpc) == pytest.approx(0.5 / 2)  # per record 1,1,1,0
+    assert scoring.standard_error("MPC", ["A", "A", "B", "C"], mpc) == pytest.approx(0.5 / 2)  # per record 1,1,1,0
     sa = [_record("Sentiment_Analysis", x) for x in ("A: very positive", "B: positive", "C: neutral")]
-    assert generalist.standard_error("SA", ["A", "B", "C"], sa) == 0.0  # every resample scores macro F1 = 1
+    assert scoring.standard_error("SA", ["A", "B", "C"], sa) == 0.0  # every resample scores macro F1 = 1
     pm = [_record("Product_Matching", x) for x in ("yes", "no", "yes", "no", "yes", "no")]
-    se = generalist.standard_error("PM", ["yes", "yes", "no", "no", "yes", "no"], pm)
-    assert 0 < se < 1 and se == generalist.standard_error("PM", ["yes", "yes", "no", "no", "yes", "no"], pm)
-    assert generalist.standard_error("MPC", ["A"], mpc[:1]) is None
-    assert generalist.clearly_above(before=0.1, after=0.9, baseline_score=0.667, se=0.1)
-    assert not generalist.clearly_above(before=0.1, after=0.9, baseline_score=0.667, se=0.12)
-    assert not generalist.clearly_above(before=0.8, after=0.9, baseline_score=0.1, se=0.06)  # untuned was close
-    assert not generalist.clearly_above(before=0.1, after=0.9, baseline_score=0.1, se=None)
+    se = scoring.standard_error("PM", ["yes", "yes", "no", "no", "yes", "no"], pm)
+    assert 0 < se < 1 and se == scoring.standard_error("PM", ["yes", "yes", "no", "no", "yes", "no"], pm)
+    assert scoring.standard_error("MPC", ["A"], mpc[:1]) is None
+    assert scoring.clearly_above(before=0.1, after=0.9, baseline_score=0.667, se=0.1)
+    assert not scoring.clearly_above(before=0.1, after=0.9, baseline_score=0.667, se=0.12)
+    assert not scoring.clearly_above(before=0.8, after=0.9, baseline_score=0.1, se=0.06)  # untuned was close
+    assert not scoring.clearly_above(before=0.1, after=0.9, baseline_score=0.1, se=None)
 
 
 def test_training_losses_chain_phases_and_the_curve_needs_matplotlib(generalist, tmp_path, monkeypatch):
