@@ -290,6 +290,39 @@ def train_phases(base: TrainConfig, phases: Sequence[tuple[str, Path, float | No
     return done
 
 
+# --- a time budget for the whole job -------------------------------------------------------------------------------
+EVALUATION_SLACK = 1.15  # an evaluation after tuning may take this much longer than the same one before it
+
+
+def training_minutes(total_minutes: float, start: float, evaluation_s: float, evaluations_left: int,
+                     tail_s: float) -> float:
+    """The training time that keeps a job within `total_minutes` from `start` to its printed table: what is left after
+    the time spent so far, the evaluations still to come (each estimated from the one already measured, with
+    `EVALUATION_SLACK`) and `tail_s` for what follows the last training step (the step the cap cuts into, the final
+    validation, writing the adapter, loading it).
+
+    Args:
+        total_minutes: the whole job's budget (0: none, and training is not capped either).
+        start: `time.perf_counter()` at the job's start.
+        evaluation_s: seconds the evaluation before tuning took.
+        evaluations_left: evaluations of the same size still to run after training.
+        tail_s: seconds reserved after training's cap.
+    Returns:
+        minutes of training (0.0 when `total_minutes` is 0).
+    Raises:
+        SystemExit: the budget leaves no time for training, with the figures.
+    """
+    if not total_minutes:
+        return 0.0
+    spent = time.perf_counter() - start
+    left = total_minutes * 60 - spent - evaluations_left * evaluation_s * EVALUATION_SLACK - tail_s
+    if left <= 0:
+        raise SystemExit(f"--minutes {total_minutes:g} leaves no time for training: {spent / 60:.1f} minutes went to "
+                         f"setup and the first evaluation, and {evaluations_left} more evaluation(s) of "
+                         f"{evaluation_s / 60:.1f} minutes and {tail_s:.0f} s after training must fit too")
+    return left / 60
+
+
 # --- the optional plot --------------------------------------------------------------------------------------------
 def training_losses(run_dirs: Sequence[str | Path]) -> list[tuple[float, float]]:
     """(minutes of training, loss) of every step of one or more runs trained one after the other (`log.jsonl`)."""

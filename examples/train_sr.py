@@ -12,10 +12,11 @@ written into the repository.
 The demo trains in phases, a curriculum on the number of options (docs/sr_recipe.md has every recipe we tried): 2
 options per record until the model has learned to find the option that continues the last purchase (the loss sits at
 chance for ~30 steps, then falls), then 4 and 8, each phase starting from the previous phase's adapter, each step's
-examples packed into one row per rank. On a 2-core CPU that takes about 15 minutes end to end (training is capped at
-13.5 minutes); `--phases 2:480,4:240,8:240,20:240` adds a fourth phase on 20 options (about 22 minutes, HR@1 near
-1.0). `--minutes M` sets the cap on training time (0: none; later phases are then cut or skipped, and the results
-say so).
+examples packed into one row per rank. The default job ends within 15 minutes end to end on a 2-core CPU: `--minutes`
+(default 15 for the default demo) caps the whole job, from start to the printed table, and training gets what setup
+and the two evaluations leave (the evaluation after tuning is estimated from the one before it), about 12.5 minutes
+on a 2-core AMD EPYC; later phases are then cut or skipped, and the results say so (0: no cap).
+`--phases 2:480,4:240,8:240,20:240 --minutes 0` adds a fourth phase on 20 options (about 22 minutes, HR@1 near 1.0).
 
 `--model DIR --data DIR` switch to your checkpoint (any supported family) and the real ECInstruct files; the
 reference code's recipe (`ecellm.train.TrainConfig` defaults; see the README's "Differences from the reference code")
@@ -43,11 +44,13 @@ from ecellm.synthetic import write_dataset
 from ecellm.train import TrainConfig, setup_distributed
 
 from common import (default_out, evaluate_split, launcher, load_model, machine, parse_phases, template_for,
-                    train_phases, training_losses, write_curve, write_results, write_sr_phase_data)
+                    train_phases, training_losses, training_minutes, write_curve, write_results,
+                    write_sr_phase_data)
 
 # The demo recipe for the embedded default on a 2-core CPU (see the module docstring): options:records per phase.
 DEFAULT_PHASES = "2:480,4:240,8:240"
-DEFAULT_MINUTES = 13.5  # training cap of the default phases: 15 minutes end to end on a 2-core AMD EPYC
+DEFAULT_MINUTES = 15.0  # the default demo's budget, end to end (setup, evaluations and training together)
+TAIL_S = 45.0  # reserved after training's cap: the step it cuts into, the final validation, saving, loading the adapter
 DEMO = dict(
     lr=2e-3, lora_r=16, lora_alpha=32.0, lora_dropout=0.05, epochs=1, global_batch=8, micro_batch=4,
     pack_tokens=2048, max_len=512, dtype="fp32", warmup_ratio=0.05, eval_every=0, checkpoint_every=25,
@@ -76,7 +79,9 @@ def results_markdown(results: dict) -> str:
         f"| chance | {sr['baseline']:.3f} | | |", "",
         f"Measured {results['date']} with `{results['command']}` on {results['machine']}: {results['steps']} steps "
         f"of global batch {results['global_batch']} in {results['training_minutes']:.1f} minutes of training "
-        f"({results['tokens_per_s']:.0f} tokens/s), {results['minutes']:.1f} minutes end to end."
+        f"({results['tokens_per_s']:.0f} tokens/s), {results['minutes']:.1f} minutes end to end (setup "
+        f"{results['timings_s']['setup'] / 60:.1f}, training {results['timings_s']['training'] / 60:.1f}, evaluation "
+        f"{results['timings_s']['evaluation'] / 60:.1f})."
         + (" Phases (options: records @ learning rate): " + ", ".join(
             f"{p['options']}: {p['records']} @ {p['lr']:g}" for p in results["phases"]) + "." if results["phases"]
            else "")
@@ -98,9 +103,9 @@ def write_synthetic_data(out: Path, phases: list[tuple[int, int, float | None]],
     write_sr_phase_data([out / "data" / f"phase{i}" for i in range(1, len(phases) + 1)], phases, seed + 1, seed)
 
 
-def training_cap(args: argparse.Namespace) -> float:
-    """Minutes of training over all phases (0: no cap): `--minutes` when given, else `DEFAULT_MINUTES` for the default
-    demo (the embedded model, the default phases) and no cap otherwise."""
+def job_minutes(args: argparse.Namespace) -> float:
+    """The whole job's time budget in minutes (0: none): `--minutes` when given, else `DEFAULT_MINUTES` for the default
+    demo (the embedded model, the default phases) and no budget otherwise."""
     if args.minutes is not None:
         return args.minutes
     return DEFAULT_MINUTES if args.phases == DEFAULT_PHASES and not args.model and not args.data else 0.0
@@ -118,8 +123,9 @@ def main() -> None:
                              "many options, at its own learning rate if given")
     parser.add_argument("--n-test", type=int, default=100, help="held-out records scored before and after")
     parser.add_argument("--minutes", type=float, default=None,
-                        help="stop training after this many minutes over all phases, then evaluate (0: no limit; "
-                             f"default: {DEFAULT_MINUTES:g} with the default phases, else none)")
+                        help="the whole job's budget in minutes, from start to the printed table: training stops "
+                             "in time for the evaluation after it (0: no limit; default: "
+                             f"{DEFAULT_MINUTES:g} with the default phases, else none)")
     parser.add_argument("--max-steps", type=int, default=0, help="stop each phase after this many steps (0: all)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate of phases that set none")
     parser.add_argument("--lora-r", type=int, default=None)
@@ -131,7 +137,7 @@ def main() -> None:
     parser.add_argument("--score-phases", action="store_true",
                         help="score the test records after every phase, not only the last (a curve by phase)")
     args = parser.parse_args()
-    args.minutes = training_cap(args)
+    args.minutes = job_minutes(args)
     start = time.perf_counter()
 
     d = setup_distributed(TrainConfig().dist_timeout_s)
@@ -163,12 +169,18 @@ def main() -> None:
     def score_adapter(adapter: str | None) -> dict:
         return hr_at_1(base.model, adapter, records, d, template)
 
+    clock = time.perf_counter()
     before = score_adapter(args.init_adapter or None)
+    timings = {"setup": clock - start, "evaluation": time.perf_counter() - clock}
+    evaluations_left = 1 + (len(phases) - 1 if args.score_phases else 0)
+    training_cap = training_minutes(args.minutes, start, timings["evaluation"], evaluations_left, TAIL_S)
     run_dirs = [out / "run" / f"phase{i}" for i in range(1, len(phases) + 1)] if synthetic else [out / "run"]
     scored_phases = []
 
     def score_phase(i: int, done: dict) -> None:
+        clock = time.perf_counter()
         scored = score_adapter(done["adapter"])
+        timings["evaluation"] += time.perf_counter() - clock
         scored_phases.append({"phase": i, "options": phases[i - 1][0], "steps": done["steps"],
                               "examples": done["steps"] * base.global_batch, "minutes": done["seconds"] / 60,
                               "hr@1": scored["hr@1"], "invalid": scored["invalid"]})
@@ -176,9 +188,13 @@ def main() -> None:
             print(f"after phase {i} ({phases[i - 1][0]} options, {done['steps']} steps): HR@1 {scored['hr@1']:.3f}, "
                   f"invalid {scored['invalid']:.1%} on the 20-option test records", flush=True)
 
+    clock, evaluated = time.perf_counter(), timings["evaluation"]
     done = train_phases(base, [(data, run, lr) for data, run, (_, _, lr) in zip(data_dirs, run_dirs, phases)],
-                        args.minutes, args.init_adapter, score_phase if args.score_phases else None)
+                        training_cap, args.init_adapter, score_phase if args.score_phases else None)
+    timings["training"] = time.perf_counter() - clock - (timings["evaluation"] - evaluated)
+    clock = time.perf_counter()
     after = score_adapter(done["adapter"])
+    timings["evaluation"] += time.perf_counter() - clock
     curve = [{"phase": 0, "options": None, "steps": 0, "examples": 0, "minutes": 0.0, "hr@1": before["hr@1"],
               "invalid": before["invalid"]}, *scored_phases,
              {"phase": done["last_phase"], "options": phases[done["last_phase"] - 1][0], "steps": done["steps"],
@@ -193,7 +209,7 @@ def main() -> None:
                              "baseline": chance_hr_at_1(records)}},
             "steps": done["steps"], "global_batch": base.global_batch,
             "tokens_per_s": done["tokens"] / max(done["seconds"], 1e-9), "training_minutes": done["seconds"] / 60,
-            "stopped": done["stopped"],
+            "stopped": done["stopped"], "timings_s": timings, "training_cap_minutes": training_cap,
             "phases": [{"options": o, "records": n, "lr": lr or base.lr} for o, n, lr in phases] if synthetic else [],
             "curve": curve, "args": vars(args), "date": time.strftime("%Y-%m-%d"),
             "machine": machine(), "world_size": d.world,
@@ -207,7 +223,7 @@ def main() -> None:
         print(f"  before tuning: HR@1 {before['hr@1']:.3f}, invalid {before['invalid']:.1%}")
         print(f"  after tuning:  HR@1 {after['hr@1']:.3f}, invalid {after['invalid']:.1%}")
         print(f"  {done['steps']} steps in {done['seconds'] / 60:.1f} minutes of training, {minutes:.1f} minutes end "
-              "to end" + (f"; training ended early: {done['stopped']}" if done["stopped"] else ""))
+              f"to end (setup {timings['setup'] / 60:.1f}, evaluation {timings['evaluation'] / 60:.1f})" + (f"; training ended early: {done['stopped']}" if done["stopped"] else ""))
         print(f"  results: {out / 'results.json'} and {out / 'results.md'}"
               + (f", curve: {out / 'curve.png'}" if plotted else " (pip install -e '.[plot]' for curve.png)"))
     if dist.is_initialized():

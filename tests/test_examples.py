@@ -7,6 +7,7 @@ import ast
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -73,6 +74,10 @@ def test_train_sr_curriculum_phases_chain_adapters(tmp_path):
     test = json.loads((out / "data" / "test" / "test.json").read_text())
     assert len(test) == 4 and {len(ast.literal_eval(r["options"])) for r in test} == {20}
     assert "| after phase |" in (out / "results.md").read_text()
+    # --minutes is the whole job's budget: training got what setup and the three evaluations (two after it) left
+    timings = results["timings_s"]
+    assert set(timings) == {"setup", "training", "evaluation"} and results["training_cap_minutes"] < 30
+    assert results["minutes"] * 60 >= sum(timings.values()) * 0.99 and "(setup " in (out / "results.md").read_text()
 
 
 def test_train_generalist_writes_results_to_the_run_folder_only(tmp_path):
@@ -209,17 +214,30 @@ def scoring(monkeypatch):
     return importlib.import_module("scoring")
 
 
-def test_train_sr_caps_only_the_default_demo(monkeypatch):
+def test_training_minutes_leaves_room_for_the_evaluations_after(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    common = importlib.import_module("common")
+    now = 1000.0
+    monkeypatch.setattr(common.time, "perf_counter", lambda: now)
+    # 15 minutes in all, 2 spent, one more evaluation of 60 s (x slack) and 45 s of tail
+    expected = (15 * 60 - 120 - 60 * common.EVALUATION_SLACK - 45) / 60
+    assert common.training_minutes(15, now - 120, 60.0, 1, 45.0) == pytest.approx(expected)
+    assert common.training_minutes(0, now - 120, 60.0, 1, 45.0) == 0.0  # no budget: no cap
+    with pytest.raises(SystemExit, match="leaves no time for training: 2.0 minutes went to setup"):
+        common.training_minutes(3, now - 120, 60.0, 1, 45.0)
+
+
+def test_train_sr_budgets_only_the_default_demo(monkeypatch):
     import argparse
 
     monkeypatch.syspath_prepend(str(ROOT / "examples"))
     train_sr = importlib.import_module("train_sr")
     args = lambda **kw: argparse.Namespace(**{"minutes": None, "phases": train_sr.DEFAULT_PHASES, "model": "",
                                               "data": "", **kw})
-    assert train_sr.training_cap(args()) == train_sr.DEFAULT_MINUTES
-    assert train_sr.training_cap(args(minutes=0.0)) == 0.0 and train_sr.training_cap(args(minutes=7.0)) == 7.0
-    assert train_sr.training_cap(args(phases="2:480,4:240,8:240,20:240")) == 0.0
-    assert train_sr.training_cap(args(model="/my/model")) == 0.0 and train_sr.training_cap(args(data="/ec")) == 0.0
+    assert train_sr.job_minutes(args()) == train_sr.DEFAULT_MINUTES
+    assert train_sr.job_minutes(args(minutes=0.0)) == 0.0 and train_sr.job_minutes(args(minutes=7.0)) == 7.0
+    assert train_sr.job_minutes(args(phases="2:480,4:240,8:240,20:240")) == 0.0
+    assert train_sr.job_minutes(args(model="/my/model")) == 0.0 and train_sr.job_minutes(args(data="/ec")) == 0.0
 
 
 def _record(task, output, setting="IND_Diverse_Instruction", **fields):
@@ -283,15 +301,26 @@ def test_training_losses_chain_phases_and_the_curve_needs_matplotlib(generalist,
     assert not (tmp_path / "curve.png").exists()
 
 
-def test_train_sr_time_limit_skips_later_phases_and_says_so(tmp_path):
+def test_train_sr_refuses_a_budget_without_time_for_training(tmp_path):
     model = make_tiny_checkpoint(tmp_path / "model")
-    out = tmp_path / "out"
-    cmd = [sys.executable, "examples/train_sr.py", "--model", str(model), "--out", str(out), "--phases", "2:16,4:8",
-           "--n-test", "4", "--minutes", "1e-9"]
+    cmd = [sys.executable, "examples/train_sr.py", "--model", str(model), "--out", str(tmp_path / "out"),
+           "--phases", "2:16,4:8", "--n-test", "4", "--minutes", "1e-9"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = json.loads((out / "results.json").read_text())
-    assert results["steps"] == 1 and not (out / "run" / "phase2").exists()
-    assert results["stopped"] == "the 1e-09-minute time limit, at step 1 of 3 of phase 1 (phase 2 skipped)"
-    assert "Training ended early: the 1e-09-minute time limit" in (out / "results.md").read_text()
-    assert [r["phase"] for r in results["curve"]] == [0, 1]
+    assert proc.returncode != 0 and "--minutes 1e-09 leaves no time for training" in proc.stderr
+
+
+def test_time_limit_skips_later_phases_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    common = importlib.import_module("common")
+    from ecellm.train import TrainConfig
+
+    model = make_tiny_checkpoint(tmp_path / "model")
+    for i, options in ((1, 2), (2, 4)):
+        write_dataset(tmp_path / f"data{i}", n_per_task=48 // i, n_eval_per_task=2, seed=i, tasks=["SR"],
+                      sr_options=options)
+    base = TrainConfig(model=str(model), tasks="SR", global_batch=4, micro_batch=4, max_len=256, eval_every=0)
+    phases = [(tmp_path / f"data{i}", tmp_path / f"run{i}", None) for i in (1, 2)]
+    done = common.train_phases(base, phases, 1e-9)
+    assert done["steps"] == 1 and not (tmp_path / "run2").exists()
+    assert re.fullmatch(r"the 1e-09-minute time limit, at step 1 of \d+ of phase 1 \(phase 2 skipped\)", done["stopped"])
+    assert done["last_phase"] == 1
