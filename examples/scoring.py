@@ -221,3 +221,20 @@ def task_table(table: dict) -> str:
                      f"{'yes' if t['clearly_above'] else 'no'} |")
     improved = sum(t["clearly_above"] for t in table.values())
     return "\n".join(lines) + f"\n\nClearly above: {improved} of {len(table)} tasks.\n"
+
+
+def generation_lines(stage: str, setting: str, results: dict, records: Sequence[dict]) -> list[str]:
+    """`generations.jsonl` lines of one evaluation: stage, setting, task, prediction and reference of each record.
+
+    Args:
+        stage: "before" or "after".
+        setting: the setting the records are scored in, e.g. "IND_Diverse_Instruction".
+        results: `common.evaluate_split`'s results on `records`.
+        records: the setting's test records.
+    """
+    lines = []
+    for abbr, group in by_task(records).items():
+        for p, r in zip(results[abbr]["predictions"], group):
+            lines.append(json.dumps({"stage": stage, "setting": setting, "task": abbr, "prediction": p,
+                                     "reference": r["output"]}, ensure_ascii=False))
+    return lines

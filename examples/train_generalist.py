@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shlex
 import statistics
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch.distributed as dist
@@ -49,7 +47,7 @@ from ecellm.train import TrainConfig, setup_distributed
 
 from common import (by_task, default_out, evaluate_split, launcher, load_model, machine, parse_phases, template_for,
                     train_phases, training_losses, write_curve, write_results, write_sr_phase_data)
-from scoring import BOOTSTRAP_RESAMPLES, answer_budgets, compare, data_file, task_table
+from scoring import BOOTSTRAP_RESAMPLES, answer_budgets, compare, data_file, generation_lines, task_table
 
 # The demo recipe for the embedded default on a 2-core CPU: fp32, a 20x higher learning rate than the paper's, small
 # global batches (many updates), one epoch; each step's examples packed into one row per rank (no padding). Training
@@ -107,23 +105,6 @@ def results_markdown(results: dict) -> str:
         "macro F1). Clearly above: after exceeds both before and the baseline by more than 2 standard errors. "
         f"Baselines: {baselines}. AG's F_BERT embeds with the untuned model.", "",
     ])
-
-
-def generation_lines(stage: str, key: str, results: dict, records: Sequence[dict]) -> list[str]:
-    """`generations.jsonl` lines of one evaluation: stage, setting, task, prediction and reference of each record.
-
-    Args:
-        stage: "before" or "after".
-        key: the setting's results.json key (see `SETTINGS`).
-        results: `evaluate_split`'s results on `records`.
-        records: the setting's test records.
-    """
-    lines = []
-    for abbr, group in by_task(records).items():
-        for p, r in zip(results[abbr]["predictions"], group):
-            lines.append(json.dumps({"stage": stage, "setting": SETTINGS[key], "task": abbr, "prediction": p,
-                                     "reference": r["output"]}, ensure_ascii=False))
-    return lines
 
 
 # --- the phases before the mix ----------------------------------------------------------------------------------------
@@ -319,7 +300,7 @@ def main() -> None:
                               [(0.0, mean["before"]), (done["seconds"] / 60, mean["after"])],
                               "mean metric over the tasks")
         generations = [line for stage, evaluation in (("before", before), ("after", after)) for key in SETTINGS
-                       for line in generation_lines(stage, key, evaluation[key], tests[key])]
+                       for line in generation_lines(stage, SETTINGS[key], evaluation[key], tests[key])]
         (out / "generations.jsonl").write_text("\n".join(generations) + "\n")
         print("\n" + results_markdown(results))
         print(f"results: {out / 'results.json'} and {out / 'results.md'}"
