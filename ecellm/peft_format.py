@@ -23,7 +23,8 @@ from .models.config import positive
 from .models.loading import check_finite_tensor, read_safetensors
 
 # PEFT's task_type per family (what PeftModel.from_pretrained uses to pick its wrapper class).
-TASK_TYPES: dict[str, str] = {"llama": "CAUSAL_LM", "mistral": "CAUSAL_LM", "phi": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
+TASK_TYPES: dict[str, str] = {"llama": "CAUSAL_LM", "mistral": "CAUSAL_LM", "qwen2": "CAUSAL_LM", "qwen3": "CAUSAL_LM",
+                              "phi": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -1,5 +1,6 @@
-"""ecellm.lora on ecellm's Llama / Mistral / Phi-2 / T5 against transformers + peft (the reference), on tiny random
-checkpoints: same LoRA weights -> same logits, adapters cross-load both ways, merged checkpoints load in both."""
+"""ecellm.lora on ecellm's Llama / Mistral / Qwen2 / Qwen3 / Phi-2 / T5 against transformers + peft (the reference),
+on tiny random checkpoints: same LoRA weights -> same logits, adapters cross-load both ways, merged checkpoints load in
+both."""
 
 import json
 from typing import NamedTuple
@@ -18,7 +19,8 @@ from tests.models.hf_tiny import save_tiny_decoder
 
 # tiny checkpoint -> ecellm family name (decoders from tests/models/hf_tiny.py, T5s from save_tiny_t5 below)
 CASES = {"llama-untied": "llama", "llama-tied-gqa": "llama", "llama-headdim-bias": "llama",
-         "mistral-window": "mistral", "phi-partial": "phi", "flan-t5": "t5", "t5-original": "t5"}
+         "mistral-window": "mistral", "qwen2-tied": "qwen2", "qwen3-headdim": "qwen3", "phi-partial": "phi",
+         "flan-t5": "t5", "t5-original": "t5"}
 T5S = {  # Flan-T5 layout (gated `wi_0`/`wi_1`, no output scaling) and original T5 (`wi`, scaled tied head)
     "flan-t5": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
     "t5-original": dict(feed_forward_proj="relu", tie_word_embeddings=True),
@@ -93,7 +95,8 @@ def peft_with_weights_of(ours, base, family):
 
 def test_default_targets_are_the_papers(case):
     llama = "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj lm_head"
-    paper = {"llama": llama, "mistral": llama, "phi": "q_proj k_proj v_proj dense fc1 fc2 lm_head",
+    paper = {"llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama,
+             "phi": "q_proj k_proj v_proj dense fc1 fc2 lm_head",
              "flan-t5": "q k v o wi_0 wi_1 wo lm_head", "t5-original": "q k v o wi wo lm_head"}
     expected = paper["flan-t5" if case.name == "flan-t5" else case.name if case.family == "t5" else case.family]
     assert {name.rpartition(".")[2] for name in lora.lora_layers(ours_with_lora(case.base))} == set(expected.split())

@@ -18,6 +18,7 @@ from .llama import LlamaConfig, LlamaForCausalLM
 from .loading import CheckpointError, load_checkpoint
 from .loss import causal_lm_loss, seq2seq_lm_loss
 from .phi import PhiConfig, PhiForCausalLM
+from .qwen import QwenConfig
 from .t5 import T5Config, T5ForConditionalGeneration
 
 # model_type -> (config dataclass, model class)
@@ -25,6 +26,8 @@ FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (LlamaConfig, LlamaForCausalLM),
     "phi": (PhiConfig, PhiForCausalLM),
+    "qwen2": (QwenConfig, LlamaForCausalLM),
+    "qwen3": (QwenConfig, LlamaForCausalLM),
     "t5": (T5Config, T5ForConditionalGeneration),
 }
 
@@ -99,6 +102,7 @@ __all__ = [
     "LlamaForCausalLM",
     "PhiConfig",
     "PhiForCausalLM",
+    "QwenConfig",
     "T5Config",
     "T5ForConditionalGeneration",
     "causal_lm_loss",

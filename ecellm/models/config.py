@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import read_json
+from .layers import RopeScaling
 
 
 class ConfigError(ValueError):
@@ -81,17 +82,27 @@ def rope_theta(config: dict[str, Any], default: float = 10000.0) -> float:
     return float(default if value is None else positive(value, "config.json field 'rope_theta'"))
 
 
-def rope_scaling_factor(config: dict[str, Any]) -> float:
-    """The linear RoPE scaling factor (1.0 without scaling); other scaling types are refused by name."""
+def rope_scaling(config: dict[str, Any]) -> RopeScaling:
+    """The RoPE frequency scaling: none, "linear" or "llama3" (Llama-3.x); other types are refused by name."""
     params = dict(_rope_parameters(config))
     if not params and config.get("rope_scaling"):
         params = dict(config["rope_scaling"])
     kind = params.get("rope_type", params.get("type", "default"))
     if kind in (None, "default"):
-        return 1.0
+        return RopeScaling()
+    if kind not in ("linear", "llama3"):
+        raise ConfigError(f"rope scaling type {kind!r} is not supported (supported: 'default', 'linear', 'llama3')")
+    factor = float(positive(params.get("factor"), f"{kind} rope scaling's 'factor' in config.json"))
     if kind == "linear":
-        return float(positive(params.get("factor"), "linear rope scaling's 'factor' in config.json"))
-    raise ConfigError(f"rope scaling type {kind!r} is not supported (supported: 'default', 'linear')")
+        return RopeScaling("linear", factor)
+    where = "llama3 rope scaling's {!r} in config.json"
+    low = float(positive(params.get("low_freq_factor"), where.format("low_freq_factor")))
+    high = float(positive(params.get("high_freq_factor"), where.format("high_freq_factor")))
+    original = positive(params.get("original_max_position_embeddings"),
+                        where.format("original_max_position_embeddings"), integer=True)
+    if high <= low:
+        raise ConfigError(f"llama3 rope scaling in config.json: high_freq_factor {high} must exceed low_freq_factor {low}")
+    return RopeScaling("llama3", factor, low, high, original)
 
 
 def partial_rotary_factor(config: dict[str, Any], default: float = 1.0) -> float:

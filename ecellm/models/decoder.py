@@ -1,4 +1,4 @@
-"""The decoder-only shell that Llama/Mistral and Phi-2 share: the config fields every family has (parsed once by
+"""The decoder-only shell that Llama/Mistral, Qwen2/Qwen3 and Phi-2 share: the config fields every family has (parsed once by
 `DecoderConfig.from_dict`), the attention block, the embedding -> blocks -> final-norm stack, and the language-model
 wrapper (forward, hidden states, KV-cache decoding).
 
@@ -24,6 +24,8 @@ from .layers import (
     AttentionInputs,
     KVCache,
     PackedSegments,
+    RMSNorm,
+    RopeScaling,
     attend,
     build_attention_mask,
     default_head_dim,
@@ -46,7 +48,7 @@ class DecoderConfig:
     num_key_value_heads: int
     head_dim: int
     rope_theta: float = 10000.0
-    rope_scaling_factor: float = 1.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
@@ -85,7 +87,7 @@ class DecoderConfig:
             num_key_value_heads=d.get("num_key_value_heads") or heads,
             head_dim=d.get("head_dim") or default_head_dim(hidden, heads),
             rope_theta=cfg.rope_theta(d),
-            rope_scaling_factor=cfg.rope_scaling_factor(d),
+            rope_scaling=cfg.rope_scaling(d),
             tie_word_embeddings=d.get("tie_word_embeddings", False),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
@@ -98,21 +100,44 @@ class DecoderConfig:
 class DecoderAttention(nn.Module):
     """Query/key/value projections, `attend` (rotary, KV cache, grouped-query SDPA) and the output projection,
     registered under the name the family's checkpoint uses (`o_proj` for Llama, `dense` for Phi).
+
+    Args:
+        c: the config.
+        layer: this layer's index (its slot in the KV cache).
+        bias: whether the q/k/v projections have biases.
+        output_name: the output projection's checkpoint name.
+        output_bias: whether the output projection has a bias (default: `bias`; Qwen2 has q/k/v biases only).
+        qk_norm_eps: when given, an RMSNorm over each head's query and key channels before rotary embedding
+            (`q_norm`, `k_norm`: Qwen3).
     """
 
-    def __init__(self, c: DecoderConfig, layer: int, bias: bool, output_name: str):
+    def __init__(
+        self,
+        c: DecoderConfig,
+        layer: int,
+        bias: bool,
+        output_name: str,
+        output_bias: bool | None = None,
+        qk_norm_eps: float | None = None,
+    ):
         super().__init__()
         self.layer, self.nh, self.nkv, self.hs = layer, c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.q_proj = nn.Linear(c.hidden_size, self.nh * self.hs, bias=bias)
         self.k_proj = nn.Linear(c.hidden_size, self.nkv * self.hs, bias=bias)
         self.v_proj = nn.Linear(c.hidden_size, self.nkv * self.hs, bias=bias)
+        self.q_norm = None if qk_norm_eps is None else RMSNorm(self.hs, qk_norm_eps)
+        self.k_norm = None if qk_norm_eps is None else RMSNorm(self.hs, qk_norm_eps)
         self.output_name = output_name
-        self.add_module(output_name, nn.Linear(self.nh * self.hs, c.hidden_size, bias=bias))
+        output_bias = bias if output_bias is None else output_bias
+        self.add_module(output_name, nn.Linear(self.nh * self.hs, c.hidden_size, bias=output_bias))
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        q = self.q_proj(x).view(B, T, self.nh, self.hs)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # each head's channels normalised on their own
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         return self.get_submodule(self.output_name)(attend(q, k, v, inputs, self.layer))
 
@@ -202,7 +227,7 @@ class DecoderOnlyLM(nn.Module):
         """Rotary tables at `position_ids` (B, T) and the mask of queries `query_start ..` over `key_padding`
         (B, S); see `build_attention_mask` for `query_padding`."""
         c = self.config
-        cos, sin = rope_cos_sin(position_ids, c.rotary_dim, c.rope_theta, c.rope_scaling_factor, dtype)
+        cos, sin = rope_cos_sin(position_ids, c.rotary_dim, c.rope_theta, c.rope_scaling, dtype)
         T = position_ids.shape[1]
         window = self.sliding_window
         window_matters = window is not None and query_start + T > window
@@ -217,7 +242,7 @@ class DecoderOnlyLM(nn.Module):
     def _packed_attention_inputs(self, segment_ids: torch.Tensor, dtype: torch.dtype) -> AttentionInputs:
         """Rotary tables at per-segment positions and causal attention within each segment, for packed rows."""
         c = self.config
-        cos, sin = rope_cos_sin(segment_positions(segment_ids), c.rotary_dim, c.rope_theta, c.rope_scaling_factor, dtype)
+        cos, sin = rope_cos_sin(segment_positions(segment_ids), c.rotary_dim, c.rope_theta, c.rope_scaling, dtype)
         segments = PackedSegments.from_segment_ids(segment_ids)
         return AttentionInputs(cos, sin, None, segments=segments, sliding_window=self.sliding_window)
 

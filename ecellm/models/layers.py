@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -51,24 +52,60 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+@dataclass(frozen=True)
+class RopeScaling:
+    """How a config stretches the rotary frequencies for contexts longer than pretraining's.
+
+    Attributes:
+        rope_type: "default" (no scaling), "linear" (every frequency divided by `factor`) or "llama3" (Llama-3.1:
+            low frequencies divided by `factor`, high ones kept, the band between interpolated smoothly).
+        factor: the stretch.
+        low_freq_factor, high_freq_factor, original_max_position_embeddings: "llama3" only: wavelengths longer than
+            `original / low_freq_factor` are stretched, shorter than `original / high_freq_factor` kept.
+    """
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+def rope_inv_freq(rotary_dim: int, theta: float, scaling: RopeScaling, device=None) -> torch.Tensor:
+    """The rotary inverse frequencies `theta^(-2i/rotary_dim)`, scaled as `scaling` says; (rotary_dim/2,) fp32."""
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float() / rotary_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    if scaling.rope_type != "llama3":
+        return inv_freq
+    original, low, high = scaling.original_max_position_embeddings, scaling.low_freq_factor, scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    stretched = torch.where(wavelen > original / low, inv_freq / scaling.factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)  # 0 at the low-frequency edge of the band, 1 at the high
+    smoothed = (1 - smooth) * stretched / scaling.factor + smooth * stretched
+    in_band = (wavelen >= original / high) & (wavelen <= original / low)
+    return torch.where(in_band, smoothed, stretched)
+
+
 def rope_cos_sin(
-    position_ids: torch.Tensor, rotary_dim: int, theta: float, scaling_factor: float = 1.0, dtype=torch.float32
+    position_ids: torch.Tensor, rotary_dim: int, theta: float, scaling: RopeScaling = RopeScaling(), dtype=torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosines and signed sines of the rotary embedding at the given positions.
 
     Computed on the fly (a few thousand flops) rather than stored, so a model built on the meta device needs no buffer
-    re-initialisation. `scaling_factor` is linear RoPE scaling (positions divided by the factor). The sines of the
-    first half of the channels come negated, so `apply_rope` swaps the two halves without negating one of them.
+    re-initialisation. The sines of the first half of the channels come negated, so `apply_rope` swaps the two halves
+    without negating one of them.
 
     Args:
         position_ids: (B, T) integer positions.
         rotary_dim: number of rotated channels per head (even).
         theta: the RoPE base.
+        scaling: the config's frequency scaling (`RopeScaling`; none by default).
     Returns:
         cos, sin: (B, T, rotary_dim) in `dtype`; `sin` is `(-sin(f), sin(f))` where `cos` is `(cos(f), cos(f))`.
     """
-    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=position_ids.device).float() / rotary_dim
-    inv_freq = 1.0 / (theta**exponents) / scaling_factor  # (rotary_dim/2,)
+    inv_freq = rope_inv_freq(rotary_dim, theta, scaling, position_ids.device)  # (rotary_dim/2,)
     freqs = position_ids[:, :, None].float() * inv_freq  # (B, T, rotary_dim/2)
     cos, sin = freqs.cos(), freqs.sin()
     return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
@@ -349,6 +386,8 @@ def default_head_dim(hidden_size: int, num_heads: int) -> int:
 
 __all__ = [
     "RMSNorm",
+    "RopeScaling",
+    "rope_inv_freq",
     "rope_cos_sin",
     "apply_rope",
     "KVCache",

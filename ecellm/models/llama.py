@@ -1,6 +1,7 @@
-"""Llama-2 and Mistral: pre-norm decoder blocks with RMSNorm, rotary attention (grouped-query heads, optional
-sliding window) and a gated SiLU MLP, in the shared decoder shell (`decoder.py`). Module names mirror the Hugging
-Face checkpoint keys (`model.layers.0.self_attn.q_proj.weight`, ...).
+"""Llama-2/3 and Mistral: pre-norm decoder blocks with RMSNorm, rotary attention (grouped-query heads, optional
+sliding window) and a gated SiLU MLP, in the shared decoder shell (`decoder.py`). Qwen2 and Qwen3 use the same block
+with their attention's differences switched on (`qwen.py`). Module names mirror the Hugging Face checkpoint keys
+(`model.layers.0.self_attn.q_proj.weight`, ...).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class LlamaConfig(DecoderConfig):
     attention_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None  # Mistral only
+    qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections (not on o_proj) whatever `attention_bias` says
+    qk_norm: bool = False  # Qwen3: RMSNorm on each head's queries and keys
 
     @classmethod
     def _family_fields(cls, d: dict[str, Any], family: str) -> dict[str, Any]:
@@ -41,7 +44,10 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, c: LlamaConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = DecoderAttention(c, layer, bias=c.attention_bias, output_name="o_proj")
+        self.self_attn = DecoderAttention(
+            c, layer, bias=c.attention_bias or c.qkv_bias, output_name="o_proj", output_bias=c.attention_bias,
+            qk_norm_eps=c.rms_norm_eps if c.qk_norm else None,
+        )
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, c.mlp_bias)
 
@@ -51,7 +57,7 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(DecoderOnlyLM):
-    """Llama-2 / Mistral language model. `forward(input_ids, attention_mask=None) -> (B, T, V)` logits."""
+    """Llama / Mistral / Qwen language model. `forward(input_ids, attention_mask=None) -> (B, T, V)` logits."""
 
     def __init__(self, config: LlamaConfig):
         final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)

@@ -21,6 +21,22 @@ DECODERS = {
         "MistralForCausalLM",
         dict(sliding_window=5, num_key_value_heads=2, tie_word_embeddings=False),
     ),
+    "llama3-rope": (  # all three frequency bands of llama3 scaling occur at head size 8 with this context
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(num_key_value_heads=2, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                      high_freq_factor=4.0, original_max_position_embeddings=64)),
+    ),
+    "qwen2-tied": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6),
+    ),
+    "qwen3-headdim": (
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        dict(num_key_value_heads=2, head_dim=12, tie_word_embeddings=False),
+    ),
     "phi-partial": (
         "PhiConfig",
         "PhiForCausalLM",
