@@ -22,6 +22,8 @@ setup(
     extras_require={
         # GGUF import (the embedded SmolLM2 default ships as a GGUF file).
         "gguf": ["gguf>=0.10"],
+        # Reading the clothing reviews (a brotli parquet) for `ecellm data build clothing-reviews`.
+        "real": ["pyarrow>=14"],
         # The examples' curve.png (training loss and the metric against minutes).
         "plot": ["matplotlib>=3.5"],
         # Tests: pytest plus the reference oracles our outputs must match. Never imported by ecellm/.
@@ -31,6 +33,8 @@ setup(
             "peft>=0.13",
             "scikit-learn>=1.3",
             "gguf>=0.10",
+            "pandas>=2.0",
+            "pyarrow>=14",
         ],
     },
 )
