@@ -18,6 +18,7 @@ renamed, so an interrupted write leaves the previous one usable. `--resume` cont
 checkpoint stopped, under the same settings. SIGTERM and Ctrl-C save a checkpoint and exit; `--minutes M` ends the run
 after the step that passes M minutes, validated, checkpointed and with its adapter written. A new run refuses an
 `--out` that holds another run unless `--overwrite` is given. `--init-adapter DIR` starts LoRA from a saved adapter.
+The folder's files and rules live in `ecellm.checkpoints`; this module is the loop.
 
 The run reads top to bottom in `_train`, as stages over one `Run` (settings, ranks, model, data, optimizer, progress):
 
@@ -32,12 +33,9 @@ destroys the process group if it created one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
-import re
-import shutil
 import signal
 import sys
 import time
@@ -45,15 +43,26 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import lora, peft_format
+from .checkpoints import (
+    TrainingError,
+    checkpoint_dir,
+    full_tensor,
+    latest_checkpoint,
+    load_optimizer_state,
+    optimizer_state,
+    prepare_out,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+    write_adapter,
+    write_checkpoint,
+)
 from .data import (
     LOSS_AVERAGES,
     LengthGroupedBatchSampler,
@@ -66,10 +75,9 @@ from .data import (
     pack_examples,
     sample_per_task,
 )
-from .files import read_json, strict_json, write_dir_atomically, write_json
+from .files import strict_json, write_json
 from .flags import parse_dtype, parse_flags
 from .models import from_pretrained
-from .models.loading import CheckpointError
 from .tokenizer import Tokenizer, load_tokenizer
 
 
@@ -115,18 +123,6 @@ class TrainConfig:
     resume: bool = False  # continue the run in --out from its newest complete checkpoint (same settings)
     overwrite: bool = False  # delete the run already in --out and start over
     dist_timeout_s: int = 300  # how long ranks wait for each other before the run ends naming the silent rank
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (non-finite loss, bad configuration)."""
-
-
-class ResumeError(TrainingError):
-    """A checkpoint that cannot be resumed from (a missing, truncated or non-finite part)."""
-
-
-TRAINER_JSON, TRAINER_TENSORS = "trainer.json", "trainer.safetensors"
-TRAINER_FIELDS = ("step", "scheduler", "param_groups", "rng", "best_val", "best_step", "tokens_seen")
 
 
 # --- distributed set-up -------------------------------------------------------------------------------------------
@@ -392,265 +388,6 @@ def log(message: str) -> None:
     tqdm.write(f"[ecellm.train] {message}", file=sys.stderr)
 
 
-# --- checkpoints --------------------------------------------------------------------------------------------------
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A plain CPU tensor from a parameter that may be an FSDP2 shard (DTensor)."""
-    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
-
-
-def lora_weights(trainable: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    """The trainable (LoRA) parameters as full CPU tensors, by name. Collective under FSDP: call on every rank."""
-    return {name: full_tensor(p) for name, p in trainable.items()}
-
-
-def optimizer_state(
-    trainable: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer
-) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """AdamW's state as full CPU tensors keyed `<parameter name>/<key>` (collective under FSDP), and the
-    hyper-parameters of each parameter group (JSON-ready)."""
-    tensors = {
-        f"{name}/{key}": full_tensor(value)
-        for name, p in trainable.items()
-        for key, value in optimizer.state.get(p, {}).items()
-    }
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    return tensors, groups
-
-
-def load_optimizer_state(
-    trainable: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list
-) -> None:
-    """Inverse of `optimizer_state`: full tensors go back to each parameter's device, re-sharded like it."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    for key, value in tensors.items():
-        name, state_key = key.rsplit("/", 1)
-        p = trainable[name]
-        if isinstance(p, DTensor) and value.shape == p.shape:
-            value = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
-        elif state_key != "step":
-            value = value.to(p.device)
-        optimizer.state[p][state_key] = value
-    for group, saved_group in zip(optimizer.param_groups, groups):
-        group.update(saved_group)
-
-
-def rng_state() -> dict[str, list]:
-    """This process's random number generators (python, numpy, torch, cuda) as plain JSON-ready lists."""
-    version, words, gauss = random.getstate()
-    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
-    state = {
-        "python": [version, list(words), gauss],
-        "numpy": [kind, keys.tolist(), position, has_gauss, cached_gauss],
-        "torch": torch.get_rng_state().tolist(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state().tolist()
-    return state
-
-
-def set_rng_state(state: dict[str, list]) -> None:
-    """Inverse of `rng_state`."""
-    version, words, gauss = state["python"]
-    random.setstate((version, tuple(words), gauss))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state:
-        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
-
-
-def checkpoint_dirs(out: Path) -> list[tuple[int, Path]]:
-    """The run's `checkpoints/step_N` directories as (N, path), ordered by step number."""
-    found = []
-    for path in (out / "checkpoints").glob("step_*"):
-        number = re.fullmatch(r"step_(\d+)", path.name)
-        if number and path.is_dir():
-            found.append((int(number[1]), path))
-    return sorted(found)
-
-
-def prune_checkpoints(out: Path, step: int, keep: int) -> None:
-    """Delete all but the `keep` newest checkpoints up to `step` (keep 0: delete none). Newer ones, which a resume
-    skipped as damaged, are not counted: they stay until this run overwrites them."""
-    if keep:
-        for _, path in [c for c in checkpoint_dirs(out) if c[0] <= step][:-keep]:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def gather_rng_states(dist_ctx: DistContext) -> list[dict[str, list]]:
-    """Every rank's RNG states (`rng_state`), in rank order. Collective."""
-    if dist_ctx.mesh is None:
-        return [rng_state()]
-    states = [None] * dist_ctx.world
-    dist.all_gather_object(states, rng_state())
-    return states
-
-
-def write_adapter(run: Run, directory: Path, weights: dict[str, torch.Tensor]) -> None:
-    """Write the LoRA `weights` (from `lora_weights`) to `directory` in PEFT format, all at once (main rank only)."""
-    write_dir_atomically(
-        directory,
-        lambda tmp: peft_format.save_adapter(run.model, tmp, base_model_name_or_path=run.model_dir, weights=weights),
-    )
-
-
-def save_checkpoint(run: Run) -> Path:
-    """Checkpoint the run at its current step; collective (every rank calls it). Returns the checkpoint directory.
-
-    It holds `adapter/` (PEFT format), `trainer.safetensors` (AdamW's tensors) and `trainer.json` (step, scheduler,
-    optimizer hyper-parameters, every rank's RNG states as lists, best validation loss and step, tokens seen): nothing
-    that needs unpickling. Older checkpoints beyond `keep_checkpoints` are deleted."""
-    weights = lora_weights(run.trainable)
-    optim_tensors, optim_groups = optimizer_state(run.trainable, run.optimizer)
-    rngs = gather_rng_states(run.dist_ctx)
-    final = run.out / "checkpoints" / f"step_{run.step:08d}"
-    if run.dist_ctx.is_main:
-        trainer = {"step": run.step, "scheduler": run.scheduler.state_dict(), "param_groups": optim_groups,
-                   "rng": rngs, "best_val": run.best_val, "best_step": run.best_step, "tokens_seen": run.tokens_seen}
-
-        def write(tmp: Path) -> None:
-            peft_format.save_adapter(run.model, tmp / "adapter", base_model_name_or_path=run.model_dir, weights=weights)
-            save_file(optim_tensors, str(tmp / TRAINER_TENSORS))
-            (tmp / TRAINER_JSON).write_text(strict_json(trainer))
-
-        write_dir_atomically(final, write)
-        prune_checkpoints(run.out, run.step, run.config.keep_checkpoints)
-    run.dist_ctx.barrier()
-    return final
-
-
-def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """A checkpoint's trainer state (`trainer.json`), optimizer tensors and LoRA weights, every file read in full.
-
-    Only JSON and safetensors are read: a `trainer.pt` (the pickle format of older versions) is never loaded.
-
-    Raises:
-        ResumeError: a missing, truncated or unreadable file, a missing field, or a non-finite tensor.
-    """
-    adapter_weights = f"adapter/{peft_format.ADAPTER_WEIGHTS}"
-    readers = {
-        TRAINER_JSON: lambda file: json.loads(file.read_text()),
-        "adapter/adapter_config.json": lambda file: json.loads(file.read_text()),
-        TRAINER_TENSORS: lambda file: load_file(str(file)),
-        adapter_weights: lambda file: peft_format.read_adapter_weights(file.parent),
-    }
-    parts = []
-    for name, read in readers.items():
-        if not (path / name).is_file():
-            pickled = (path / "trainer.pt").exists()
-            old = " (its trainer.pt, the pickle format of older versions, is never loaded)" if pickled else ""
-            raise ResumeError(f"{path}: missing {name}{old}")
-        try:
-            parts.append(read(path / name))
-        except CheckpointError as e:  # read, but refused (e.g. NaN/Inf): the message names the file and tensor
-            raise ResumeError(f"{path}: {name} is refused ({e})") from e
-        except (OSError, ValueError, SafetensorError) as e:
-            raise ResumeError(f"{path}: {name} is unreadable ({type(e).__name__}: {e})") from e
-    trainer, _, optim, weights = parts
-    missing = [key for key in TRAINER_FIELDS if key not in trainer]
-    if missing:
-        raise ResumeError(f"{path}: {TRAINER_JSON} lacks the fields {missing}")
-    bad = [name for name, t in optim.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:  # (read_adapter_weights already refused non-finite LoRA weights)
-        raise ResumeError(f"{path}: {TRAINER_TENSORS} holds non-finite values in {bad[:3]}")
-    return trainer, optim, weights
-
-
-def latest_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint that reads completely (`read_checkpoint`), and what is wrong with each newer one."""
-    damaged = []
-    for _, path in reversed(checkpoint_dirs(out)):
-        try:
-            read_checkpoint(path)
-            return path, damaged
-        except ResumeError as e:
-            damaged.append(str(e))
-    return None, damaged
-
-
-# --- the output folder --------------------------------------------------------------------------------------------
-
-# Settings a resumed run may change: where and how often it writes, and how long ranks wait for each other. Every
-# other field (one added later included) shapes the run's mathematics and must keep its saved value.
-RESUMABLE_CHANGES = {
-    "out", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "eval_every", "dist_timeout_s", "minutes"
-}
-
-
-def check_same_settings(saved_file: Path, config: TrainConfig) -> None:
-    """Refuse to resume the run recorded in `saved_file` (its config.json) under other settings, naming them."""
-    try:
-        saved = read_json(saved_file)
-    except (OSError, ValueError) as e:
-        raise TrainingError(f"--resume: cannot read the run's settings in {saved_file}: {e}") from e
-    new, absent = dataclasses.asdict(config), "<absent>"
-    changed = [
-        f"{key}: {saved.get(key, absent)!r} -> {new.get(key, absent)!r}"
-        for key in sorted(set(saved) | set(new))
-        if key not in RESUMABLE_CHANGES and saved.get(key, absent) != new.get(key, absent)
-    ]
-    if changed:
-        raise TrainingError(
-            f"--resume with settings other than {saved_file} records would mix two runs; differing: "
-            f"{'; '.join(changed)}. Resume with the saved values, or start a new run (another --out, or --overwrite)"
-        )
-
-
-def trim_log(log_file: Path, step: int) -> None:
-    """Keep the log's records up to `step` (later ones are redone by the resumed run); drop a line cut short."""
-    if not log_file.is_file():
-        return
-    kept = []
-    for line in log_file.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue  # the last line of a killed run may be cut short
-    tmp = log_file.with_name(log_file.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, log_file)
-
-
-def prepare_out(config: TrainConfig, out: Path, log) -> str | None:
-    """Make `out` ready for this run (main rank only); returns the name of the checkpoint to resume from, if any.
-
-    A new run needs an `out` that is absent or empty (but for the config.json of a start that failed before writing
-    anything else); `--overwrite` first deletes the run in it. `--resume` continues the run in `out` under the same
-    settings, from its newest complete checkpoint, with the log cut back to that step.
-    """
-    held = sorted(p.name for p in out.iterdir() if p.name != "config.json") if out.is_dir() else []
-    if config.resume and config.overwrite:
-        raise TrainingError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
-    if held and config.overwrite:
-        if not (out / "config.json").is_file():
-            raise TrainingError(f"--overwrite: {out} holds {held[:5]} but no config.json (no ecellm run): not deleted")
-        log(f"--overwrite: deleting the previous run in {out}")
-        shutil.rmtree(out)
-    elif held and not config.resume:
-        raise TrainingError(
-            f"{out} already holds a run ({', '.join(held[:5])}): pass --resume to continue it, --overwrite to delete "
-            "it and start over, or choose another --out"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    if not (config.resume and held):
-        write_json(out / "config.json", dataclasses.asdict(config))
-        return None
-    check_same_settings(out / "config.json", config)
-    checkpoint, damaged = latest_checkpoint(out)
-    for damage in damaged:
-        log(f"--resume: skipping a newer checkpoint, {damage}")
-    if checkpoint is None and damaged:
-        raise TrainingError(f"--resume: no readable checkpoint in {out / 'checkpoints'}: {'; '.join(damaged)}")
-    if checkpoint is None:
-        log(f"--resume: no checkpoint in {out / 'checkpoints'} yet, starting the run from step 0")
-    trim_log(out / "log.jsonl", int(checkpoint.name.split("_")[1]) if checkpoint else 0)
-    return checkpoint.name if checkpoint else None
-
-
 # --- setting up: model, data, optimizer, resume -----------------------------------------------------------------------
 
 
@@ -893,7 +630,7 @@ def validate(run: Run, epoch: int) -> None:
     if improved:
         run.best_val, run.best_step = val, run.step
         if run.dist_ctx.is_main:
-            write_adapter(run, run.out / "best_adapter", weights)
+            write_adapter(run.model, run.model_dir, run.out / "best_adapter", weights)
     run.dist_ctx.barrier()
     write_log(run, {"type": "eval", "step": run.step, "epoch": epoch, "val_loss": val, "best_val_loss": run.best_val})
     run.log(f"step {run.step}: validation loss {val:.4f}" + (" (best so far, adapter kept)" if improved else ""))
@@ -904,6 +641,42 @@ def write_log(run: Run, record: dict) -> None:
     if run.dist_ctx.is_main:
         with open(run.out / "log.jsonl", "a") as f:
             f.write(strict_json(record) + "\n")
+
+
+# --- checkpointing ------------------------------------------------------------------------------------------------
+
+
+def lora_weights(trainable: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The trainable (LoRA) parameters as full CPU tensors, by name. Collective under FSDP: call on every rank."""
+    return {name: full_tensor(p) for name, p in trainable.items()}
+
+
+def gather_rng_states(dist_ctx: DistContext) -> list[dict[str, list]]:
+    """Every rank's RNG states (`rng_state`), in rank order. Collective."""
+    if dist_ctx.mesh is None:
+        return [rng_state()]
+    states = [None] * dist_ctx.world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def save_checkpoint(run: Run) -> Path:
+    """Checkpoint the run at its current step (`ecellm.checkpoints.write_checkpoint`); collective (every rank calls
+    it, the main rank writes). Returns the checkpoint directory.
+
+    It holds the adapter, AdamW's tensors and the trainer state: step, scheduler, optimizer hyper-parameters, every
+    rank's RNG states, best validation loss and step, tokens seen. Older checkpoints beyond `keep_checkpoints` are
+    deleted."""
+    weights = lora_weights(run.trainable)
+    optim_tensors, optim_groups = optimizer_state(run.trainable, run.optimizer)
+    rngs = gather_rng_states(run.dist_ctx)
+    if run.dist_ctx.is_main:
+        trainer = {"step": run.step, "scheduler": run.scheduler.state_dict(), "param_groups": optim_groups,
+                   "rng": rngs, "best_val": run.best_val, "best_step": run.best_step, "tokens_seen": run.tokens_seen}
+        write_checkpoint(run.out, run.model, run.model_dir, weights, optim_tensors, trainer,
+                         run.config.keep_checkpoints)
+    run.dist_ctx.barrier()
+    return checkpoint_dir(run.out, run.step)
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
@@ -977,7 +750,7 @@ def finish(run: Run, stopped_by: str | None) -> dict:
     """Write the final adapter (unless a signal stopped the run) and `out/summary.json`; returns the summary."""
     weights = lora_weights(run.trainable)
     if run.dist_ctx.is_main and stopped_by in (None, OUT_OF_TIME):
-        write_adapter(run, run.out / "adapter", weights)
+        write_adapter(run.model, run.model_dir, run.out / "adapter", weights)
     elapsed, speed = run.speed()
     summary = {
         "steps": run.step,
@@ -1045,7 +818,7 @@ def train(config: TrainConfig) -> dict:
 def _train(config: TrainConfig, dist_ctx: DistContext) -> dict:
     """The run itself, stage by stage, on the ranks of `dist_ctx`: see `train`."""
     check_config(config, dist_ctx.world)
-    resume_from = dist_ctx.from_main(lambda: prepare_out(config, Path(config.out), log))
+    resume_from = dist_ctx.from_main(lambda: prepare_out(Path(config.out), dataclasses.asdict(config), log))
     run = setup_model(config, dist_ctx)
     setup_data(run)
     # Resume: LoRA weights go in before sharding; optimizer, scheduler and RNG states once the optimizer exists.

@@ -18,10 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from ecellm import checkpoints
 from ecellm import train as train_mod
+from ecellm.checkpoints import ResumeError, latest_checkpoint, prune_checkpoints, read_checkpoint
 from ecellm.synthetic import write_dataset
-from ecellm.train import (ResumeError, TrainConfig, TrainingError, latest_checkpoint, prune_checkpoints, read_checkpoint,
-                          train)
+from ecellm.train import TrainConfig, TrainingError, train
 
 from .tiny_checkpoint import make_tiny_checkpoint
 
@@ -249,7 +250,7 @@ def test_interrupt_then_resume_equals_uninterrupted(setup, reference, tmp_path, 
 
 def test_interrupted_checkpoint_write_leaves_previous_usable(setup, reference, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real, writes = train_mod.save_file, []
+    real, writes = checkpoints.save_file, []
 
     def crash_third(tensors, path, *a, **k):  # the third checkpoint's adapter is written, then its trainer state dies
         writes.append(path)
@@ -258,7 +259,7 @@ def test_interrupted_checkpoint_write_leaves_previous_usable(setup, reference, t
             raise KeyboardInterrupt("killed mid-write")
         return real(tensors, path, *a, **k)
 
-    monkeypatch.setattr(train_mod, "save_file", crash_third)
+    monkeypatch.setattr(checkpoints, "save_file", crash_third)
     with pytest.raises(KeyboardInterrupt):
         train(config(setup, out))
     monkeypatch.undo()
