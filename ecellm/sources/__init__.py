@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..files import write_dir_atomically, write_json
-from . import amazon_google
+from . import amazon_google, clothing_reviews, oa_mine, subjqa
 from .common import SPLIT_NAMES, Built, SourceError
 
 __all__ = ["SOURCES", "Built", "SourceError", "build", "build_report", "write", "write_splits", "summary"]
@@ -24,6 +24,9 @@ __all__ = ["SOURCES", "Built", "SourceError", "build", "build_report", "write", 
 # source name -> its builder module (`build(raw) -> Built`) and the tasks it yields
 SOURCES = {
     "amazon-google": amazon_google,
+    "clothing-reviews": clothing_reviews,
+    "oa-mine": oa_mine,
+    "subjqa": subjqa,
 }
 
 
