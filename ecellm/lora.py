@@ -78,7 +78,8 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)  # (..., out) in the base dtype
+        base = self.weight  # a weight tensor, or a 4-bit `ecellm.nf4.NF4Weight` that computes its own linear
+        out = F.linear(x, base, self.bias) if isinstance(base, torch.Tensor) else base(x, self.bias)  # (..., out)
         if self.merged:
             return out
         h = x.to(self.lora_A.dtype)
@@ -216,11 +217,25 @@ def _tie_partner(model: nn.Module, name: str, layer: LoRALinear) -> str | None:
     return None
 
 
+def _check_full_precision_base(model: nn.Module, what: str) -> None:
+    """Merging needs the base weights in bf16/fp32: a LoRA update added to 4-bit codes would mostly round away."""
+    from .nf4 import NF4Weight  # nf4 imports this module
+
+    quantized = [name for name, m in model.named_modules() if isinstance(m, NF4Weight)]
+    if quantized:
+        raise ValueError(
+            f"{what}: {quantized[0]} (and {len(quantized) - 1} more) is a 4-bit NF4 weight; merge into a bf16/fp32 "
+            "copy of the base instead: from_pretrained(base), load_adapter(model, adapter_dir), then merge"
+        )
+
+
 @torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base weight (`W += scaling * B @ A`, in fp32, then cast back); the LoRA path
     is then skipped. Merging a merged layer does nothing. A weight tied to another module (e.g. `lm_head` sharing
-    `embed_tokens.weight`) is untied first, so the other module keeps the base weight; `unmerge` ties it again."""
+    `embed_tokens.weight`) is untied first, so the other module keeps the base weight; `unmerge` ties it again.
+    A 4-bit (NF4) base is refused: merge into a bf16/fp32 copy of it."""
+    _check_full_precision_base(model, "merge")
     for name, layer in lora_layers(model).items():
         if layer.merged:
             continue
@@ -283,6 +298,7 @@ def save_merged(model: nn.Module, path: str | Path, max_shard_size: int | str = 
         max_shard_size: shard size limit, in bytes or as a string such as "5GB".
     """
     check_new_directory(path)  # before anything else: the one error that says nothing about the model
+    _check_full_precision_base(model, "save_merged")
     raw = getattr(getattr(model, "config", None), "raw", None)
     if not isinstance(raw, dict) or not raw:
         raise ValueError(f"save_merged: {type(model).__name__} has no config.raw (the config.json dict) to write")
