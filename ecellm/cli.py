@@ -4,6 +4,7 @@
     ecellm eval --model DIR --adapter DIR --data test.json --out results/   # EvalConfig (ecellm.eval)
     ecellm generate --model DIR --prompt "What is ..."                  # GenerateConfig (below)
     ecellm convert-gguf --gguf model.gguf --out DIR                     # ConvertConfig (below)
+    ecellm data build subjqa --raw DIR --out data/subjqa                # DataBuildConfig (below, ecellm.sources)
 
 `ecellm SUBCOMMAND --help` lists every flag. `python -m ecellm ...` is the same command; `python -m ecellm.train` and
 `python -m ecellm.eval` keep working.
@@ -40,6 +41,15 @@ class ConvertConfig:
 
     gguf: str = field(metadata={"help": "the .gguf file"})
     out: str = field(metadata={"help": "the checkpoint directory to create (must not exist)"})
+
+
+@dataclass(kw_only=True)
+class DataBuildConfig:
+    """Settings of `ecellm data build SOURCE`: a raw public source as ECInstruct's train/validation/test files."""
+
+    out: str = field(metadata={"help": "folder to create (new or empty): train.json, validation.json, test.json"})
+    raw: str | None = field(default=None, metadata={"help": "folder of the source's files (default: fetched, for "
+                                                            "the sources that can be)"})
 
 
 def generate(argv: Sequence[str], prog: str) -> list[str]:
@@ -84,8 +94,25 @@ def evaluate(argv: Sequence[str], prog: str) -> dict:
     return main(argv, prog=prog)
 
 
+def data(argv: Sequence[str], prog: str) -> list:
+    """`ecellm data build SOURCE --out DIR [--raw DIR]`: write the files, print records per setting and skipped rows;
+    returns the files' paths."""
+    from .sources import SOURCES, build_report, check_out, summary, write_splits
+
+    if argv[:1] != ["build"] or len(argv) < 2 or argv[1] not in SOURCES:
+        raise SystemExit(f"usage: {prog} build {{{','.join(SOURCES)}}} --out DIR [--raw DIR] "
+                         f"(got {' '.join(argv[:2]) or 'nothing'})")
+    config = parse_flags(DataBuildConfig, argv[2:], prog=f"{prog} build {argv[1]}", description=DataBuildConfig.__doc__)
+    check_out(config.out)
+    built = build_report(argv[1], config.raw)
+    paths = write_splits(built.splits, config.out)
+    print(summary(built))
+    print(f"wrote {', '.join(map(str, paths))}")
+    return paths
+
+
 COMMANDS: dict[str, Callable[[Sequence[str], str], object]] = {
-    "train": train, "eval": evaluate, "generate": generate, "convert-gguf": convert_gguf,
+    "train": train, "eval": evaluate, "generate": generate, "convert-gguf": convert_gguf, "data": data,
 }
 
 

@@ -1,8 +1,8 @@
 """Raw public sources -> ECInstruct records, in the released layout (`train.json`, `validation.json`, `test.json`).
 
     from ecellm.sources import build, write
-    splits = build("amazon-google", "../shared/realdata/amazon-google")   # {"train": [...], "validation": ..., "test": ...}
-    write("subjqa", "../shared/realdata/subjqa", "data/subjqa")           # or: ecellm data build subjqa --raw ... --out ...
+    splits = build("amazon-google", "../shared/realdata/amazon-google")  # {"train": [..], "validation": .., "test": ..}
+    write("subjqa", "../shared/realdata/subjqa", "data/subjqa")  # or: ecellm data build subjqa --raw DIR --out DIR
 
 One module a source, each following the reference repository's notebook for its task (ninglab/eCeLLM
 `data_processing/*.ipynb`): PM exactly as ECInstruct built it; SA, AVE, AP and AG from public stand-ins for the
@@ -19,7 +19,8 @@ from ..files import write_dir_atomically, write_json
 from . import amazon_google, clothing_reviews, oa_mine, subjqa
 from .common import SPLIT_NAMES, Built, SourceError
 
-__all__ = ["SOURCES", "Built", "SourceError", "build", "build_report", "write", "write_splits", "summary"]
+__all__ = ["SOURCES", "Built", "SourceError", "build", "build_report", "check_out", "write", "write_splits",
+           "summary"]
 
 # source name -> its builder module (`build(raw) -> Built`) and the tasks it yields
 SOURCES = {
@@ -54,15 +55,21 @@ def build(source: str, raw: str | Path | None = None) -> dict[str, list[dict]]:
     return build_report(source, raw).splits
 
 
+def check_out(out: str | Path) -> None:
+    """A `SourceError` unless `out` is a new or empty folder (built files never overwrite anything)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SourceError(f"{out}: exists and is not an empty folder; choose a new --out")
+
+
 def write_splits(splits: dict[str, list[dict]], out: str | Path) -> list[Path]:
     """Write `splits` as `<out>/train.json`, `validation.json`, `test.json`, all at once (`write_dir_atomically`).
 
     Raises:
         SourceError: `out` exists and is not an empty folder.
     """
+    check_out(out)
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SourceError(f"{out}: exists and is not an empty folder; choose a new --out")
 
     def fill(folder: Path) -> None:
         for name in SPLIT_NAMES:
@@ -74,6 +81,7 @@ def write_splits(splits: dict[str, list[dict]], out: str | Path) -> list[Path]:
 
 def write(source: str, raw: str | Path | None, out: str | Path) -> list[Path]:
     """Build `source` (see `build_report`) and write its three files into the new folder `out`; returns them."""
+    check_out(out)
     return write_splits(build(source, raw), out)
 
 

