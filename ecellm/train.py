@@ -48,7 +48,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import lora, peft_format
+from . import lora, nf4, peft_format
 from .checkpoints import (
     TrainingError,
     checkpoint_dir,
@@ -115,6 +115,8 @@ class TrainConfig:
     dtype: str = "bf16"  # "bf16" or "fp32" ("fp32" for CPUs)
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each transformer block (`compile_blocks`); the first step compiles
+    quantize: str = ""  # "nf4": the frozen base linears in 4 bits (QLoRA, ecellm/nf4.py), one process only; "": off
     group_by_length: bool = False  # batch examples of similar length together (less padding; the paper: random)
     eval_every: int = 0  # evaluate every N steps (0: at the end of each epoch)
     checkpoint_every: int = 50  # checkpoint every N steps (and at each epoch end)
@@ -223,6 +225,20 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
         if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("layers", "block")
         for block in module
     ]
+
+
+def compile_blocks(blocks: list[nn.Module]) -> None:
+    """`torch.compile` each block's forward (torchtune's per-block compile), with dynamic shapes: packed rows and
+    padded micro-batches change length from step to step, and one compilation serves every length.
+
+    Call before `enable_activation_checkpointing` and `shard`: the checkpoint then reruns the compiled forward (the
+    same kernels and dropout masks), and FSDP2's hooks stay outside the compiled code. The blocks share their code,
+    so they share compiled graphs (block 0 gets its own: its input needs no gradient) once their layer index, an
+    integer attribute dynamo would otherwise specialise on, is left unspecialised.
+    """
+    torch._dynamo.config.allow_unspec_int_on_nn_module = True
+    for block in blocks:
+        block.forward = torch.compile(block.forward, dynamic=True)
 
 
 def enable_activation_checkpointing(blocks: list[nn.Module]) -> None:
@@ -363,6 +379,8 @@ class Run:
     ordered_epoch: int | None = None
     started: float = 0.0  # `time.perf_counter()` when the loop started, and `tokens_seen` then
     tokens_at_start: int = 0
+    first_step_s: float | None = None  # wall time of this process's first step (with --compile: compiling), and
+    compile_s: float | None = None  # the first step's time minus the second's: the compilation's cost
 
     @property
     def out(self) -> Path:
@@ -404,6 +422,12 @@ def check_config(config: TrainConfig, world: int) -> None:
                             "peft: adapter_config.json + adapter_model.safetensors)")
     if config.pack_tokens < 0:
         raise TrainingError(f"pack_tokens must be >= 0 (0: no packing), got {config.pack_tokens}")
+    if config.quantize not in ("", "nf4"):
+        raise TrainingError(f"quantize must be 'nf4' or '' (off), got {config.quantize!r}")
+    if config.quantize and world > 1:
+        raise TrainingError(f"quantize nf4 runs in one process, this run has {world}: FSDP2 shards Parameters and the "
+                            "4-bit weights are buffers, so every rank would hold the whole base; drop --quantize or "
+                            "run without torchrun")
     if config.global_batch % (world * config.micro_batch):
         raise TrainingError(
             f"global_batch {config.global_batch} must be a multiple of world_size x micro_batch "
@@ -435,6 +459,8 @@ def setup_model(config: TrainConfig, dist_ctx: DistContext) -> Run:
     run.log(f"{model.config.model_type} from {model_dir}: {n_trainable:,} trainable of {n_total:,} parameters "
             f"({100 * n_trainable / n_total:.2f}%)" + (f", LoRA from {config.init_adapter}" if config.init_adapter
                                                        else ""))
+    if config.quantize:
+        run.log(nf4.quantize_model(model).summary())
     return run
 
 
@@ -502,9 +528,12 @@ def restore_lora_weights(run: Run, checkpoint: Path) -> tuple[dict, dict[str, to
 
 
 def setup_optimizer(run: Run) -> None:
-    """Place the model (activation checkpointing, then FSDP2 sharding or the move to the device), then AdamW and the
-    learning-rate schedule over its LoRA parameters."""
+    """Place the model (compilation, activation checkpointing, then FSDP2 sharding or the move to the device), then
+    AdamW and the learning-rate schedule over its LoRA parameters."""
     config, model = run.config, run.model
+    if config.compile:
+        compile_blocks(transformer_blocks(model))
+        run.log("--compile: each block compiled for any row length (the first step compiles, once)")
     if config.activation_checkpointing:
         enable_activation_checkpointing(transformer_blocks(model))
     if run.dist_ctx.mesh is not None:
@@ -709,6 +738,16 @@ def stop_requested(run: Run) -> str | None:
     return OUT_OF_TIME if timed_out else None
 
 
+def note_step_time(run: Run, seconds: float) -> None:
+    """Keep the first step's wall time and, with `--compile`, the compilation's (the first step's time minus the
+    second's), shown once on the progress line."""
+    if run.first_step_s is None:
+        run.first_step_s = seconds
+    elif run.config.compile and run.compile_s is None:
+        run.compile_s = max(run.first_step_s - seconds, 0.0)
+        run.log(f"--compile: the first step took {run.first_step_s:.1f}s, {run.compile_s:.1f}s of it compiling")
+
+
 def fit(run: Run) -> str | None:
     """The training loop: optimizer steps until the last one, a stop signal or the time limit, validating and
     checkpointing on schedule (and when the time is up). SIGTERM and SIGINT are handled here and their previous
@@ -722,7 +761,9 @@ def fit(run: Run) -> str | None:
     run.started, run.tokens_at_start = time.perf_counter(), run.tokens_seen
     try:
         while run.step < run.total_steps and not stopped_by:
+            step_started = time.perf_counter()
             record = train_step(run)
+            note_step_time(run, time.perf_counter() - step_started)
             write_log(run, record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                             tok_s=f"{record['tokens_per_s']:.0f}")
@@ -763,6 +804,8 @@ def finish(run: Run, stopped_by: str | None) -> dict:
         "elapsed_s": elapsed,
         "tokens_per_s": speed,
         "trainable_parameters": run.n_trainable,
+        "first_step_s": run.first_step_s,
+        "compile_s": run.compile_s,
         "stopped_by": stopped_by,
         "adapter": str(run.out / "adapter"),
         "best_adapter": str(run.out / "best_adapter"),

@@ -9,6 +9,8 @@ does not run double quantization on the CPU (transformers stores bf16 scales the
 peft on a base whose weights are the oracle's dequantized ones.
 """
 
+import json
+
 import bitsandbytes.functional as bnb
 import pytest
 import torch
@@ -17,6 +19,10 @@ from peft import LoraConfig, get_peft_model
 
 from ecellm import lora, nf4
 from ecellm.models import from_pretrained
+from ecellm.synthetic import write_dataset
+from ecellm.train import TrainConfig, TrainingError, check_config, train
+
+from .tiny_checkpoint import make_tiny_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 PORTABLE = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)  # bitsandbytes' PyTorch kernels
@@ -187,3 +193,26 @@ def test_merge_refuses_a_4bit_base(tmp_path):
     with pytest.raises(ValueError, match="save_merged: .* 4-bit NF4 weight"):
         lora.save_merged(ours, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_train_with_quantize_nf4_learns_and_writes_a_plain_adapter(tmp_path, capsys):
+    base = make_tiny_checkpoint(tmp_path / "model", hidden_size=64, intermediate_size=128)
+    write_dataset(tmp_path / "data", n_per_task=16, n_eval_per_task=4, seed=0, tasks=["SR"])
+    config = TrainConfig(model=str(base), data=str(tmp_path / "data"), out=str(tmp_path / "run"), tasks="SR",
+                         dtype="fp32", lr=1e-2, lora_dropout=0.0, epochs=2, global_batch=8, micro_batch=4,
+                         max_len=512, quantize="nf4", activation_checkpointing=True)
+    train(config)
+    assert "nf4: quantized 15 linear layers; left in full precision: none" in capsys.readouterr().err  # 7 a layer, head
+    log = (tmp_path / "run" / "log.jsonl").read_text()
+    losses = [json.loads(line)["loss"] for line in log.splitlines() if '"type": "step"' in line]
+    assert losses[-1] < losses[0], losses
+    full = lora.load_adapter(from_pretrained(base), tmp_path / "run" / "adapter")
+    assert lora.lora_layers(full)
+
+
+def test_train_refuses_quantize_with_fsdp():
+    config = TrainConfig(data="d", quantize="nf4", global_batch=2)
+    with pytest.raises(TrainingError, match="quantize nf4 runs in one process, this run has 2: FSDP2"):
+        check_config(config, world=2)
+    with pytest.raises(TrainingError, match="quantize must be 'nf4' or '' \\(off\\), got 'int8'"):
+        check_config(TrainConfig(data="d", quantize="int8"), world=1)
