@@ -200,6 +200,27 @@ def evaluate_split(model, tokenizer, records: Sequence[dict], d, template: str,
     return results
 
 
+def evaluate_settings(model, tokenizer, tests: Mapping[str, Sequence[dict]], settings: Mapping[str, str], d,
+                      template: str, budgets: Mapping[str, int], encoder, batch_size: int,
+                      stage: str) -> dict[str, dict]:
+    """results.json key -> `evaluate_split`'s results of the model on that key's test records.
+
+    Args:
+        model, tokenizer: from `load_model`.
+        tests: results.json key -> test records of one setting.
+        settings: results.json key -> the setting's name (for the progress bars).
+        d: the run's `DistContext`.
+        template: "alpaca" or "mistral".
+        budgets: most new tokens per task abbreviation.
+        encoder: AG's BERTScore encoder.
+        batch_size: prompts per generation batch.
+        stage: "before" or "after", for the progress bars.
+    """
+    return {key: evaluate_split(model, tokenizer, records, d, template, budgets, batch_size=batch_size,
+                                encoder=encoder, desc=f"{stage}, {settings[key]}")
+            for key, records in tests.items()}
+
+
 # --- training in phases (a curriculum) ----------------------------------------------------------------------------
 def parse_phases(text: str, flag: str = "--phases") -> list[tuple[int, int, float | None]]:
     """"2:480,4:80:1e-3" -> [(2, 480, None), (4, 80, 0.001)]: SR options per record, training records and,

@@ -45,8 +45,8 @@ from ecellm.synthetic import write_dataset
 from ecellm.tasks import TASKS, task_info
 from ecellm.train import TrainConfig, setup_distributed
 
-from common import (by_task, default_out, evaluate_split, launcher, load_model, machine, parse_phases, template_for,
-                    train_phases, training_losses, write_curve, write_results, write_sr_phase_data)
+from common import (by_task, default_out, evaluate_settings, launcher, load_model, machine, parse_phases,
+                    template_for, train_phases, training_losses, write_curve, write_results, write_sr_phase_data)
 from scoring import BOOTSTRAP_RESAMPLES, answer_budgets, compare, data_file, generation_lines, task_table
 
 # The demo recipe for the embedded default on a 2-core CPU: fp32, a 20x higher learning rate than the paper's, small
@@ -201,25 +201,6 @@ def load_test_sets(data: str, n_test: int, tasks: list[str] | None = None) -> di
     return {key: select_records(records, [setting], limit=n_test) for key, setting in SETTINGS.items()}
 
 
-def evaluate_settings(model, tokenizer, tests: dict, d, template: str, budgets: dict, encoder, batch_size: int,
-                      stage: str) -> dict[str, dict]:
-    """results.json key -> `evaluate_split`'s results of the model on that setting's records.
-
-    Args:
-        model, tokenizer: from `common.load_model`.
-        tests: `load_test_sets`'s records.
-        d: the run's `DistContext`.
-        template: "alpaca" or "mistral".
-        budgets: `answer_budgets`'s limits.
-        encoder: AG's BERTScore encoder.
-        batch_size: prompts per generation batch.
-        stage: "before" or "after", for the progress bars.
-    """
-    return {key: evaluate_split(model, tokenizer, records, d, template, budgets, batch_size=batch_size,
-                                encoder=encoder, desc=f"{stage}, {SETTINGS[key]}")
-            for key, records in tests.items()}
-
-
 def main() -> None:
     args = parse_args()
     start = time.perf_counter()
@@ -263,7 +244,8 @@ def main() -> None:
     budgets = answer_budgets(train_records, tokenizer)
     timings = {"setup": time.perf_counter() - start}
     clock = time.perf_counter()
-    before = evaluate_settings(base, tokenizer, tests, d, template, budgets, encoder, args.batch_size, "before")
+    before = evaluate_settings(base, tokenizer, tests, SETTINGS, d, template, budgets, encoder,
+                              args.batch_size, "before")
     timings["before"], clock = time.perf_counter() - clock, time.perf_counter()
     phases = [(out / "data" / f"sr_phase{i}", out / "run" / f"sr_phase{i}", lr)
               for i, (_, _, lr) in enumerate(sr_phases, 1)]
@@ -274,7 +256,8 @@ def main() -> None:
     timings["training"], clock = time.perf_counter() - clock, time.perf_counter()
     adapter = done["adapter"]
     tuned, _ = load_model(config.model, adapter)
-    after = evaluate_settings(tuned, tokenizer, tests, d, template, budgets, encoder, args.batch_size, "after")
+    after = evaluate_settings(tuned, tokenizer, tests, SETTINGS, d, template, budgets, encoder,
+                             args.batch_size, "after")
     timings["after"] = time.perf_counter() - clock
     timings["evaluation"] = timings["before"] + timings["after"]
 

@@ -223,7 +223,8 @@ def main() -> None:
         print(f"  before tuning: HR@1 {before['hr@1']:.3f}, invalid {before['invalid']:.1%}")
         print(f"  after tuning:  HR@1 {after['hr@1']:.3f}, invalid {after['invalid']:.1%}")
         print(f"  {done['steps']} steps in {done['seconds'] / 60:.1f} minutes of training, {minutes:.1f} minutes end "
-              f"to end (setup {timings['setup'] / 60:.1f}, evaluation {timings['evaluation'] / 60:.1f})" + (f"; training ended early: {done['stopped']}" if done["stopped"] else ""))
+              f"to end (setup {timings['setup'] / 60:.1f}, evaluation {timings['evaluation'] / 60:.1f})"
+              + (f"; training ended early: {done['stopped']}" if done["stopped"] else ""))
         print(f"  results: {out / 'results.json'} and {out / 'results.md'}"
               + (f", curve: {out / 'curve.png'}" if plotted else " (pip install -e '.[plot]' for curve.png)"))
     if dist.is_initialized():
