@@ -37,7 +37,7 @@ class GenerateConfig:
 
 @dataclass(kw_only=True)
 class ConvertConfig:
-    """Settings of `ecellm convert-gguf`: a Llama-architecture GGUF file into a checkpoint directory."""
+    """Settings of `ecellm convert-gguf`: a Llama- or Qwen2-architecture GGUF file into a checkpoint directory."""
 
     gguf: str = field(metadata={"help": "the .gguf file"})
     out: str = field(metadata={"help": "the checkpoint directory to create (must not exist)"})

@@ -17,8 +17,8 @@ DECODERS = {
     "llama-gqa": dict(model_type="llama", num_key_value_heads=2),
     "mistral-window": dict(model_type="mistral", num_key_value_heads=2, sliding_window=4),
     "phi-partial": dict(model_type="phi", partial_rotary_factor=0.5, rope_theta=100.0),
-    "llama3-rope": dict(model_type="llama", rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                                              high_freq_factor=4.0, original_max_position_embeddings=64)),
+    "llama3-rope": dict(model_type="llama", rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)),
     "qwen2-bias": dict(model_type="qwen2", num_key_value_heads=2),
     "qwen3-qknorm": dict(model_type="qwen3", num_key_value_heads=2, head_dim=12),
 }

@@ -101,7 +101,8 @@ def rope_scaling(config: dict[str, Any]) -> RopeScaling:
     original = positive(params.get("original_max_position_embeddings"),
                         where.format("original_max_position_embeddings"), integer=True)
     if high <= low:
-        raise ConfigError(f"llama3 rope scaling in config.json: high_freq_factor {high} must exceed low_freq_factor {low}")
+        raise ConfigError(f"llama3 rope scaling in config.json: high_freq_factor {high} must exceed "
+                          f"low_freq_factor {low}")
     return RopeScaling("llama3", factor, low, high, original)
 
 

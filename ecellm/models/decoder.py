@@ -1,6 +1,6 @@
-"""The decoder-only shell that Llama/Mistral, Qwen2/Qwen3 and Phi-2 share: the config fields every family has (parsed once by
-`DecoderConfig.from_dict`), the attention block, the embedding -> blocks -> final-norm stack, and the language-model
-wrapper (forward, hidden states, KV-cache decoding).
+"""The decoder-only shell that Llama/Mistral, Qwen2/Qwen3 and Phi-2 share: the config fields every family has (parsed
+once by `DecoderConfig.from_dict`), the attention block, the embedding -> blocks -> final-norm stack, and the
+language-model wrapper (forward, hidden states, KV-cache decoding).
 
 A family provides what differs: its config's own fields (`_family_fields`), its decoder block, and the names its
 checkpoint gives the attention output projection and the final norm. Module names mirror the Hugging Face checkpoint

