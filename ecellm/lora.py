@@ -172,7 +172,8 @@ def inject(
 
     Raises:
         ValueError: `model` already holds LoRA layers; a given list entry or regex matches no `nn.Linear` (the message
-            lists the Linear names that exist); no default targets for this model.
+            lists the Linear names that exist); no default targets for this model; the targets match `model`
+            itself (an `nn.Linear`, which has no parent to be replaced in).
     """
     existing = lora_layers(model)
     if existing:
@@ -186,6 +187,9 @@ def inject(
         raise ValueError(
             f"inject: {what} match no nn.Linear in {type(model).__name__}; Linear modules: {list(linears)}"
         )
+    if "" in chosen:  # the root has no parent to be replaced in: wrapping it in place cannot work
+        raise ValueError(f"inject: targets {targets!r} match the {type(model).__name__} itself; inject replaces the "
+                         "Linear layers inside a model: wrap a lone nn.Linear with LoRALinear(linear, r, alpha)")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:

@@ -459,3 +459,12 @@ def test_peft_format_names_stay_importable_from_lora():
     assert lora.read_adapter_weights is peft_format.read_adapter_weights
     with pytest.raises(AttributeError, match="has no attribute 'save_adapters'"):
         lora.save_adapters
+
+
+def test_inject_refuses_targets_that_match_the_module_itself():
+    """A lone nn.Linear has no parent to be replaced in: inject refuses it rather than leave a LoRA branch that the
+    forward never runs (trainable parameters that never change)."""
+    linear = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"targets '\.\*' match the Linear itself; .*LoRALinear\(linear, r, alpha\)"):
+        lora.inject(linear, r=2, targets=".*")
+    assert lora.lora_layers(linear) == {} and all(p.requires_grad for p in linear.parameters())  # left as it was
