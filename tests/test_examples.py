@@ -324,3 +324,44 @@ def test_time_limit_skips_later_phases_and_says_so(tmp_path, monkeypatch):
     assert done["steps"] == 1 and not (tmp_path / "run2").exists()
     assert re.fullmatch(r"the 1e-09-minute time limit, at step 1 of \d+ of phase 1 \(phase 2 skipped\)", done["stopped"])
     assert done["last_phase"] == 1
+
+
+def test_train_real_scores_every_real_task_in_the_run_folder_only(tmp_path):
+    """examples/train_real.py on a tiny model: records built from ../shared/realdata, a training step, every task
+    scored before and after in its settings (OOD where the source has a held-out part), results in --out only."""
+    from .test_sources import realdata
+
+    raw = realdata("")
+    tasks = ("PM", "SA", "AVE", "AP", "AG")
+    model = make_tiny_checkpoint(tmp_path / "model", tasks=tasks)
+    out = tmp_path / "out"
+    before = repository_files()
+    cmd = [sys.executable, "examples/train_real.py", "--raw", str(raw), "--model", str(model), "--out", str(out),
+           "--n-train", "PM:4,SA:2,AVE:2,AP:2,AG:2", "--n-test", "2", "--n-test-pm", "3", "--max-steps", "1",
+           "--max-len", "1024", "--minutes", "0"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert repository_files() == before, "the example wrote into the repository"
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["tasks"]) == set(tasks) and results["steps"] == 1
+    for abbr, t in results["tasks"].items():
+        assert {"before", "after", "baseline", "metric"} <= set(t) and t["metric"] in t["after"], abbr
+    assert set(results["tables"]) == {"tasks", "unseen_instruction", "ood"}
+    assert set(results["tables"]["ood"]) == {"SA", "AVE", "AP", "AG"}  # PM's source has no held-out part
+    assert results["n_test"]["tasks"]["PM"] == 3 and results["n_test"]["unseen_instruction"]["SA"] == 2
+    assert (Path(results["adapter"]) / "adapter_config.json").is_file() and results["minutes"] > 0
+    test = json.loads((out / "data" / "test.json").read_text())
+    assert {r["setting"] for r in test} == {"IND_Diverse_Instruction", "IND_Unseen_Instruction",
+                                            "OOD_Diverse_Instruction"}
+    markdown = (out / "results.md").read_text()
+    assert "Beside the paper" in markdown and "examples/train_real.py" in markdown
+    generations = (out / "generations.jsonl").read_text().splitlines()
+    assert len(generations) == 2 * len(test)  # every test record answered before and after
+
+
+def test_train_real_refuses_an_unknown_task_and_a_missing_raw_folder(tmp_path):
+    for flags, message in ((["--tasks", "PM,XYZ"], "--tasks: XYZ not among"),
+                           (["--raw", str(tmp_path / "nowhere")], "--raw: no folder")):
+        proc = subprocess.run([sys.executable, "examples/train_real.py", "--out", str(tmp_path / "out"), *flags],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
