@@ -50,7 +50,7 @@ from common import (default_out, evaluate_split, launcher, load_model, machine, 
 # The demo recipe for the embedded default on a 2-core CPU (see the module docstring): options:records per phase.
 DEFAULT_PHASES = "2:480,4:240,8:240"
 DEFAULT_MINUTES = 15.0  # the default demo's budget, end to end (setup, evaluations and training together)
-TAIL_S = 45.0  # reserved after training's cap: the step it cuts into, the final validation, saving, loading the adapter
+TAIL_S = 60.0  # reserved after training's cap: the step it cuts into, the final validation, saving, loading the adapter
 DEMO = dict(
     lr=2e-3, lora_r=16, lora_alpha=32.0, lora_dropout=0.05, epochs=1, global_batch=8, micro_batch=4,
     pack_tokens=2048, max_len=512, dtype="fp32", warmup_ratio=0.05, eval_every=0, checkpoint_every=25,
