@@ -28,9 +28,10 @@ from .models.saving import check_new_directory, save_pretrained
 
 # The paper's targets per family: every attention and MLP projection plus the LM head. Entries a model lacks are
 # skipped (original T5 has `wi`, T5 v1.1 / Flan-T5 have `wi_0`, `wi_1`).
+_LLAMA_LAYOUT = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
+    # Mistral and Qwen2/Qwen3 name their linears as Llama does, so the paper's Llama targets apply to them unchanged
+    "llama": _LLAMA_LAYOUT, "mistral": _LLAMA_LAYOUT, "qwen2": _LLAMA_LAYOUT, "qwen3": _LLAMA_LAYOUT,
     "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2", "lm_head"],
     "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo", "lm_head"],
 }
