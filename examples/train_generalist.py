@@ -43,6 +43,7 @@ from ecellm.eval import select_records
 from ecellm.metrics import ModelEncoder
 from ecellm.synthetic import write_dataset
 from ecellm.tasks import TASKS, task_info
+from ecellm.models.default import MODELS, resolve_model
 from ecellm.train import TrainConfig, setup_distributed
 
 from common import (by_task, default_out, evaluate_settings, launcher, load_model, machine, parse_phases,
@@ -159,7 +160,9 @@ def warmup_phases(args: argparse.Namespace, tasks: list[str] | None) -> list[tup
 # --- the run ------------------------------------------------------------------------------------------------------
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="", help="checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", default="",
+                        help=f"checkpoint directory or a real model's name ({', '.join(MODELS)}; default: the "
+                             "embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--data", default="", help="ECInstruct directory (train.json, validation.json, test.json)")
     parser.add_argument("--out", default="",
                         help="run folder (default: $ECELLM_RUNS or ~/ecellm-runs, then train_generalist-<date>-<time>)")
@@ -220,7 +223,7 @@ def main() -> None:
                           tasks=focus["tasks"], names_seed=args.seed)
     d.barrier()
 
-    recipe = DEMO if not args.model and synthetic else {}
+    recipe = DEMO if (not args.model or args.model in MODELS) and synthetic else {}  # the demo recipe by name too
     config = TrainConfig(model=args.model, tasks=args.tasks, seed=args.seed, **recipe)
     if args.lr is not None:
         config = dataclasses.replace(config, lr=args.lr)
@@ -230,10 +233,7 @@ def main() -> None:
         config = dataclasses.replace(config, max_steps=args.max_steps)
     if args.minutes is not None:
         config = dataclasses.replace(config, minutes=args.minutes)
-    if not config.model:
-        from ecellm.models.default import default_model_dir
-
-        config = dataclasses.replace(config, model=str(default_model_dir()))
+    config = dataclasses.replace(config, model=str(resolve_model(config.model)))  # a folder, a name or the default
     template = template_for(config.model)
     tests = load_test_sets(data, args.n_test, tasks)
     train_records = load_records(data_file(data, "train"), split="train", setting=SETTINGS["tasks"], tasks=tasks)

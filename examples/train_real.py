@@ -43,6 +43,7 @@ from ecellm.files import write_json
 from ecellm.metrics import ModelEncoder
 from ecellm.sources import build
 from ecellm.tasks import task_abbr
+from ecellm.models.default import MODELS, resolve_model
 from ecellm.train import TrainConfig, setup_distributed
 
 from common import (by_task, default_out, evaluate_settings, launcher, load_model, machine, template_for,
@@ -195,7 +196,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--raw", default="", help="folder of the raw sources (default: ../shared/realdata beside the "
                                                   "repository)")
-    parser.add_argument("--model", default="", help="checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", default="",
+                        help=f"checkpoint directory or a real model's name ({', '.join(MODELS)}; default: the "
+                             "embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--out", default="",
                         help="run folder (default: $ECELLM_RUNS or ~/ecellm-runs, then train_real-<date>-<time>)")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated, among %(default)s")
@@ -246,10 +249,7 @@ def main() -> None:
     out = Path(args.out) if args.out else default_out(d, "train_real")
     config = TrainConfig(model=args.model, seed=args.seed, max_steps=args.max_steps,
                          **{**DEMO, "lr": args.lr, "max_len": args.max_len})
-    if not config.model:
-        from ecellm.models.default import default_model_dir
-
-        config = dataclasses.replace(config, model=str(default_model_dir()))
+    config = dataclasses.replace(config, model=str(resolve_model(config.model)))  # a folder, a name or the default
     template = template_for(config.model)
     base, tokenizer = load_model(config.model)
 

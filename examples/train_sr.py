@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from ecellm.data import load_records
 from ecellm.synthetic import write_dataset
+from ecellm.models.default import MODELS, resolve_model
 from ecellm.train import TrainConfig, setup_distributed
 
 from common import (default_out, evaluate_split, launcher, load_model, machine, parse_phases, template_for,
@@ -113,7 +114,9 @@ def job_minutes(args: argparse.Namespace) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="", help="checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", default="",
+                        help=f"checkpoint directory or a real model's name ({', '.join(MODELS)}; default: the "
+                             "embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--data", default="", help="ECInstruct directory (train.json, validation.json, test.json)")
     parser.add_argument("--out", default="",
                         help="run folder (default: $ECELLM_RUNS or ~/ecellm-runs, then train_sr-<date>-<time>)")
@@ -150,15 +153,12 @@ def main() -> None:
     data_dirs = [str(out / "data" / f"phase{i}") for i in range(1, len(phases) + 1)] if synthetic else [args.data]
     test_dir = out / "data" / "test" if synthetic else Path(args.data)
 
-    demo = not args.model and synthetic
+    demo = (not args.model or args.model in MODELS) and synthetic  # the demo recipe also for a model by name
     overrides = {k: v for k, v in (("lr", args.lr), ("lora_r", args.lora_r), ("lora_targets", args.lora_targets),
                                    ("pack_tokens", args.pack)) if v is not None}
     base = TrainConfig(model=args.model, tasks="SR", seed=args.seed, max_steps=args.max_steps,
                        **{**(DEMO if demo else {}), **overrides})
-    if not base.model:
-        from ecellm.models.default import default_model_dir
-
-        base = dataclasses.replace(base, model=str(default_model_dir()))
+    base = dataclasses.replace(base, model=str(resolve_model(base.model)))  # a folder, a name or the default
     test_file = next((p for p in (test_dir / "test.json", test_dir / "test.jsonl") if p.is_file()), None)
     if test_file is None:
         raise FileNotFoundError(f"no test.json or test.jsonl in {test_dir} (held-out records to score HR@1 on)")
