@@ -4,8 +4,10 @@ Each measurement is a fresh process (so the resident-memory high-water mark belo
 the checkpoint, injects LoRA (r=16, alpha=16, the paper's targets q,k,v,o,gate,up,down_proj and lm_head), builds one
 batch of synthetic ECInstruct SR examples of exactly the given length, and runs warm-up steps then timed steps of
 forward + backward + AdamW. ecellm's loss is `causal_lm_loss` (logits only where a label exists); transformers +
-peft get `model(input_ids, attention_mask, labels).loss`, as its users call it. The two libraries alternate, the
-order flipping each repetition; the script reports medians over repetitions and the ratios ecellm / reference.
+peft get `model(input_ids, attention_mask, labels).loss`, as its users call it. With --compile, ecellm with its
+blocks compiled as `ecellm train --compile` compiles them (`ecellm.train.compile_blocks`; the warm-up steps compile)
+runs as a third library. The libraries alternate, the order flipping each repetition, so a machine shared with other
+work slows them alike; the script reports medians over repetitions and the ratios ecellm / reference.
 
 Memory: peak resident set during the steps minus the resident set before the first step (the kernel's VmHWM, reset
 just before the steps), i.e. activations, gradients, optimizer state and allocator overhead, not the weights.
@@ -15,6 +17,7 @@ against the best fp32 matmul this machine does on the step's shapes, and a torch
 
     python bench/train_step.py                      # SmolLM2-135M-Instruct and the tiny model, B=4, T=256 and 512
     python bench/train_step.py --models smollm2 --lengths 256,512,1024 --reps 5
+    python bench/train_step.py --models smollm2 --lengths 256 --threads 1 --compile --no-limit
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ def build(lib: str, path: Path, dropout: float, compile_: bool, device: str = "c
         model = from_pretrained(path, dtype=dtype, device=device)
         lora.inject(model, r=16, alpha=16, dropout=dropout, targets=common.LORA_TARGETS)
         if compile_:
-            model.model.compile()
+            from ecellm.train import compile_blocks, transformer_blocks
+
+            compile_blocks(transformer_blocks(model), torch.device(device))
 
         def loss_fn(b):
             return causal_lm_loss(model, b["input_ids"], b["labels"], b["attention_mask"])
@@ -93,14 +98,16 @@ def child(args) -> None:
 
 
 # --- the physical limit -------------------------------------------------------------------------------------------
-def step_flops(c: dict, B: int, T: int, n_labelled: int, r: int = 16) -> dict[str, float]:
+def step_flops(c: dict, B: int, T: int, n_labelled: int, r: int = 16,
+               segments: list[int] | None = None) -> dict[str, float]:
     """Useful FLOPs of one LoRA step of a Llama model (multiply-add = 2 FLOPs).
 
     Frozen projections: forward 2*N per token; backward only the activation gradient (2*N per token), none for the
     weights, and none at all for layer 0's q/k/v, whose input needs no gradient. LoRA (A: r x in, B: out x r) on
     every projection: forward 2*r*(in+out) per token, backward the same twice (weight and activation gradients).
     Attention: causal, so half of the T x T scores: forward 2 matmuls of 2*T*T/2*hs per head, backward twice that
-    (a flash-attention kernel's recomputation of the scores is not counted). The vocabulary projection (with its LoRA)
+    (a flash-attention kernel's recomputation of the scores is not counted); in packed rows (`segments`: the
+    lengths of all rows' examples) only the scores within each example count, sum(L*L) in place of B*T*T. The vocabulary projection (with its LoRA)
     only at the `n_labelled` positions that carry loss. Norms, activations, softmax and the optimizer are not counted.
     """
     H, I, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
@@ -112,7 +119,8 @@ def step_flops(c: dict, B: int, T: int, n_labelled: int, r: int = 16) -> dict[st
     qkv = sum(i * o for i, o in shapes[:3])
     frozen_bwd = frozen_fwd - 2 * tokens * qkv
     lora = 2 * tokens * L * sum(r * (i + o) for i, o in shapes) * 3
-    attn_fwd = L * B * nh * 2 * (2 * T * T / 2 * hs)
+    square = sum(n * n for n in segments) if segments is not None else B * T * T
+    attn_fwd = L * nh * 2 * (2 * square / 2 * hs)
     head = n_labelled * (2 * 2 * H * V + 3 * 2 * r * (H + V))  # frozen fwd + activation grad; LoRA fwd + 2 grads
     parts = {"frozen projections": frozen_fwd + frozen_bwd, "LoRA": lora, "attention": 3 * attn_fwd,
              "vocabulary projection": head}
@@ -167,7 +175,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dropout", type=float, default=0.1, help="LoRA dropout (the paper's 0.1)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile both models")
+    ap.add_argument("--compile", action="store_true", help="also ecellm with compiled blocks (ecellm train --compile)")
     ap.add_argument("--no-limit", action="store_true", help="skip the FLOP/s and profile part")
     ap.add_argument("--root", default="/tmp/ecellm-bench", help="where the tiny checkpoint is written")
     ap.add_argument("--before", help="another ecellm source tree (e.g. `git archive <commit> ecellm | tar -x -C DIR`) "
@@ -181,19 +189,19 @@ def main() -> None:
 
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {common.machine()}; threads={args.threads}")
     print(f"# B={args.batch}, LoRA r=16 alpha=16 dropout={args.dropout}, fp32, {args.reps} reps x {args.steps} steps"
-          f" (+{args.warmup} warm-up){', torch.compile' if args.compile else ''}")
+          f" (+{args.warmup} warm-up)")
     results = {}
     for name in args.models.split(","):
         path = common.model_dir(name, Path(args.root))
         for T in map(int, args.lengths.split(",")):
-            libs = ["ecellm", "hf"] + (["before"] if args.before else [])
+            libs = ["ecellm", "hf"] + (["compiled"] if args.compile else []) + (["before"] if args.before else [])
             runs = {lib: [] for lib in libs}
             for rep in range(args.reps):
                 for lib in libs if rep % 2 == 0 else libs[::-1]:
-                    flags = ["--child", "ecellm" if lib == "before" else lib, "--model-dir", str(path),
+                    flags = ["--child", "hf" if lib == "hf" else "ecellm", "--model-dir", str(path),
                              "--seq-len", str(T), "--batch", str(args.batch), "--steps", str(args.steps),
                              "--warmup", str(args.warmup), "--threads", str(args.threads), "--dropout",
-                             str(args.dropout)] + (["--compile"] if args.compile else [])
+                             str(args.dropout)] + (["--compile"] if lib == "compiled" else [])
                     runs[lib].append(common.run_child(__file__, flags, args.before if lib == "before" else None))
             e, h = ({k: [r[k] for r in runs[lib]] for k in ("tokens_per_s", "peak_mb")} for lib in ("ecellm", "hf"))
             tps = common.median(e["tokens_per_s"]) / common.median(h["tokens_per_s"])
@@ -204,6 +212,13 @@ def main() -> None:
                   f"({common.spread(h['tokens_per_s'])}) -> {tps:.2f}x (target >= 1.2x); peak step memory "
                   f"ecellm {common.median(e['peak_mb']):.0f} MB vs {common.median(h['peak_mb']):.0f} MB -> "
                   f"{mem:.2f}x (target <= 0.9x)", flush=True)
+            if args.compile:
+                c = {k: [r[k] for r in runs["compiled"]] for k in ("tokens_per_s", "peak_mb")}
+                c_tps = common.median(c["tokens_per_s"])
+                print(f"  compiled: tokens/s {c_tps:.0f} ({common.spread(c['tokens_per_s'])}) -> "
+                      f"{c_tps / common.median(h['tokens_per_s']):.2f}x transformers+peft (target >= 1.5x), "
+                      f"{c_tps / common.median(e['tokens_per_s']):.2f}x eager ecellm; peak "
+                      f"{common.median(c['peak_mb']):.0f} MB", flush=True)
             if args.before:
                 b = {k: [r[k] for r in runs["before"]] for k in ("tokens_per_s", "peak_mb")}
                 b_tps = common.median(b["tokens_per_s"])

@@ -227,18 +227,25 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     ]
 
 
-def compile_blocks(blocks: list[nn.Module]) -> None:
+def compile_blocks(blocks: list[nn.Module], device: torch.device) -> None:
     """`torch.compile` each block's forward (torchtune's per-block compile), with dynamic shapes: packed rows and
     padded micro-batches change length from step to step, and one compilation serves every length.
 
     Call before `enable_activation_checkpointing` and `shard`: the checkpoint then reruns the compiled forward (the
     same kernels and dropout masks), and FSDP2's hooks stay outside the compiled code. The blocks share their code,
     so they share compiled graphs (block 0 gets its own: its input needs no gradient) once their layer index, an
-    integer attribute dynamo would otherwise specialise on, is left unspecialised.
+    integer attribute dynamo would otherwise specialise on, is left unspecialised. On the CPU, LoRA dropout's random
+    numbers come from torch's generator (`fallback_random`: inductor's own are ~4x slower there), the comparison and
+    the multiply fused around them.
+
+    Args:
+        blocks: from `transformer_blocks`.
+        device: where the blocks will run.
     """
     torch._dynamo.config.allow_unspec_int_on_nn_module = True
+    options = {"fallback_random": True} if device.type == "cpu" else None
     for block in blocks:
-        block.forward = torch.compile(block.forward, dynamic=True)
+        block.forward = torch.compile(block.forward, dynamic=True, options=options)
 
 
 def enable_activation_checkpointing(blocks: list[nn.Module]) -> None:
@@ -532,7 +539,7 @@ def setup_optimizer(run: Run) -> None:
     AdamW and the learning-rate schedule over its LoRA parameters."""
     config, model = run.config, run.model
     if config.compile:
-        compile_blocks(transformer_blocks(model))
+        compile_blocks(transformer_blocks(model), run.dist_ctx.device)
         run.log("--compile: each block compiled for any row length (the first step compiles, once)")
     if config.activation_checkpointing:
         enable_activation_checkpointing(transformer_blocks(model))

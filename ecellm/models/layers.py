@@ -285,13 +285,14 @@ def _varlen_takes_gqa(varlen_attn) -> bool:
     return "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
+@torch.compiler.disable  # its loop over the segments would compile anew for every packing: it runs eagerly
 def _packed_attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs, scale: float | None, gqa: bool
 ) -> torch.Tensor:
     """Causal attention within each segment of packed rows (with the sliding window, if any); (B, T, nh * hs).
 
     On CUDA in half precision, flash attention's variable-length kernel does all segments in one launch; elsewhere
-    SDPA runs once per segment.
+    SDPA runs once per segment. Under `torch.compile` it runs eagerly, between the compiled code before and after.
     """
     B, nh, T, hs = q.shape
     segments, window = inputs.segments, inputs.sliding_window
