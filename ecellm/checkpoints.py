@@ -29,6 +29,7 @@ from torch import nn
 
 from . import peft_format
 from .files import read_json, strict_json, write_dir_atomically, write_json
+from .lock import LOCK_NAME, FolderLock
 from .models.loading import CheckpointError
 
 
@@ -230,8 +231,10 @@ def latest_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
 # Settings a resumed run may change: where and how often it writes, and how long ranks wait for each other. Every
 # other field (one added later included) shapes the run's mathematics and must keep its saved value.
 RESUMABLE_CHANGES = {
-    "out", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "eval_every", "dist_timeout_s", "minutes"
+    "out", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "eval_every", "dist_timeout_s", "minutes",
+    "allow_data_change",
 }
+DATA_FINGERPRINT = "data_fingerprint"  # config.json's record of the data files (`ecellm.data.Records.fingerprints`)
 
 
 def check_same_settings(saved_file: Path, settings: dict) -> None:
@@ -244,7 +247,7 @@ def check_same_settings(saved_file: Path, settings: dict) -> None:
     changed = [
         f"{key}: {saved.get(key, absent)!r} -> {new.get(key, absent)!r}"
         for key in sorted(set(saved) | set(new))
-        if key not in RESUMABLE_CHANGES and saved.get(key, absent) != new.get(key, absent)
+        if key not in RESUMABLE_CHANGES | {DATA_FINGERPRINT} and saved.get(key, absent) != new.get(key, absent)
     ]
     if changed:
         raise TrainingError(
@@ -269,35 +272,48 @@ def trim_log(log_file: Path, step: int) -> None:
     os.replace(tmp, log_file)
 
 
-def prepare_out(out: Path, settings: dict, log: Callable[[str], None]) -> str | None:
+def prepare_out(out: Path, settings: dict, lock: FolderLock, log: Callable[[str], None]) -> str | None:
     """Make `out` ready for this run (main rank only); returns the name of the checkpoint to resume from, if any.
 
-    A new run needs an `out` that is absent or empty (but for the config.json of a start that failed before writing
-    anything else); `--overwrite` first deletes the run in it. `--resume` continues the run in `out` under the same
-    settings, from its newest complete checkpoint, with the log cut back to that step.
+    Nothing is written before `lock` is taken: a second run into the same `out` is refused while the first one
+    holds it (`ecellm.lock.FolderBusy`). A new run needs an `out` that is absent or empty (but for the config.json
+    of a start that failed before writing anything else); `--overwrite` first deletes the run in it. `--resume`
+    continues the run in `out` under the same settings, from its newest complete checkpoint, with the log cut back
+    to that step; a missing or empty `out` is an error.
 
     Args:
         out: the run's folder.
         settings: the run's settings as config.json records them (`dataclasses.asdict(TrainConfig)`), with the
             booleans "resume" and "overwrite".
+        lock: the folder's lock (`FolderLock(out, ...)`), taken here; the caller releases it when the run ends.
         log: writes one progress line.
     """
     resume, overwrite = settings["resume"], settings["overwrite"]
-    held = sorted(p.name for p in out.iterdir() if p.name != "config.json") if out.is_dir() else []
     if resume and overwrite:
         raise TrainingError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+    if resume and not out.is_dir():
+        raise TrainingError(f"--resume: {out} does not exist, so there is no run to continue (a typo?); start a new "
+                            "run without --resume")
+    lock.acquire(log)
+    held = sorted(p.name for p in out.iterdir() if p.name not in ("config.json", LOCK_NAME))
+    if resume and not held:
+        raise TrainingError(f"--resume: {out} holds no run to continue (no log, no checkpoint); start a new run "
+                            "without --resume")
     if held and overwrite:
         if not (out / "config.json").is_file():
             raise TrainingError(f"--overwrite: {out} holds {held[:5]} but no config.json (no ecellm run): not deleted")
         log(f"--overwrite: deleting the previous run in {out}")
-        shutil.rmtree(out)
+        for name in held:  # all but the lock this run holds
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            else:
+                (out / name).unlink()
     elif held and not resume:
         raise TrainingError(
             f"{out} already holds a run ({', '.join(held[:5])}): pass --resume to continue it, --overwrite to delete "
             "it and start over, or choose another --out"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    if not (resume and held):
+    if not resume:
         write_json(out / "config.json", settings)
         return None
     check_same_settings(out / "config.json", settings)
@@ -310,3 +326,46 @@ def prepare_out(out: Path, settings: dict, log: Callable[[str], None]) -> str | 
         log(f"--resume: no checkpoint in {out / 'checkpoints'} yet, starting the run from step 0")
     trim_log(out / "log.jsonl", int(checkpoint.name.split("_")[1]) if checkpoint else 0)
     return checkpoint.name if checkpoint else None
+
+
+def check_data(out: Path, fingerprints: dict[str, dict], resume_step: int | None, allow_change: bool,
+               log: Callable[[str], None]) -> None:
+    """Record the data a run reads in its config.json, or on a resume check it is the data the run started on.
+
+    Args:
+        out: the run's folder (its config.json written by `prepare_out`).
+        fingerprints: file -> {"bytes", "records", "sha256"} of the train and validation files
+            (`ecellm.data.Records.fingerprints`).
+        resume_step: the step a resume continues from (0 before any checkpoint); None for a new run.
+        allow_change: on a resume, continue on changed data: the change is logged (and written to log.jsonl as a
+            "data_change" record) and the new fingerprints recorded.
+        log: writes one progress line.
+    Raises:
+        TrainingError: a resume on changed data without `allow_change`, naming the file and what changed.
+    """
+    settings = read_json(out / "config.json", TrainingError)
+    saved = settings.get(DATA_FINGERPRINT)
+    if resume_step is not None and saved is None:
+        log(f"--resume: {out / 'config.json'} records no data fingerprint (a run of an older version): the data "
+            "cannot be checked; recording it now")
+    elif resume_step is not None:
+        changes = [f"{file}: {_in_words(saved.get(file))} -> {_in_words(fingerprints.get(file))}"
+                   for file in sorted(set(saved) | set(fingerprints)) if saved.get(file) != fingerprints.get(file)]
+        if changes and not allow_change:
+            raise TrainingError(
+                f"--resume: the data changed since the run started, so it would train on a mix of two datasets: "
+                f"{'; '.join(changes)}. Restore the data, start a new run, or pass --allow-data-change to continue "
+                "on the new data (the change is logged)"
+            )
+        if not changes:
+            return
+        log(f"--allow-data-change: continuing from step {resume_step} on changed data: {'; '.join(changes)}")
+        with open(out / "log.jsonl", "a") as f:
+            f.write(strict_json({"type": "data_change", "step": resume_step, "changes": changes}) + "\n")
+    write_json(out / "config.json", {**settings, DATA_FINGERPRINT: fingerprints})
+
+
+def _in_words(fingerprint: dict | None) -> str:
+    if fingerprint is None:
+        return "absent"
+    return f"{fingerprint['records']} records, {fingerprint['bytes']} bytes, sha256 {fingerprint['sha256'][:12]}"

@@ -8,6 +8,9 @@
 
 `ecellm SUBCOMMAND --help` lists every flag. `python -m ecellm ...` is the same command; `python -m ecellm.train` and
 `python -m ecellm.eval` keep working.
+
+Exit status: 0 done, 1 an expected error (bad input, a folder that cannot be used, a refused resume: one line on
+stderr naming what and where, see `expected_errors`), 2 a usage error. Anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from .flags import DTYPE_ALIASES, DTYPES, parse_dtype, parse_flags, positive_int
+
+T = TypeVar("T")
 
 
 @dataclass(kw_only=True)
@@ -116,6 +122,29 @@ COMMANDS: dict[str, Callable[[Sequence[str], str], object]] = {
 }
 
 
+def expected_errors() -> tuple[type[Exception], ...]:
+    """The errors that a user's input, files or folders cause (told in one line), as opposed to bugs."""
+    from .checkpoints import TrainingError
+    from .data import RecordError
+    from .eval import EvalError
+    from .lock import FolderBusy
+    from .models.config import ConfigError
+    from .models.loading import CheckpointError
+    from .sources.common import SourceError
+
+    return TrainingError, EvalError, RecordError, ConfigError, CheckpointError, SourceError, FolderBusy, OSError
+
+
+def exit_on_error(prog: str, command: Callable[[], T]) -> T:
+    """`command()`, or for an expected error (`expected_errors`) the line `{prog}: error: {message}` on stderr and
+    exit status 1."""
+    try:
+        return command()
+    except expected_errors() as e:  # evaluated only when an exception is raised: no import at start-up
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def run(argv: Sequence[str] | None = None) -> object:
     """Run `ecellm SUBCOMMAND [FLAGS]` (`sys.argv[1:]` when argv is None); returns what the subcommand returned."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -123,9 +152,11 @@ def run(argv: Sequence[str] | None = None) -> object:
         print(__doc__)
         return None
     if not argv or argv[0] not in COMMANDS:
-        raise SystemExit(f"usage: ecellm {{{','.join(COMMANDS)}}} [FLAGS] (got {' '.join(argv[:1]) or 'nothing'}); "
-                         "`ecellm SUBCOMMAND --help` lists the flags")
-    return COMMANDS[argv[0]](argv[1:], f"ecellm {argv[0]}")
+        print(f"usage: ecellm {{{','.join(COMMANDS)}}} [FLAGS] (got {' '.join(argv[:1]) or 'nothing'}); "
+              "`ecellm SUBCOMMAND --help` lists the flags", file=sys.stderr)
+        raise SystemExit(2)
+    prog = f"ecellm {argv[0]}"
+    return exit_on_error(prog, lambda: COMMANDS[argv[0]](argv[1:], prog))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -21,6 +21,7 @@ the end of its `input` text, never its answer (the reference cut the end of the 
 included). T5 follows finetune_T5.py line 153-174: the prompt + EOS is the encoder input, the answer + EOS the target.
 """
 
+import hashlib
 import json
 import random
 import re
@@ -118,11 +119,16 @@ class Records(list):
         n_read: records read from the files (bad ones included).
         skipped: reason -> count of bad records skipped (only with skip_bad=True).
         n_filtered: good records not selected by split / setting / tasks.
+        origins: (file, record index within the file) of each selected record, in order.
+        fingerprints: file -> {"bytes", "records", "sha256"} of every file read: its size, the records in it and
+            the SHA-256 of its bytes, taken while reading (a changed file is told apart from the one a run used).
     """
 
-    def __init__(self, records=(), n_read: int = 0, skipped: Counter | None = None, n_filtered: int = 0):
+    def __init__(self, records=(), n_read: int = 0, skipped: Counter | None = None, n_filtered: int = 0,
+                 origins: list[tuple[str, int]] | None = None, fingerprints: dict[str, dict] | None = None):
         super().__init__(records)
         self.n_read, self.skipped, self.n_filtered = n_read, skipped or Counter(), n_filtered
+        self.origins, self.fingerprints = origins or [], fingerprints or {}
 
     def summary(self) -> str:
         lines = [f"{len(self)} records selected of {self.n_read} read; {self.n_filtered} not selected; "
@@ -210,16 +216,20 @@ def _decode(data: bytes, file: Path, index: int | None, line_offset: int = 0) ->
                                              f"({e.reason}); save the file as UTF-8") from None
 
 
-def _read_file(file: Path, skip_bad: bool, skipped: Counter):
-    """Yield (index, record) of a JSON array or JSON Lines file; broken JSON lines are skipped when asked."""
+def _read_file(file: Path, skip_bad: bool, skipped: Counter, digest):
+    """Yield (index, record) of a JSON array or JSON Lines file; broken JSON lines are skipped when asked. Every
+    byte read goes into `digest` (a hashlib object) as it is read."""
     with open(file, "rb") as f:
         start = f.read(4096).lstrip()
     if start.startswith(b"["):
-        yield from _read_array(_decode(file.read_bytes(), file, None), file)
+        data = file.read_bytes()
+        digest.update(data)
+        yield from _read_array(_decode(data, file, None), file)
         return
     with open(file, "rb") as f:
         index = 0
         for lineno, raw in enumerate(f, 1):
+            digest.update(raw)
             line = _decode(raw, file, index, lineno - 1)
             if not line.strip():
                 continue
@@ -265,12 +275,13 @@ def load_records(paths, *, split=None, setting=None, tasks=None, skip_bad: bool 
     splits = _as_set(split, "split", SPLITS)
     settings = _as_set(setting, "setting", SETTINGS)
     task_names = None if tasks is None else {resolve_task(t) for t in ([tasks] if isinstance(tasks, str) else tasks)}
-    out, skipped, n_parsed, n_filtered = [], Counter(), 0, 0
+    out, skipped, n_parsed, n_filtered, origins, fingerprints = [], Counter(), 0, 0, [], {}
     for file in map(Path, paths):
         if not file.is_file():
             raise FileNotFoundError(f"{file}: no such file")
-        for index, rec in _read_file(file, skip_bad, skipped):
-            n_parsed += 1
+        digest, n_in_file = hashlib.sha256(), 0
+        for index, rec in _read_file(file, skip_bad, skipped, digest):
+            n_parsed, n_in_file = n_parsed + 1, n_in_file + 1
             bad = _check_record(rec)
             if bad is not None:
                 field, reason, problem = bad
@@ -285,7 +296,10 @@ def load_records(paths, *, split=None, setting=None, tasks=None, skip_bad: bool 
                 n_filtered += 1
                 continue
             out.append(rec)
-    return Records(out, n_read=n_parsed + skipped["broken JSON"], skipped=skipped, n_filtered=n_filtered)
+            origins.append((str(file), index))
+        fingerprints[str(file)] = {"bytes": file.stat().st_size, "records": n_in_file, "sha256": digest.hexdigest()}
+    return Records(out, n_read=n_parsed + skipped["broken JSON"], skipped=skipped, n_filtered=n_filtered,
+                   origins=origins, fingerprints=fingerprints)
 
 
 # --- training examples --------------------------------------------------------------------------------------

@@ -7,6 +7,14 @@ prints a table per task and setting (primary metric, secondary figures, n, n_fai
 `results.md` and the raw generations `generations.jsonl` to `--out`. Every flag is a field of `EvalConfig`. In code:
 `evaluate(model, tokenizer, records)`, or `run(EvalConfig(...))` for the whole command.
 
+Nothing is lost to an interruption. `evaluation.json` (the settings and a hash of the records) is written first,
+each batch's generations are appended to `generations.jsonl` as soon as they are made, and `results.md` and
+`results.json` come last, each written atomically. `--resume` continues an interrupted evaluation from the
+generations already there (refused under other settings or records); batch b is seeded by its position, so the
+result equals an uninterrupted run's. A folder holding another evaluation is refused unless `--resume` or
+`--overwrite`, and one folder serves one evaluation at a time (a lock, `ecellm.lock`). Reference answers, the folder,
+the model and the adapter are all checked before the first generation.
+
 Settings. A record is scored under its own `setting`. A requested setting that the data file lacks is built from the
 same domain's `*_Diverse_Instruction` test records, the way the dataset's notebooks built it: `*_Single_Instruction`
 gives every record the task's seed instruction, `*_Unseen_Instruction` the held-out paraphrase never used in
@@ -30,23 +38,32 @@ Answers, as the reference: the text after the template's response marker in prom
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
+import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .data import SETTINGS, format_prompt, load_records, parse_response
-from .files import read_json, write_json
+from .data import SETTINGS, Records, format_prompt, load_records, parse_response
+from .files import read_json
 from .flags import DTYPE_ALIASES, DTYPES, parse_dtype, parse_flags, positive_int
 from .generate import generate_text
+from .lock import FolderLock
 from .metrics import ModelEncoder, score
 from .tasks import TASK_BY_NAME, TASKS, resolve_task
 
 PAPER_SAMPLING = {"temperature": 0.15, "top_p": 0.95}
 ONE_SHOT = "_1-shot"
+
+
+class EvalError(ValueError):
+    """An evaluation that cannot start or go on: bad input, a folder holding another evaluation, a refused resume."""
 
 
 # --- settings -----------------------------------------------------------------------------------------------
@@ -201,6 +218,14 @@ def _groups(records: Sequence[dict]) -> dict[tuple[str, str], list[int]]:
     return dict(sorted(groups.items(), key=lambda kv: (task_order.index(kv[0][0]), SETTINGS.index(kv[0][1]))))
 
 
+def generation_batches(tokenizer, prompts: Sequence[str], batch_size: int) -> list[list[int]]:
+    """The prompts' indices in generation batches: sorted by token length (little padding), `batch_size` each, as
+    `ecellm.generate.generate_text` batches them. Batch b starts at position b * batch_size of that order, which
+    seeds its sampling: a batch generates the same text whether the batches before it ran in this process or not."""
+    order = sorted(range(len(prompts)), key=lambda i: len(tokenizer.encode(prompts[i])))
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 def evaluate(
     model: torch.nn.Module,
     tokenizer,
@@ -216,6 +241,8 @@ def evaluate(
     encoder=None,
     qpr_labels: Sequence[Sequence[str]] | None = None,
     progress: bool = True,
+    done: Mapping[int, str] | None = None,
+    on_batch: Callable[[list[dict]], None] | None = None,
 ) -> dict:
     """Generate an answer for every record and score each (task, setting) group as the paper does.
 
@@ -229,13 +256,16 @@ def evaluate(
         max_new_tokens: most tokens generated per answer (the paper: 100).
         temperature: 0 for greedy decoding; the paper's sampling is temperature 0.15 with top_p 0.95.
         top_p: nucleus-sampling mass.
-        seed: seed of sampling (ignored when greedy).
+        seed: seed of sampling (ignored when greedy); batch b is seeded with seed + b * batch_size.
         paper_compat: score with the reference evaluation's defects (see `ecellm.metrics`). In both modes AVE
             outputs of a T5 model (`model.config.model_type == "t5"`) are parsed as evaluate_T5.py does
             (`ecellm.metrics.parse_ave_t5`: Flan-T5 cannot write braces), others as evaluate.py does.
         encoder: AG's BERTScore encoder; default `ModelEncoder(model, tokenizer)` (the evaluated model itself).
         qpr_labels: ESCI labels of the QPR options, per QPR record of each setting in order (see `references`).
         progress: show a tqdm progress bar.
+        done: record index -> generation already made (a resumed evaluation); a batch all of whose records are
+            done is not generated again.
+        on_batch: called with the generation records (as in the returned "generations") of each batch generated.
     Returns:
         {"results": one `score` dict per (task, setting) with "setting" added, in the paper's task order, then
          setting order,
@@ -243,23 +273,38 @@ def evaluate(
          "reference"}}; "generation" is the decoded continuation, "prediction" the answer read from it (the text
          after the template's response marker in prompt + generation, stripped; for T5 the generation itself).
     """
+    from tqdm.auto import tqdm
+
     model.eval()  # no dropout (LoRA's included) while generating
     groups = _groups(records)
     refs = {key: references(key[0], [records[i] for i in idx], qpr_labels) for key, idx in groups.items()}
     prompts = [build_prompt(r, template) for r in records]
-    generations = generate_text(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                temperature=temperature, top_p=top_p, seed=seed, progress=progress)
     seq2seq = model.config.model_type == "t5"
-    predictions = generations if seq2seq else [parse_response(p + g, template) for p, g in zip(prompts, generations)]
+
+    def generation_record(i: int, generation: str) -> dict:
+        prediction = generation if seq2seq else parse_response(prompts[i] + generation, template)
+        return {"index": i, "task": records[i]["task"], "setting": records[i]["setting"], "prompt": prompts[i],
+                "generation": generation, "prediction": prediction, "reference": records[i]["output"]}
+
+    generations = dict(done or {})
+    batches = generation_batches(tokenizer, prompts, batch_size)
+    for b, rows in enumerate(tqdm(batches, desc="generate", disable=not progress, unit="batch")):
+        if all(i in generations for i in rows):
+            continue
+        texts = generate_text(model, tokenizer, [prompts[i] for i in rows], max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, temperature=temperature, top_p=top_p,
+                              seed=None if seed is None else seed + b * batch_size)
+        generations.update(zip(rows, texts))
+        if on_batch is not None:
+            on_batch([generation_record(i, text) for i, text in zip(rows, texts)])
+    gens = [generation_record(i, generations[i]) for i in range(len(records))]
     results = []
     for (task, setting), idx in groups.items():
         if TASK_BY_NAME[task].answer == "text" and encoder is None:  # BERTScore needs an encoder
             encoder = ModelEncoder(model, tokenizer, batch_size=batch_size)
-        result = score(task, [predictions[i] for i in idx], refs[task, setting], setting=setting,
+        result = score(task, [gens[i]["prediction"] for i in idx], refs[task, setting], setting=setting,
                        paper_compat=paper_compat, ave_parser="t5" if seq2seq else "json", encoder=encoder)
         results.append({"task": result.pop("task"), "setting": setting, **result})
-    gens = [{"index": i, "task": r["task"], "setting": r["setting"], "prompt": prompts[i], "generation": generations[i],
-             "prediction": predictions[i], "reference": r["output"]} for i, r in enumerate(records)]
     return {"results": results, "generations": gens}
 
 
@@ -284,23 +329,103 @@ def markdown_table(results: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(out_dir: str | Path, evaluation: dict, config: dict) -> dict[str, Path]:
-    """Write `results.json` (config + results), `results.md` (the table) and `generations.jsonl` to `out_dir`.
+# --- the output folder ----------------------------------------------------------------------------------------
+# An evaluation's files in --out. evaluation.json (its settings and records) is written first, generations.jsonl
+# grows by one flushed batch at a time, results.md and then results.json (the mark of a finished evaluation) last.
+EVALUATION, GENERATIONS, RESULTS, TABLE = "evaluation.json", "generations.jsonl", "results.json", "results.md"
+RESUMABLE_CHANGES = {"out", "resume", "overwrite"}  # EvalConfig fields a resumed evaluation may change
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file renamed over it: a reader sees the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse an `out` that holds another evaluation unless `resume` (continue it) or `overwrite` (delete it), and a
+    `resume` with nothing to continue. Nothing is written."""
+    if resume and overwrite:
+        raise EvalError("--resume continues the evaluation in --out and --overwrite deletes it: pass one of them")
+    held = [name for name in (EVALUATION, GENERATIONS, RESULTS, TABLE) if (out / name).exists()]
+    if resume and not (out / EVALUATION).is_file():
+        raise EvalError(f"--resume: {out} holds no evaluation to continue (no {EVALUATION}); start one without "
+                        "--resume")
+    if held and not (resume or overwrite):
+        raise EvalError(f"{out} already holds an evaluation ({', '.join(held)}): pass --resume to continue it, "
+                        "--overwrite to delete it and start over, or choose another --out")
+
+
+def evaluation_header(config: EvalConfig, records: Sequence[dict], prompts: Sequence[str]) -> dict:
+    """What evaluation.json records: the settings (but for `RESUMABLE_CHANGES`) and a hash of the records' prompts
+    and references, which a resumed evaluation must match."""
+    digest = hashlib.sha256()
+    for record, prompt in zip(records, prompts):
+        digest.update(json.dumps([record["task"], record["setting"], prompt, record["output"]]).encode())
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
+    return {"settings": settings, "n_records": len(records), "records_sha256": digest.hexdigest()}
+
+
+def read_done(out: Path, header: dict, records: Sequence[dict], prompts: Sequence[str]) -> dict[int, str]:
+    """The generations a resumed evaluation already made (record index -> generation), after checking that it is
+    the same evaluation: the same settings, records and prompts. A last line cut short by a kill is dropped."""
+    saved = read_json(out / EVALUATION, EvalError)
+    changed = [f"{key}: {saved['settings'].get(key)!r} -> {value!r}" for key, value in header["settings"].items()
+               if saved["settings"].get(key) != value]
+    if changed:
+        raise EvalError(f"--resume with settings other than {out / EVALUATION} records would mix two evaluations; "
+                        f"differing: {'; '.join(changed)}")
+    if (saved["n_records"], saved["records_sha256"]) != (header["n_records"], header["records_sha256"]):
+        raise EvalError(f"--resume: the records differ from the {saved['n_records']} the evaluation in {out} started "
+                        f"on (now {header['n_records']}; the data changed?): start a new evaluation")
+    done, file = {}, out / GENERATIONS
+    lines = file.read_text(encoding="utf-8").split("\n") if file.is_file() else []
+    for n, line in enumerate(lines[:-1], 1):  # the text after the last newline is a line cut short (or nothing)
+        try:
+            gen = json.loads(line)
+            i = gen["index"]
+            same = 0 <= i < len(records) and (gen["prompt"], gen["reference"]) == (prompts[i], records[i]["output"])
+        except (ValueError, KeyError, TypeError):
+            raise EvalError(f"{file}: line {n} is not a generation record") from None
+        if not same:
+            raise EvalError(f"{file}: line {n} (record {i}) is not this evaluation's record {i}: other prompt or "
+                            "reference")
+        done[i] = gen["generation"]
+    _write_atomically(file, "".join(line + "\n" for line in lines[:-1]))
+    return done
+
+
+def start_or_resume(out: Path, header: dict, records: Sequence[dict], prompts: Sequence[str],
+                    resume: bool) -> dict[int, str]:
+    """Start the evaluation in `out` (evaluation.json written, an old evaluation's files deleted: `--overwrite`), or
+    resume it (`read_done`). Returns the generations already made, by record index."""
+    if resume:
+        done = read_done(out, header, records, prompts)
+        print(f"--resume: {len(done)} of {len(records)} generations already in {out / GENERATIONS}", file=sys.stderr)
+        return done
+    for name in (EVALUATION, GENERATIONS, RESULTS, TABLE):
+        (out / name).unlink(missing_ok=True)
+    _write_atomically(out / EVALUATION, json.dumps(header, indent=2) + "\n")
+    return {}
+
+
+def write_results(out: Path, evaluation: dict, config: dict) -> dict[str, Path]:
+    """Finish an evaluation's folder: generations.jsonl rewritten in record order, then results.md and results.json
+    (config + results), each replaced atomically; results.json last.
 
     Args:
-        out_dir: output directory (created if needed).
+        out: the output folder.
         evaluation: what `evaluate` returned.
         config: how the run was made (model, data, decoding, ...), stored in `results.json`.
     Returns:
         name -> path written.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "results.json", "markdown": out / "results.md", "generations": out / "generations.jsonl"}
-    write_json(paths["json"], {"config": config, "results": evaluation["results"]})
-    paths["markdown"].write_text(markdown_table(evaluation["results"]), encoding="utf-8")
-    with open(paths["generations"], "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(g, ensure_ascii=False) + "\n" for g in evaluation["generations"])
+    paths = {"generations": out / GENERATIONS, "markdown": out / TABLE, "json": out / RESULTS}
+    _write_atomically(paths["generations"],
+                      "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in evaluation["generations"]))
+    _write_atomically(paths["markdown"], markdown_table(evaluation["results"]))
+    _write_atomically(paths["json"], json.dumps({"config": config, "results": evaluation["results"]}, indent=2) + "\n")
     return paths
 
 
@@ -377,6 +502,9 @@ class EvalConfig:
         "help": "checkpoint whose embeddings score AG (default: the evaluated model)"})
     dtype: str = field(default="fp32", metadata={"choices": (*DTYPES, *DTYPE_ALIASES)})
     device: str = field(default_factory=_default_device)
+    resume: bool = field(default=False, metadata={
+        "help": "continue the evaluation in --out from the generations it holds (same settings and records)"})
+    overwrite: bool = field(default=False, metadata={"help": "delete the evaluation in --out and start over"})
 
     def __post_init__(self):
         if self.sample and self.greedy:
@@ -401,52 +529,111 @@ def _load_model(path: str, tokenizer_path: str | None, dtype: torch.dtype, devic
     return model, tokenizer
 
 
+def check_references(records: Records) -> None:
+    """Refuse, before anything is generated, a record whose reference answer its task cannot score (an SR answer
+    that is not one of its option letters, a PM answer that is not yes or no, ...), naming the file and the record's
+    index in it. Free text (AG) is always an answer; QPR's rankings are checked with their labels (`references`).
+
+    Args:
+        records: what `ecellm.data.load_records` returned (its `origins` name each record's file and index).
+    """
+    for record, (file, index) in zip(records, records.origins):
+        info = TASK_BY_NAME[record["task"]]
+        if info.answer in ("text", "ranking"):
+            continue
+        try:
+            score(info.name, [""], [record["output"]], setting=record["setting"])
+        except ValueError as e:
+            raise EvalError(f"{file}: record {index}: the reference answer {record['output']!r} is not a valid "
+                            f"{info.abbr} answer ({e})") from None
+
+
 def _load_records(config: EvalConfig) -> list[dict]:
     """The records to evaluate: the test records of the chosen tasks, in each chosen setting."""
     records = load_records(config.data, split=config.split, tasks=config.tasks)
     if not records:
         tasks = f" of {', '.join(config.tasks)}" if config.tasks else ""
-        raise SystemExit(f"no {config.split} records{tasks} in {config.data}")
+        raise EvalError(f"no {config.split} records{tasks} in {config.data}")
+    check_references(records)
     demos = load_records(config.demos, split="train", tasks=config.tasks) if config.demos else None
     return select_records(records, config.setting, demos, config.limit)
 
 
-def run(config: EvalConfig) -> dict:
-    """Evaluate as `config` says, write the outputs to `config.out` and print the table; returns what `evaluate`
-    returned."""
+def _load_models(config: EvalConfig) -> tuple[torch.nn.Module, object, ModelEncoder | None]:
+    """(model with its adapter merged, tokenizer, AG's BERTScore encoder or None for the model itself); what does
+    not load, or does not fit, is an `EvalError`."""
     from .lora import load_adapter, merge
 
     dtype = parse_dtype(config.dtype)
-    records = _load_records(config)
-    qpr_labels = load_qpr_labels(config.qpr_labels) if config.qpr_labels else None
-    model, tokenizer = _load_model(config.model, config.tokenizer, dtype, config.device)
-    if config.adapter:
-        model = merge(load_adapter(model, config.adapter)).eval()
-    template = config.template or ("mistral" if model.config.model_type == "mistral" else "alpaca")
-    temperature, top_p = config.decoding()
-    encoder = None
-    if config.bertscore_model:
-        bert_model, bert_tokenizer = _load_model(config.bertscore_model, None, dtype, config.device)
-        encoder = ModelEncoder(bert_model, bert_tokenizer, batch_size=config.batch_size)
+    try:
+        model, tokenizer = _load_model(config.model, config.tokenizer, dtype, config.device)
+        if config.adapter:
+            model = merge(load_adapter(model, config.adapter)).eval()
+        encoder = None
+        if config.bertscore_model:
+            bert_model, bert_tokenizer = _load_model(config.bertscore_model, None, dtype, config.device)
+            encoder = ModelEncoder(bert_model, bert_tokenizer, batch_size=config.batch_size)
+    except ValueError as e:
+        raise EvalError(str(e)) from e
+    return model, tokenizer, encoder
 
-    start = time.time()
-    evaluation = evaluate(model, tokenizer, records, template=template, batch_size=config.batch_size,
-                          max_new_tokens=config.max_new_tokens, temperature=temperature, top_p=top_p,
-                          seed=config.seed, paper_compat=config.paper_compat, encoder=encoder, qpr_labels=qpr_labels)
-    summary = {"model": config.model, "adapter": config.adapter, "data": config.data, "split": config.split,
-               "template": template, "max_new_tokens": config.max_new_tokens, "temperature": temperature,
-               "top_p": top_p, "seed": config.seed, "paper_compat": config.paper_compat,
-               "bertscore_encoder": config.bertscore_model or config.model, "n_records": len(records),
-               "seconds": round(time.time() - start, 1)}
-    paths = write_outputs(config.out, evaluation, summary)
+
+def run(config: EvalConfig) -> dict:
+    """Evaluate as `config` says, writing to `config.out` as it goes (see the module docstring), and print the
+    table; returns what `evaluate` returned.
+
+    Everything that can be checked is checked before generating: the records and their reference answers, the QPR
+    labels, the folder (writable, and holding no other evaluation unless --resume or --overwrite), the model,
+    tokenizer and adapter. The folder is locked for the evaluation's life (`ecellm.lock.FolderLock`).
+    """
+    out = Path(config.out)
+    if config.resume and not out.is_dir():
+        raise EvalError(f"--resume: {out} does not exist, so there is no evaluation to continue (a typo?)")
+    try:  # bad input (records, a setting that cannot be built, labels) is a ValueError; told as an EvalError
+        records = _load_records(config)
+        qpr_labels = load_qpr_labels(config.qpr_labels) if config.qpr_labels else None
+    except ValueError as e:
+        raise EvalError(str(e)) from e
+    lock = FolderLock(out, "evaluation")
+    lock.acquire(lambda message: print(message, file=sys.stderr))
+    try:
+        check_out(out, config.resume, config.overwrite)
+        model, tokenizer, encoder = _load_models(config)
+        template = config.template or ("mistral" if model.config.model_type == "mistral" else "alpaca")
+        prompts = [build_prompt(r, template) for r in records]
+        done = start_or_resume(out, evaluation_header(config, records, prompts), records, prompts, config.resume)
+        temperature, top_p = config.decoding()
+        start = time.time()
+        with open(out / GENERATIONS, "a", encoding="utf-8") as f:
+
+            def append(batch: list[dict]) -> None:
+                f.write("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in batch))
+                f.flush()
+
+            evaluation = evaluate(model, tokenizer, records, template=template, batch_size=config.batch_size,
+                                  max_new_tokens=config.max_new_tokens, temperature=temperature, top_p=top_p,
+                                  seed=config.seed, paper_compat=config.paper_compat, encoder=encoder,
+                                  qpr_labels=qpr_labels, done=done, on_batch=append)
+        summary = {"model": config.model, "adapter": config.adapter, "data": config.data, "split": config.split,
+                   "template": template, "max_new_tokens": config.max_new_tokens, "temperature": temperature,
+                   "top_p": top_p, "seed": config.seed, "paper_compat": config.paper_compat,
+                   "bertscore_encoder": config.bertscore_model or config.model, "n_records": len(records),
+                   "seconds": round(time.time() - start, 1)}
+        paths = write_results(out, evaluation, summary)
+    finally:
+        lock.release()
     print(markdown_table(evaluation["results"]), end="")
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return evaluation
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m ecellm.eval") -> dict:
-    """Run the command line (see `python -m ecellm.eval --help`); returns what `evaluate` returned."""
-    return run(parse_flags(EvalConfig, argv, prog=prog, description=__doc__.split("\n")[0]))
+    """Run the command line (see `python -m ecellm.eval --help`); returns what `evaluate` returned. An expected
+    error ends in one line and exit status 1 (`ecellm.cli.exit_on_error`)."""
+    from .cli import exit_on_error
+
+    config = parse_flags(EvalConfig, argv, prog=prog, description=__doc__.split("\n")[0])
+    return exit_on_error(prog, lambda: run(config))
 
 
 if __name__ == "__main__":

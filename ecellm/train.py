@@ -17,14 +17,17 @@ the step, scheduler and RNG states in JSON (nothing is unpickled); they are writ
 renamed, so an interrupted write leaves the previous one usable. `--resume` continues exactly where the newest complete
 checkpoint stopped, under the same settings. SIGTERM and Ctrl-C save a checkpoint and exit; `--minutes M` ends the run
 after the step that passes M minutes, validated, checkpointed and with its adapter written. A new run refuses an
-`--out` that holds another run unless `--overwrite` is given. `--init-adapter DIR` starts LoRA from a saved adapter.
-The folder's files and rules live in `ecellm.checkpoints`; this module is the loop.
+`--out` that holds another run unless `--overwrite` is given, and one run at a time holds `--out` (a lock,
+`ecellm.lock`). `config.json` records the data files' fingerprints: a resume on changed data is refused unless
+`--allow-data-change`. A step whose loss or gradient norm is not finite is skipped and logged; weights that are not
+finite are never checkpointed. `--init-adapter DIR` starts LoRA from a saved adapter. The folder's files and rules
+live in `ecellm.checkpoints`; this module is the loop.
 
 The run reads top to bottom in `_train`, as stages over one `Run` (settings, ranks, model, data, optimizer, progress):
 
-    check_config -> prepare_out -> setup_model -> setup_data -> [restore_lora_weights] -> setup_optimizer
-    -> [restore_trainer_state] -> fit (train_step, validate, save_checkpoint, until the last step or a signal)
-    -> finish (final adapter, summary.json)
+    check_config -> prepare_out (lock) -> setup_model -> setup_data -> check_data -> [restore_lora_weights]
+    -> setup_optimizer -> [restore_trainer_state] -> fit (train_step, validate, save_checkpoint, until the last step
+    or a signal) -> finish (final adapter, summary.json) -> the lock released
 
 `train()` seeds torch with `config.seed`, installs SIGTERM/SIGINT handlers for the loop and restores them, and
 destroys the process group if it created one.
@@ -51,6 +54,7 @@ from tqdm.auto import tqdm
 from . import lora, nf4, peft_format
 from .checkpoints import (
     TrainingError,
+    check_data,
     checkpoint_dir,
     full_tensor,
     latest_checkpoint,
@@ -77,6 +81,7 @@ from .data import (
 )
 from .files import strict_json, write_json
 from .flags import parse_dtype, parse_flags
+from .lock import FolderLock
 from .models import from_pretrained
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -124,6 +129,7 @@ class TrainConfig:
     seed: int = 42
     resume: bool = False  # continue the run in --out from its newest complete checkpoint (same settings)
     overwrite: bool = False  # delete the run already in --out and start over
+    allow_data_change: bool = False  # let --resume continue on data files other than the run started on (logged)
     dist_timeout_s: int = 300  # how long ranks wait for each other before the run ends naming the silent rank
 
 
@@ -285,11 +291,15 @@ def _data_file(directory: str, stem: str) -> Path:
     raise FileNotFoundError(f"no {stem}.json or {stem}.jsonl in {directory}")
 
 
-def load_examples(config: TrainConfig, tokenizer, template: str, seq2seq: bool, split: str, log) -> list[dict]:
-    """Read, select, sample and tokenize one split; reports what was truncated or dropped."""
+def load_examples(
+    config: TrainConfig, tokenizer, template: str, seq2seq: bool, split: str, log
+) -> tuple[list[dict], dict[str, dict]]:
+    """Read, select, sample and tokenize one split; reports what was truncated or dropped. Returns the examples and
+    the fingerprint of the file read (`ecellm.data.Records.fingerprints`)."""
     stem = {"train": "train", "val": "validation"}[split]
     tasks = [t for t in config.tasks.split(",") if t] or None
     records = load_records(_data_file(config.data, stem), split=split, setting=config.setting, tasks=tasks)
+    fingerprint = records.fingerprints
     if split == "train" and config.max_per_task:
         records = sample_per_task(records, config.max_per_task, seed=config.seed)
     if split == "val" and config.max_val_examples:
@@ -305,7 +315,7 @@ def load_examples(config: TrainConfig, tokenizer, template: str, seq2seq: bool, 
     for ex in examples:
         ex["n_loss_tokens"] = loss_token_count(ex["labels"], seq2seq)
         ex["loss_weight"] = example_loss_weight(ex["labels"], config.loss_average, seq2seq)
-    return examples
+    return examples, fingerprint
 
 
 def micro_batches(
@@ -371,6 +381,7 @@ class Run:
     n_trainable: int  # LoRA parameters of the whole (unsharded) model
     train_examples: list[dict] = field(default_factory=list)
     val_examples: list[dict] = field(default_factory=list)
+    data_fingerprint: dict[str, dict] = field(default_factory=dict)  # file -> size, records, sha256 (both splits)
     sampler: LengthGroupedBatchSampler | None = None  # this rank's share of each step
     steps_per_epoch: int = 0
     total_steps: int = 0
@@ -381,7 +392,7 @@ class Run:
     best_val: float = math.inf  # the lowest validation loss so far, and its step
     best_step: int | None = None
     tokens_seen: int = 0  # input tokens of all steps, over all ranks
-    last_loss: float = math.nan  # the latest step's training loss
+    last_loss: float = math.nan  # the training loss of the latest step applied (not skipped)
     epoch_order: list[list[int]] = field(default_factory=list)  # this rank's examples of each step of `ordered_epoch`
     ordered_epoch: int | None = None
     started: float = 0.0  # `time.perf_counter()` when the loop started, and `tokens_seen` then
@@ -454,11 +465,14 @@ def setup_model(config: TrainConfig, dist_ctx: DistContext) -> Run:
         from .models.default import default_model_dir
 
         model_dir = str(default_model_dir())
-    tokenizer = load_tokenizer(model_dir)
-    model = from_pretrained(model_dir, dtype=parse_dtype(config.dtype), device="cpu")
-    tokenizer.check_fits(model.config.vocab_size, model_dir)
-    targets = [t for t in config.lora_targets.split(",") if t] or None
-    lora.inject(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, targets=targets)
+    try:  # a model or tokenizer that does not load or fit, LoRA targets the model lacks: told as a TrainingError
+        tokenizer = load_tokenizer(model_dir)
+        model = from_pretrained(model_dir, dtype=parse_dtype(config.dtype), device="cpu")
+        tokenizer.check_fits(model.config.vocab_size, model_dir)
+        targets = [t for t in config.lora_targets.split(",") if t] or None
+        lora.inject(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, targets=targets)
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
     if config.init_adapter:
         load_initial_adapter(model, config)
     n_trainable, n_total = lora.count_parameters(model)
@@ -503,8 +517,9 @@ def setup_data(run: Run) -> None:
     config, dist_ctx = run.config, run.dist_ctx
     family = run.model.config.model_type
     template = config.template or ("mistral" if family == "mistral" else "alpaca")
-    run.train_examples = load_examples(config, run.tokenizer, template, run.seq2seq, "train", run.log)
-    run.val_examples = load_examples(config, run.tokenizer, template, run.seq2seq, "val", run.log)
+    run.train_examples, train_files = load_examples(config, run.tokenizer, template, run.seq2seq, "train", run.log)
+    run.val_examples, val_files = load_examples(config, run.tokenizer, template, run.seq2seq, "val", run.log)
+    run.data_fingerprint = {**train_files, **val_files}
     run.sampler = LengthGroupedBatchSampler(
         [len(ex["input_ids"]) for ex in run.train_examples], config.global_batch // dist_ctx.world,
         seed=config.seed, rank=dist_ctx.rank, world_size=dist_ctx.world,
@@ -561,6 +576,8 @@ def restore_trainer_state(run: Run, trainer_state: dict, optim_tensors: dict[str
     run.step, run.best_step = trainer_state["step"], trainer_state["best_step"]
     run.best_val = math.inf if trainer_state["best_val"] is None else trainer_state["best_val"]
     run.tokens_seen = trainer_state["tokens_seen"]
+    last_loss = trainer_state.get("last_loss")  # absent from checkpoints of older versions
+    run.last_loss = math.nan if last_loss is None else last_loss
     set_rng_state(trainer_state["rng"][run.dist_ctx.rank])
 
 
@@ -609,32 +626,35 @@ def loss_and_gradients(run: Run, batches: list[list[dict]]) -> tuple[float, floa
 def train_step(run: Run) -> dict:
     """One optimizer step on the next step's examples. Returns its log record.
 
-    Raises:
-        TrainingError: a non-finite loss (the optimizer step is skipped), naming the last good checkpoint.
+    A step whose loss or gradient norm is not finite is skipped: its gradients are dropped, the weights and AdamW's
+    state stay as they were, and the record says why ("skipped"). The schedule and the data order move on as after
+    any step, so the run (and a resume of it) continues with the next step's examples.
     """
     config, epoch = run.config, run.step // run.steps_per_epoch
     batches = micro_batches(run.train_examples, next_step_examples(run), config.micro_batch, config.pack_tokens,
                             run.seq2seq)
     loss, loss_tokens = loss_and_gradients(run, batches)
-    if not math.isfinite(loss):
-        last, _ = latest_checkpoint(run.out)  # read in full, its adapter and optimizer state finite
-        raise TrainingError(
-            f"non-finite training loss ({loss}) at step {run.step + 1} (epoch {epoch + 1}); the optimizer "
-            f"step was skipped. Last good checkpoint: {last or 'none yet'}"
-        )
-    grad_norm = math.nan
-    if config.grad_clip > 0:
-        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(list(run.trainable.values()), config.grad_clip)))
+    params = list(run.trainable.values())
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    grad_norm = float(full_tensor(norm))  # over all ranks: every rank takes the same decision
+    skipped = ("non-finite loss" if not math.isfinite(loss) else
+               "non-finite gradient norm" if not math.isfinite(grad_norm) else None)
     lr = run.scheduler.get_last_lr()[0]
-    run.optimizer.step()
+    if skipped:
+        run.log(f"step {run.step + 1}: {skipped} (loss {loss}, gradient norm {grad_norm}): update skipped")
+    else:
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, config.grad_clip, norm)
+        run.optimizer.step()
+        run.last_loss = loss
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     run.tokens_seen += int(run.dist_ctx.all_reduce_sum(sum(len(ex["input_ids"]) for b in batches for ex in b))[0])
-    run.last_loss = loss
     elapsed, speed = run.speed()
     return {"type": "step", "step": run.step, "epoch": epoch + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-            "loss_tokens": int(loss_tokens), "tokens_per_s": speed, "elapsed_s": elapsed}
+            "loss_tokens": int(loss_tokens), "tokens_per_s": speed, "elapsed_s": elapsed,
+            **({"skipped": skipped} if skipped else {})}
 
 
 @torch.no_grad()
@@ -701,14 +721,21 @@ def save_checkpoint(run: Run) -> Path:
     it, the main rank writes). Returns the checkpoint directory.
 
     It holds the adapter, AdamW's tensors and the trainer state: step, scheduler, optimizer hyper-parameters, every
-    rank's RNG states, best validation loss and step, tokens seen. Older checkpoints beyond `keep_checkpoints` are
-    deleted."""
+    rank's RNG states, best validation loss and step, tokens seen, the latest training loss. Older checkpoints beyond
+    `keep_checkpoints` are deleted. Weights that are not finite are never written: the run ends with a
+    `TrainingError` naming the last good checkpoint (which pruning therefore never removes)."""
     weights = lora_weights(run.trainable)
+    bad = [name for name, t in weights.items() if not torch.isfinite(t).all()]
+    if bad:  # every rank holds the full weights: all raise together
+        last, _ = latest_checkpoint(run.out)
+        raise TrainingError(f"step {run.step}: the LoRA weights are no longer finite ({', '.join(bad[:3])}); no "
+                            f"checkpoint written. Last good checkpoint: {last or 'none yet'}")
     optim_tensors, optim_groups = optimizer_state(run.trainable, run.optimizer)
     rngs = gather_rng_states(run.dist_ctx)
     if run.dist_ctx.is_main:
         trainer = {"step": run.step, "scheduler": run.scheduler.state_dict(), "param_groups": optim_groups,
-                   "rng": rngs, "best_val": run.best_val, "best_step": run.best_step, "tokens_seen": run.tokens_seen}
+                   "rng": rngs, "best_val": run.best_val, "best_step": run.best_step, "tokens_seen": run.tokens_seen,
+                   "last_loss": run.last_loss}
         write_checkpoint(run.out, run.model, run.model_dir, weights, optim_tensors, trainer,
                          run.config.keep_checkpoints)
     run.dist_ctx.barrier()
@@ -868,16 +895,23 @@ def train(config: TrainConfig) -> dict:
 def _train(config: TrainConfig, dist_ctx: DistContext) -> dict:
     """The run itself, stage by stage, on the ranks of `dist_ctx`: see `train`."""
     check_config(config, dist_ctx.world)
-    resume_from = dist_ctx.from_main(lambda: prepare_out(Path(config.out), dataclasses.asdict(config), log))
-    run = setup_model(config, dist_ctx)
-    setup_data(run)
-    # Resume: LoRA weights go in before sharding; optimizer, scheduler and RNG states once the optimizer exists.
-    resumed = restore_lora_weights(run, run.out / "checkpoints" / resume_from) if resume_from else None
-    setup_optimizer(run)
-    if resumed is not None:
-        restore_trainer_state(run, *resumed)
-    stopped_by = fit(run)
-    return finish(run, stopped_by)
+    lock = FolderLock(config.out, "training run")  # taken by the main rank in prepare_out, for the run's life
+    try:
+        resume_from = dist_ctx.from_main(lambda: prepare_out(Path(config.out), dataclasses.asdict(config), lock, log))
+        run = setup_model(config, dist_ctx)
+        setup_data(run)
+        resume_step = int(resume_from.split("_")[1]) if resume_from else 0 if config.resume else None
+        dist_ctx.from_main(lambda: check_data(run.out, run.data_fingerprint, resume_step, config.allow_data_change,
+                                              log))
+        # Resume: LoRA weights go in before sharding; optimizer, scheduler and RNG states once the optimizer exists.
+        resumed = restore_lora_weights(run, run.out / "checkpoints" / resume_from) if resume_from else None
+        setup_optimizer(run)
+        if resumed is not None:
+            restore_trainer_state(run, *resumed)
+        stopped_by = fit(run)
+        return finish(run, stopped_by)
+    finally:
+        lock.release()
 
 
 # --- command line -------------------------------------------------------------------------------------------------
@@ -890,12 +924,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line: an expected error ends in one line and exit status 1 (`ecellm.cli.exit_on_error`)."""
+    from .cli import exit_on_error
+
     config = parse_args(argv)
-    try:
-        train(config)
-    except TrainingError as e:
-        print(f"ecellm.train: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    exit_on_error("ecellm.train", lambda: train(config))
 
 
 if __name__ == "__main__":

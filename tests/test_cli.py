@@ -1,6 +1,7 @@
 """The `ecellm` command: subcommands train, eval, generate, convert-gguf, each built from a dataclass."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -62,9 +63,37 @@ def test_train_subcommand_has_the_train_config_flags(capsys):
     assert e.value.code == 0 and "--lora-r" in capsys.readouterr().out
 
 
-def test_unknown_subcommand_is_refused():
-    with pytest.raises(SystemExit, match=r"usage: ecellm \{train,eval,generate,convert-gguf\} .*got nope"):
+def test_unknown_subcommand_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
         main(["nope"])
+    assert e.value.code == 2
+    assert re.fullmatch(r"usage: ecellm \{train,eval,generate,convert-gguf,\S*\} \[FLAGS\] \(got nope\); .*\n",
+                        capsys.readouterr().err)
+
+
+def one_line_error(argv: list[str], capsys) -> str:
+    """The stderr of a command that must end in one line and exit status 1 (an expected error, no traceback)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err
+    return err.splitlines()[-1]
+
+
+def test_expected_errors_end_in_one_line_and_status_1(tiny, tmp_path, capsys):
+    """Bad input, an unusable folder, a refused resume: one line naming what and where, exit status 1."""
+    missing = tmp_path / "missing.json"
+    assert one_line_error(["eval", "--model", str(tiny), "--data", str(missing), "--out", str(tmp_path / "o")],
+                          capsys) == f"ecellm eval: error: {missing}: no such file"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x"}\n')
+    assert one_line_error(["eval", "--model", str(tiny), "--data", str(bad), "--out", str(tmp_path / "o")],
+                          capsys) == f"ecellm eval: error: {bad}: record 0: field 'input': missing"
+    assert one_line_error(["train", "--data", str(tmp_path), "--out", str(tmp_path / "typo"), "--resume"],
+                          capsys).startswith(f"ecellm.train: error: --resume: {tmp_path / 'typo'} does not exist")
+    nowhere = tmp_path / "nowhere"
+    line = one_line_error(["generate", "--model", str(nowhere), "--prompt", "x"], capsys)
+    assert line.startswith("ecellm generate: error: ") and str(nowhere) in line
 
 
 def test_python_dash_m_ecellm_runs_the_command():

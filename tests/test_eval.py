@@ -1,8 +1,14 @@
 """ecellm.eval: prompts of every setting, references, and the entry point end to end on a tiny random model."""
 
 import json
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +26,9 @@ LLAMA_SPM = Path(__file__).parent / "assets" / "tokenizers" / "llama2-spm" / "to
 TINY = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 16, "intermediate_size": 32,
         "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 4096,
         "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
+
+
+CHARACTERS = SimpleNamespace(encode=list)  # a tokenizer stand-in for batching by length: one token per character
 
 
 def record(task="Product_Matching", setting="IND_Diverse_Instruction", **kw):
@@ -211,7 +220,7 @@ def test_ave_of_a_t5_model_uses_evaluate_t5_parser(data_dir, monkeypatch, paper_
     results = {}
     for model_type in ("t5", "llama"):
         model = SimpleNamespace(config=SimpleNamespace(model_type=model_type), eval=lambda: None)
-        [results[model_type]] = ev.evaluate(model, None, records, paper_compat=paper_compat,
+        [results[model_type]] = ev.evaluate(model, CHARACTERS, records, paper_compat=paper_compat,
                                             progress=False)["results"]
     assert results["t5"]["n_failed"] == 0 and results["t5"]["precision"] == 1.0
     n_gold = sum(len(json.loads(r["output"])) for r in records)
@@ -229,7 +238,7 @@ def test_predictions_follow_the_reference_per_family(monkeypatch):
     predictions = {}
     for model_type, template in (("mistral", "mistral"), ("llama", "alpaca"), ("t5", "alpaca")):
         model = SimpleNamespace(config=SimpleNamespace(model_type=model_type), eval=lambda: None)
-        [gen] = ev.evaluate(model, None, records, template=template, progress=False)["generations"]
+        [gen] = ev.evaluate(model, CHARACTERS, records, template=template, progress=False)["generations"]
         predictions[model_type] = gen["prediction"]
     assert predictions == {"mistral": "no\n### Response: yes", "llama": "' with yes or no.\n\n### Input:\n{\"a\": 1}",
                            "t5": " no\n### Response: yes"}
@@ -255,11 +264,108 @@ def test_select_records_refuses_a_limit_of_zero():
         ev.select_records([record()], None, limit=0)
 
 
-def test_tokenizer_larger_than_the_model_embedding_is_refused(data_dir, tmp_path):
+def test_tokenizer_larger_than_the_model_embedding_is_refused(data_dir, tmp_path, capsys):
     config = TINY | {"vocab_size": 1000}
     save_file(from_config(config, device="cpu").state_dict(), tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps(config))
     shutil.copy(LLAMA_SPM, tmp_path / "tokenizer.model")
-    with pytest.raises(ValueError, match=r"the tokenizer .* has 32000 ids but the model .* embeds only 1000 "
-                                         r"\(its config.json vocab_size\)"):
+    with pytest.raises(SystemExit) as e:
         main(["--model", str(tmp_path), "--data", str(data_dir / "test.json"), "--out", str(tmp_path / "out")])
+    assert e.value.code == 1
+    assert re.fullmatch(r"python -m ecellm.eval: error: the tokenizer .* has 32000 ids but the model .* embeds only "
+                        r"1000 \(its config.json vocab_size\).*\n", capsys.readouterr().err)
+
+
+# --- the output folder: written as it goes, resumable, one evaluation per folder --------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def results_of(out: Path) -> dict:
+    """results.json without its timing."""
+    results = json.loads((out / "results.json").read_text())
+    del results["config"]["seconds"]
+    return results
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_killed_evaluation_resumes_to_the_uninterrupted_results(tiny_dir, tmp_path, sig, capsys):
+    """Each batch's generations are on disk as soon as they are made; an evaluation killed halfway and resumed ends
+    with the results.json and generations.jsonl of one that ran through (sampling included: each batch is seeded by
+    its position). The killed run's lock is stale and is taken over, naming it."""
+    write_dataset(tmp_path / "data", n_per_task=1, n_eval_per_task=20, seed=0, tasks=["PM", "SR"])
+    args = ["--model", str(tiny_dir), "--data", str(tmp_path / "data" / "test.json"), "--batch-size", "2",
+            "--max-new-tokens", "6", "--sample", "--seed", "3"]
+    main(args + ["--out", str(tmp_path / "whole")])
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "ecellm.eval", *args, "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not ((out / "generations.jsonl").is_file() and (out / "generations.jsonl").read_text().count("\n") >= 2):
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -sig
+    made = (out / "generations.jsonl").read_text().count("\n")
+    assert 2 <= made < 40 and not (out / "results.json").exists()
+    with pytest.raises(SystemExit) as e:  # the folder holds an evaluation: not started over by accident
+        main(args + ["--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "already holds an evaluation" in err
+    assert f"taking over the stale lock {out / 'ecellm.lock'} of pid {proc.pid} on host" in err
+    main(args + ["--out", str(out), "--resume"])
+    assert f"--resume: {made} of 40 generations already in" in capsys.readouterr().err
+    assert results_of(out) == results_of(tmp_path / "whole")
+    assert (out / "generations.jsonl").read_text() == (tmp_path / "whole" / "generations.jsonl").read_text()
+    assert not (out / "ecellm.lock").exists()
+
+
+def test_a_folder_holding_an_evaluation_needs_resume_or_overwrite(tiny_dir, data_dir, tmp_path, capsys):
+    args = ["--model", str(tiny_dir), "--data", str(data_dir / "test.json"), "--tasks", "PM", "--max-new-tokens", "3",
+            "--out", str(tmp_path / "out")]
+    first = main(args)
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--seed", "5"])
+    assert e.value.code == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m ecellm.eval: error: {tmp_path / 'out'} already holds an evaluation (evaluation.json, "
+        "generations.jsonl, results.json, results.md): pass --resume to continue it, --overwrite to delete it and "
+        "start over, or choose another --out")
+    with pytest.raises(SystemExit):  # a resume under other decoding settings would mix two evaluations
+        main(args + ["--resume", "--max-new-tokens", "4"])
+    assert "differing: max_new_tokens: 3 -> 4" in capsys.readouterr().err
+    assert main(args + ["--resume"])["generations"] == first["generations"]  # all done: scored again
+    main(args + ["--overwrite", "--max-new-tokens", "4"])
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["config"]["max_new_tokens"] == 4
+    with pytest.raises(SystemExit):
+        main(args[:-1] + [str(tmp_path / "typo"), "--resume"])
+    assert "typo does not exist, so there is no evaluation to continue" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize("task, bad", [("SR", "Z"), ("PM", "maybe")])
+def test_an_invalid_reference_is_refused_before_generating(tiny_dir, tmp_path, monkeypatch, capsys, task, bad):
+    write_dataset(tmp_path / "data", n_per_task=1, n_eval_per_task=3, seed=0, tasks=["PM", "SR"])
+    test_file = tmp_path / "data" / "test.json"
+    records = json.loads(test_file.read_text())
+    index = [i for i, r in enumerate(records) if r["task"] == TASK_BY_NAME[ev.resolve_task(task)].name][2]
+    records[index]["output"] = bad
+    test_file.write_text(json.dumps(records))
+    monkeypatch.setattr(ev, "generate_text", lambda *a, **k: pytest.fail("generated before checking"))
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tiny_dir), "--data", str(test_file), "--out", str(tmp_path / "out")])
+    assert e.value.code == 1
+    assert capsys.readouterr().err.startswith(
+        f"python -m ecellm.eval: error: {test_file}: record {index}: the reference answer {bad!r} is not a valid "
+        f"{task} answer")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unusable_out_is_refused_before_loading(tiny_dir, data_dir, tmp_path, monkeypatch, capsys):
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    out = tmp_path / "notes.txt" / "out"
+    monkeypatch.setattr(ev, "_load_model", lambda *a, **k: pytest.fail("loaded the model before checking --out"))
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tiny_dir), "--data", str(data_dir / "test.json"), "--out", str(out)])
+    assert e.value.code == 1
+    assert capsys.readouterr().err == f"python -m ecellm.eval: error: [Errno 20] Not a directory: '{out}'\n"

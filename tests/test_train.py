@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from ecellm import checkpoints
 from ecellm import train as train_mod
 from ecellm.checkpoints import ResumeError, latest_checkpoint, prune_checkpoints, read_checkpoint
+from ecellm.lock import FolderBusy, FolderLock
 from ecellm.synthetic import write_dataset
 from ecellm.train import TrainConfig, TrainingError, train
 
@@ -272,18 +273,65 @@ def test_interrupted_checkpoint_write_leaves_previous_usable(setup, reference, t
     assert_resumed_exactly(out, reference)
 
 
-def test_non_finite_loss_stops_with_the_step(setup, tmp_path, monkeypatch):
-    real = train_mod.loss_sum
-    calls = {"n": 0}
+class _InfiniteGradient(torch.autograd.Function):
+    """The identity forward; an infinite gradient backward (a finite loss whose update explodes)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+@pytest.mark.parametrize("poison", ["loss", "gradient norm"])
+def test_a_non_finite_step_is_skipped_and_reported(setup, tmp_path, monkeypatch, poison):
+    """Step 4's loss (or only its gradient norm) is not finite: the update is skipped (weights and AdamW's state as
+    after step 3), the log says so, and the run goes on to its end with finite weights."""
+    real, calls = train_mod.loss_sum, {"n": 0}
 
     def poisoned(model, batch):
         calls["n"] += 1
         loss = real(model, batch)
-        return loss * float("nan") if calls["n"] > 12 else loss  # 4 micro-batches per step: step 4 goes bad
+        if 12 < calls["n"] <= 16:  # 4 micro-batches per step: step 4
+            return loss * float("nan") if poison == "loss" else _InfiniteGradient.apply(loss)
+        return loss
 
     monkeypatch.setattr(train_mod, "loss_sum", poisoned)
-    with pytest.raises(TrainingError, match=r"non-finite training loss \(nan\) at step 4 .*Last good checkpoint: .*step_00000002"):
-        train(config(setup, tmp_path / "run", checkpoint_every=2, eval_every=100))
+    out = tmp_path / "run"
+    summary = train(config(setup, out, checkpoint_every=1, keep_checkpoints=0, max_steps=6, eval_every=100))
+    assert summary["steps"] == 6
+    records = log_records(out)
+    assert [r.get("skipped") for r in records] == [None] * 3 + [f"non-finite {poison}"] + [None] * 2
+    assert (records[3]["loss"] is None) == (poison == "loss") and records[3]["grad_norm"] is None
+    step3, step4 = (read_checkpoint(out / "checkpoints" / f"step_{s:08d}") for s in (3, 4))
+    for before, after in ((step3[1], step4[1]), (step3[2], step4[2])):  # optimizer state, then LoRA weights
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.isfinite(t).all() for t in adapter(out).values())
+
+
+def test_non_finite_weights_are_never_checkpointed(setup, tmp_path, monkeypatch):
+    """Weights that become infinite end the run without a checkpoint of them: with --keep-checkpoints 1 the last good
+    one stays, and a resume starts from it."""
+    class BlowsUpAtStep2(torch.optim.AdamW):  # step 2's update makes the weights infinite
+        def step(self, closure=None):
+            result = super().step(closure)
+            self.steps = getattr(self, "steps", 0) + 1
+            if self.steps == 2:
+                with torch.no_grad():
+                    for group in self.param_groups:
+                        for p in group["params"]:
+                            p.fill_(float("inf"))
+            return result
+
+    monkeypatch.setattr(train_mod.torch.optim, "AdamW", BlowsUpAtStep2)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"step 2: the LoRA weights are no longer finite .*; no checkpoint "
+                                            r"written. Last good checkpoint: \S*step_00000001$"):
+        train(config(setup, out, checkpoint_every=1, keep_checkpoints=1, eval_every=100))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"]
+    assert latest_checkpoint(out) == (out / "checkpoints" / "step_00000001", [])
 
 
 def test_loss_falls_on_learnable_task(setup, tmp_path):
@@ -346,7 +394,7 @@ def test_tokenizer_larger_than_the_embedding_is_refused(setup, tmp_path):
     (model / "config.json").write_text(json.dumps(cfg))
     weights = load_file(setup[0] / "model.safetensors")
     save_file({k: v[:300] if v.shape[0] == 384 else v for k, v in weights.items()}, model / "model.safetensors")
-    with pytest.raises(ValueError, match=r"the tokenizer .* has 384 ids but the model .*model embeds only 300"):
+    with pytest.raises(TrainingError, match=r"the tokenizer .* has 384 ids but the model .*model embeds only 300"):
         train(config((model, setup[1]), tmp_path / "run"))
 
 
@@ -417,6 +465,77 @@ def test_reused_out_is_refused_on_every_rank(setup, reference, tmp_path):
     assert output.count("already holds a run") == 2, output
 
 
+def test_one_run_per_out(setup, reference, tmp_path, capsys):
+    """While a run holds --out, a second one is refused before it writes anything, naming the folder and the holder,
+    whatever its flags; a lock left by a run that died is taken over, naming it, and released at the end."""
+    out = copy_run(reference, tmp_path / "run")
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*")}
+    fresh = tmp_path / "fresh"  # a first run still loading its model: only its lock is there yet
+    holders = [FolderLock(folder, "training run") for folder in (out, fresh)]  # first runs, still going
+    for holder in holders:
+        holder.acquire(print)
+    try:
+        for folder, flags in ((out, {}), (out, {"resume": True}), (out, {"overwrite": True}), (fresh, {})):
+            with pytest.raises(FolderBusy, match=rf"{folder} is in use by another training run: pid {os.getpid()} "
+                                                 rf"on host {socket.gethostname()}, started "):
+                train(config(setup, folder, **flags))
+    finally:
+        for holder in holders:
+            holder.release()
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing written
+    (out / "ecellm.lock").write_text('{"pid": 4242, "host": "gone", "started": "2026-12-04 12:00:00 UTC"}')
+    train(config(setup, out, resume=True))
+    assert "taking over the stale lock " + str(out / "ecellm.lock") + " of pid 4242 on host gone, started " \
+        "2026-12-04 12:00:00 UTC: that job ended without releasing it" in capsys.readouterr().err
+    assert not (out / "ecellm.lock").exists()
+
+
+def test_a_busy_out_is_refused_on_every_rank(setup, reference, tmp_path):
+    out = copy_run(reference, tmp_path / "run")
+    holder = FolderLock(out, "training run")
+    holder.acquire(print)
+    try:
+        proc = launch(config(setup, out, resume=True), nproc=2)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        holder.release()
+    assert proc.returncode != 0 and f'File "{ROOT / "ecellm"}' not in output, output  # torchrun's traceback only
+    assert output.count(f"is in use by another training run: pid {os.getpid()}") == 2, output  # rank 0 and rank 1
+
+
+def test_resume_of_a_missing_or_empty_out_is_an_error(setup, tmp_path):
+    with pytest.raises(TrainingError, match=r"--resume: \S*typo does not exist, so there is no run to continue"):
+        train(config(setup, tmp_path / "typo", resume=True))
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrainingError, match=r"--resume: \S*empty holds no run to continue"):
+        train(config(setup, tmp_path / "empty", resume=True))
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_resume_refuses_changed_data_unless_allowed(setup, tmp_path, capsys):
+    """config.json records each data file's size, records and hash; a resume on other data is refused naming the
+    file, or with --allow-data-change logged and recorded. Resuming the finished run keeps its summary."""
+    data = Path(shutil.copytree(setup[1], tmp_path / "data"))
+    out = tmp_path / "run"
+    finished = train(config((setup[0], data), out, max_steps=2))
+    recorded = json.loads((out / "config.json").read_text())["data_fingerprint"]
+    assert sorted(recorded) == [str(data / "train.json"), str(data / "validation.json")]
+    assert recorded[str(data / "train.json")]["records"] == 48
+    records = json.loads((data / "train.json").read_text())
+    records[5]["output"] = "flipped"
+    (data / "train.json").write_text(json.dumps(records))
+    with pytest.raises(TrainingError, match=rf"--resume: the data changed since the run started, .*: "
+                                            rf"{data / 'train.json'}: 48 records, \d+ bytes, sha256 \w+ -> 48 records"):
+        train(config((setup[0], data), out, max_steps=2, resume=True))
+    resumed = train(config((setup[0], data), out, max_steps=2, resume=True, allow_data_change=True))
+    assert "--allow-data-change: continuing from step 2 on changed data" in capsys.readouterr().err
+    assert [r["type"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())][-1] == "data_change"
+    assert json.loads((out / "config.json").read_text())["data_fingerprint"] != recorded
+    assert resumed["final_train_loss"] == finished["final_train_loss"] is not None  # not rewritten as null
+    assert strict_json((out / "summary.json").read_text())["final_train_loss"] == finished["final_train_loss"]
+
+
 def test_pruning_orders_checkpoints_by_step_number(tmp_path):
     for step in (5, 99_999_999, 100_000_000, 100_000_001):
         (tmp_path / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
@@ -465,23 +584,6 @@ def test_resume_without_a_readable_checkpoint_names_the_damage(setup, reference,
     with pytest.raises(TrainingError, match="no readable checkpoint in .*" + both):
         train(config(setup, out, resume=True))
     assert len(list((out / "checkpoints").iterdir())) == 2  # nothing deleted
-
-
-def test_non_finite_loss_names_a_checkpoint_with_finite_weights(setup, tmp_path, monkeypatch):
-    class BlowsUpAtStep2(torch.optim.AdamW):  # step 2's update makes the weights infinite; step 3's loss is NaN
-        def step(self, closure=None):
-            result = super().step(closure)
-            self.steps = getattr(self, "steps", 0) + 1
-            if self.steps == 2:
-                with torch.no_grad():
-                    for group in self.param_groups:
-                        for p in group["params"]:
-                            p.fill_(float("inf"))
-            return result
-
-    monkeypatch.setattr(train_mod.torch.optim, "AdamW", BlowsUpAtStep2)
-    with pytest.raises(TrainingError, match=r"at step 3 .*Last good checkpoint: \S*step_00000001$"):
-        train(config(setup, tmp_path / "run", checkpoint_every=1, eval_every=100))
 
 
 def test_train_from_code_restores_signal_handlers_and_leaves_its_process_group(setup, tmp_path, monkeypatch):
