@@ -35,6 +35,7 @@ setup(
             "gguf>=0.10",
             "pandas>=2.0",
             "pyarrow>=14",
+            "bitsandbytes>=0.50",  # the NF4 oracle (tests/test_nf4.py); its CPU wheel, no GPU needed
         ],
     },
 )
