@@ -132,6 +132,8 @@ def test_quantize_model_names_what_it_left(tmp_path):
     assert isinstance(model.model.layers[0].self_attn.q_proj.weight, nf4.NF4Weight)
     assert isinstance(model.model.layers[0].self_attn.o_proj, nf4.NF4Linear)
     assert "lm_head (weight tied to model.embed_tokens.weight)" in report.summary()
+    again = nf4.quantize_model(model, skip=["k_proj"])  # the 4-bit layers are passed over, the others left again
+    assert not again.quantized and again.left == report.left
 
 
 def quantized_step(path, targets):
