@@ -69,6 +69,8 @@ class NF4Weight(nn.Module):
         scale_codes: (out * in / 64,) uint8, each block's absmax as an 8-bit dynamic-map code.
         scale_scales: (ceil(out * in / 64 / 256),) fp32, the absmax of each block of 256 centred scales.
         scale_offset: () fp32, the mean of the absmax scales, subtracted before their quantization.
+    and the two lookup tables `nf4_pairs` and `dynamic` (not saved), so they sit on the weight's device: no copy
+    from the host in each forward.
     """
 
     def __init__(self, codes: torch.Tensor, scale_codes: torch.Tensor, scale_scales: torch.Tensor,
@@ -79,16 +81,18 @@ class NF4Weight(nn.Module):
         self.register_buffer("scale_codes", scale_codes)
         self.register_buffer("scale_scales", scale_scales)
         self.register_buffer("scale_offset", scale_offset)
+        self.register_buffer("nf4_pairs", NF4_PAIRS.to(codes.device), persistent=False)
+        self.register_buffer("dynamic", DYNAMIC.to(codes.device), persistent=False)
 
     def absmax(self) -> torch.Tensor:
         """The per-block scales, (out * in / 64,) fp32, from their 8-bit codes."""
         second = self.scale_scales.repeat_interleave(SCALE_BLOCK)[: self.scale_codes.numel()]
-        return DYNAMIC.to(second.device)[self.scale_codes.long()] * second + self.scale_offset
+        return self.dynamic[self.scale_codes.long()] * second + self.scale_offset
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight, (out, in) in `dtype` (computed in fp32, then rounded once). Transient memory: ~8 bytes a
         value (int32 byte indices, the fp32 values, the result)."""
-        values = NF4_PAIRS.to(self.codes.device)[self.codes.int()].view(-1, BLOCK)  # (n / 64, 64) fp32
+        values = self.nf4_pairs[self.codes.int()].view(-1, BLOCK)  # (n / 64, 64) fp32
         return values.mul_(self.absmax()[:, None]).view(self.shape).to(dtype)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
