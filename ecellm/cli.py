@@ -29,7 +29,8 @@ T = TypeVar("T")
 class GenerateConfig:
     """Settings of `ecellm generate`: complete prompts with a checkpoint (and optionally a LoRA adapter)."""
 
-    model: str = field(metadata={"help": "checkpoint directory (config.json + safetensors + tokenizer)"})
+    model: str = field(metadata={"help": "checkpoint directory (config.json + safetensors + tokenizer), or a real "
+                                         "model's name from ecellm.models.default.MODELS (e.g. qwen2.5-0.5b)"})
     prompt: list[str] = field(metadata={"help": "prompt text(s), used verbatim"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer directory (default: --model)"})
     adapter: str | None = field(default=None, metadata={"help": "LoRA adapter directory (PEFT format), merged in"})
@@ -63,12 +64,14 @@ def generate(argv: Sequence[str], prog: str) -> list[str]:
     from .generate import generate_text
     from .lora import load_adapter, merge
     from .models import from_pretrained
+    from .models.default import resolve_model
     from .tokenizer import load_tokenizer
 
     config = parse_flags(GenerateConfig, argv, prog=prog, description=GenerateConfig.__doc__)
-    model = from_pretrained(config.model, dtype=parse_dtype(config.dtype), device=config.device)
-    tokenizer = load_tokenizer(config.tokenizer or config.model)
-    tokenizer.check_fits(model.config.vocab_size, config.model)
+    model_dir = str(resolve_model(config.model))
+    model = from_pretrained(model_dir, dtype=parse_dtype(config.dtype), device=config.device)
+    tokenizer = load_tokenizer(config.tokenizer or model_dir)
+    tokenizer.check_fits(model.config.vocab_size, model_dir)
     if config.adapter:
         model = merge(load_adapter(model, config.adapter))
     texts = generate_text(model.eval(), tokenizer, config.prompt, max_new_tokens=config.max_new_tokens,

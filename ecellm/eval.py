@@ -471,7 +471,8 @@ def _default_device() -> str:
 class EvalConfig:
     """Every setting of an evaluation run; each field is a command-line flag (`ecellm eval --help`)."""
 
-    model: str = field(metadata={"help": "checkpoint directory (config.json + safetensors)"})
+    model: str = field(metadata={"help": "checkpoint directory (config.json + safetensors), or a real model's name "
+                                         "from ecellm.models.default.MODELS (e.g. smollm2)"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer directory (default: --model)"})
     adapter: str | None = field(default=None, metadata={"help": "LoRA adapter directory (PEFT format), merged in"})
     data: list[str] = field(metadata={"help": "ECInstruct test file(s), JSON array or JSON Lines"})
@@ -519,10 +520,13 @@ class EvalConfig:
 
 
 def _load_model(path: str, tokenizer_path: str | None, dtype: torch.dtype, device: str):
-    """(model, tokenizer) from checkpoint directories, checked to fit each other."""
+    """(model, tokenizer) from checkpoint directories (or a real model's name, `models.default.resolve_model`),
+    checked to fit each other."""
     from .models import from_pretrained
+    from .models.default import resolve_model
     from .tokenizer import load_tokenizer
 
+    path = str(resolve_model(path))
     model = from_pretrained(path, dtype=dtype, device=device)
     tokenizer = load_tokenizer(tokenizer_path or path)
     tokenizer.check_fits(model.config.vocab_size, path)

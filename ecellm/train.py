@@ -91,7 +91,7 @@ class TrainConfig:
     """Every setting of a run; the defaults are the reference code's recipe (README: "Differences from the reference
     code"). Each field is a command-line flag."""
 
-    model: str = ""  # checkpoint directory; empty: the embedded SmolLM2-135M-Instruct
+    model: str = ""  # checkpoint directory or a real model's name (models.default.MODELS); empty: SmolLM2
     data: str = ""  # a directory with train.json and validation.json, as ECInstruct ships them
     out: str = "runs/ecellm"
     tasks: str = ""  # comma-separated task names or abbreviations (AVE, PRP, ...); empty: all 10
@@ -459,12 +459,9 @@ def setup_model(config: TrainConfig, dist_ctx: DistContext) -> Run:
     """Load the base model and its tokenizer, and add LoRA. Seeds torch with `config.seed` first: every rank starts
     from the same LoRA initialisation."""
     torch.manual_seed(config.seed)
-    if config.model:
-        model_dir = config.model
-    else:
-        from .models.default import default_model_dir
+    from .models.default import resolve_model  # here: fetching a model by name needs the optional gguf package
 
-        model_dir = str(default_model_dir())
+    model_dir = str(resolve_model(config.model))  # a checkpoint directory, a real model's name, or the default
     try:  # a model or tokenizer that does not load or fit, LoRA targets the model lacks: told as a TrainingError
         tokenizer = load_tokenizer(model_dir)
         model = from_pretrained(model_dir, dtype=parse_dtype(config.dtype), device="cpu")
