@@ -373,7 +373,10 @@ def test_data_build_command_writes_and_reports(tmp_path, capsys):
     assert "train.json: 3 records\n  Answerability_Prediction IND_Diverse_Instruction: 2\n" in printed
     assert "skipped rows: 4\n  another annotator of a question-review pair (merged): 4\n" in printed
     assert len(load_records(paths[2], setting="OOD_Unseen_Instruction")) == 3
-    with pytest.raises(SourceError, match="exists and is not an empty folder"):
+    with pytest.raises(SystemExit) as refused:  # an expected error: one line on stderr, exit status 1
         run(["data", "build", "subjqa", "--raw", str(raw), "--out", str(tmp_path / "out")])
+    assert refused.value.code == 1
+    assert capsys.readouterr().err == (f"ecellm data: error: {tmp_path / 'out'}: exists and is not an empty folder; "
+                                       "choose a new --out\n")
     with pytest.raises(SystemExit, match="usage: ecellm data build"):
         run(["data", "build", "amazon"])
