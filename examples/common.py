@@ -130,14 +130,15 @@ def generate_split(model, tokenizer, records: Sequence[dict], d, template: str, 
     """
     mine = list(records[d.rank::d.world])
     prompts = [build_prompt(r, template) for r in mine]
-    answers = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
+    # Batches of similar lengths pad little: generate in order of prompt length, answer in record order.
+    order = sorted(range(len(prompts)), key=lambda i: len(tokenizer.encode(prompts[i])))
+    answers: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        chunk = [prompts[i] for i in rows]
         generations = generate_text(model, tokenizer, chunk, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        if model.config.model_type == "t5":
-            answers += [g.strip() for g in generations]
-        else:
-            answers += [parse_response(p + g, template) for p, g in zip(chunk, generations)]
+        for i, p, g in zip(rows, chunk, generations):
+            answers[i] = g.strip() if model.config.model_type == "t5" else parse_response(p + g, template)
         if bar is not None:
             bar.update(len(chunk))
     return gather_in_order(answers, len(records), d)
@@ -317,10 +318,10 @@ EVALUATION_SLACK = 1.5  # an evaluation after tuning may take this much longer t
 
 
 def training_minutes(total_minutes: float, start: float, evaluation_s: float, evaluations_left: int,
-                     tail_s: float) -> float:
+                     tail_s: float, slack: float = EVALUATION_SLACK) -> float:
     """The training time that keeps a job within `total_minutes` from `start` to its printed table: what is left after
     the time spent so far, the evaluations still to come (each estimated from the one already measured, with
-    `EVALUATION_SLACK`) and `tail_s` for what follows the last training step (the step the cap cuts into, the final
+    `slack`) and `tail_s` for what follows the last training step (the step the cap cuts into, the final
     validation, writing the adapter, loading it).
 
     Args:
@@ -329,6 +330,7 @@ def training_minutes(total_minutes: float, start: float, evaluation_s: float, ev
         evaluation_s: seconds the evaluation before tuning took.
         evaluations_left: evaluations of the same size still to run after training.
         tail_s: seconds reserved after training's cap.
+        slack: how much longer than the one before tuning an evaluation after it may take.
     Returns:
         minutes of training (0.0 when `total_minutes` is 0).
     Raises:
@@ -337,7 +339,7 @@ def training_minutes(total_minutes: float, start: float, evaluation_s: float, ev
     if not total_minutes:
         return 0.0
     spent = time.perf_counter() - start
-    left = total_minutes * 60 - spent - evaluations_left * evaluation_s * EVALUATION_SLACK - tail_s
+    left = total_minutes * 60 - spent - evaluations_left * evaluation_s * slack - tail_s
     if left <= 0:
         raise SystemExit(f"--minutes {total_minutes:g} leaves no time for training: {spent / 60:.1f} minutes went to "
                          f"setup and the first evaluation, and {evaluations_left} more evaluation(s) of "

@@ -30,6 +30,7 @@ from common import by_task
 MEAN_METRICS = ("hr@1", "accuracy", "ndcg", "f_bert")  # metrics that are a mean of per-record scores
 BOOTSTRAP_RESAMPLES = 1000
 OPTION_ANSWER_TOKENS = 4  # option tasks are scored on the answer's first letter
+PAPER_ANSWER_TOKENS = 100  # the reference's max_new_tokens (inference.py)
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
@@ -46,13 +47,16 @@ def data_file(data: str | Path, stem: str) -> Path:
     return found
 
 
-def answer_budgets(train_records: Sequence[dict], tokenizer) -> dict[str, int]:
-    """Task abbreviation -> most new tokens to generate: the longest training answer + 2 (at most the paper's 100),
-    or 4 for the option tasks (only the first letter is scored).
+def answer_budgets(train_records: Sequence[dict], tokenizer,
+                   cap: int | None = PAPER_ANSWER_TOKENS) -> dict[str, int]:
+    """Task abbreviation -> most new tokens to generate: the longest training answer + 2 (at most `cap`), or 4 for
+    the option tasks (only the first letter is scored).
 
     Args:
         train_records: the training records of every task evaluated.
         tokenizer: the model's tokenizer.
+        cap: the most for any task (default: the paper's 100); None for no cap, where answers are longer than the
+            paper's (train_real.py's AVE stand-in lists all of a product's attributes in one answer).
     """
     budgets = {}
     for abbr, records in by_task(train_records).items():
@@ -60,7 +64,7 @@ def answer_budgets(train_records: Sequence[dict], tokenizer) -> dict[str, int]:
             budgets[abbr] = OPTION_ANSWER_TOKENS
         else:
             lengths = map(len, tokenizer.encode_batch([r["output"] for r in records], bos=False, eos=False))
-            budgets[abbr] = min(max(lengths) + 2, 100)
+            budgets[abbr] = max(lengths) + 2 if cap is None else min(max(lengths) + 2, cap)
     return budgets
 
 

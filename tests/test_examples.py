@@ -225,6 +225,34 @@ def test_training_minutes_leaves_room_for_the_evaluations_after(monkeypatch):
     assert common.training_minutes(0, now - 120, 60.0, 1, 45.0) == 0.0  # no budget: no cap
     with pytest.raises(SystemExit, match="leaves no time for training: 2.0 minutes went to setup"):
         common.training_minutes(3, now - 120, 60.0, 1, 45.0)
+    # a job whose evaluation after tuning is cheaper than the one before (train_real.py) reserves less for it
+    assert common.training_minutes(15, now - 120, 60.0, 1, 45.0, slack=1.15) == pytest.approx((900 - 120 - 69 - 45) / 60)
+
+
+def test_generate_split_answers_in_record_order_whatever_the_prompt_lengths(tmp_path, monkeypatch):
+    """Generating in order of prompt length (little padding) must hand back each record's own answer: the same as
+    generating every prompt alone."""
+    from ecellm.eval import build_prompt
+    from ecellm.generate import generate_text
+    from ecellm.synthetic import generate_records
+
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    common = importlib.import_module("common")
+    model_dir = make_tiny_checkpoint(tmp_path / "model", tasks=["SR", "PM"])
+    model, tokenizer = common.load_model(model_dir)
+    records = generate_records("SR", 3, "test", seed=1) + generate_records("PM", 4, "test", seed=1)
+    records = [records[i] for i in (3, 0, 6, 1, 4, 2, 5)]  # long and short prompts interleaved
+    lengths = [len(tokenizer.encode(build_prompt(r, "alpaca"))) for r in records]
+    assert lengths != sorted(lengths) and len(set(lengths)) > 2
+
+    class OneProcess:
+        rank, world, is_main = 0, 1, True
+
+    answers = common.generate_split(model, tokenizer, records, OneProcess(), "alpaca", 6, batch_size=3)
+    alone = [common.parse_response(build_prompt(r, "alpaca")
+                                   + generate_text(model, tokenizer, [build_prompt(r, "alpaca")], max_new_tokens=6)[0],
+                                   "alpaca") for r in records]
+    assert answers == alone
 
 
 def test_train_sr_budgets_only_the_default_demo(monkeypatch):
@@ -243,6 +271,18 @@ def test_train_sr_budgets_only_the_default_demo(monkeypatch):
 def _record(task, output, setting="IND_Diverse_Instruction", **fields):
     return {"task": task, "output": output, "setting": setting, "instruction": "", "input": "", "options": None,
             **fields}
+
+
+def test_answer_budgets_fit_the_longest_training_answer_capped_at_the_papers_100(scoring):
+    class Words:  # one token a word
+        @staticmethod
+        def encode_batch(texts, bos, eos):
+            return [t.split() for t in texts]
+
+    records = [_record("AVE", " ".join(["w"] * 150)), _record("AVE", "w w"), _record("AG", "a short answer"),
+               _record("SA", "B")]
+    assert scoring.answer_budgets(records, Words) == {"AVE": 100, "AG": 5, "SA": scoring.OPTION_ANSWER_TOKENS}
+    assert scoring.answer_budgets(records, Words, cap=None)["AVE"] == 152  # answers longer than the paper's
 
 
 def test_baselines_by_hand(scoring):
@@ -337,7 +377,8 @@ def test_train_real_scores_every_real_task_in_the_run_folder_only(tmp_path):
     out = tmp_path / "out"
     before = repository_files()
     cmd = [sys.executable, "examples/train_real.py", "--raw", str(raw), "--model", str(model), "--out", str(out),
-           "--n-train", "PM:4,SA:2,AVE:2,AP:2,AG:2", "--n-test", "2", "--n-test-pm", "3", "--max-steps", "1",
+           "--n-train", "PM:4,SA:2,AVE:2,AP:2,AG:2", "--n-test", "2", "--n-test-extra", "3", "--n-test-pm", "3",
+           "--max-steps", "1",
            "--max-len", "1024", "--minutes", "0"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -348,7 +389,8 @@ def test_train_real_scores_every_real_task_in_the_run_folder_only(tmp_path):
         assert {"before", "after", "baseline", "metric"} <= set(t) and t["metric"] in t["after"], abbr
     assert set(results["tables"]) == {"tasks", "unseen_instruction", "ood"}
     assert set(results["tables"]["ood"]) == {"SA", "AVE", "AP", "AG"}  # PM's source has no held-out part
-    assert results["n_test"]["tasks"]["PM"] == 3 and results["n_test"]["unseen_instruction"]["SA"] == 2
+    assert results["n_test"]["tasks"]["PM"] == 3 and results["n_test"]["tasks"]["SA"] == 2
+    assert results["n_test"]["unseen_instruction"]["SA"] == 3 and results["n_test"]["ood"]["AVE"] == 3
     assert (Path(results["adapter"]) / "adapter_config.json").is_file() and results["minutes"] > 0
     test = json.loads((out / "data" / "test.json").read_text())
     assert {r["setting"] for r in test} == {"IND_Diverse_Instruction", "IND_Unseen_Instruction",
