@@ -3,7 +3,7 @@
 Every fenced ```python block of README.md and docs/walkthrough.md runs in a fresh namespace, every ```bash block in
 bash (`-e`: the first failing command fails the test), each from an empty scratch folder. A block right after an HTML
 comment `<!-- not run: REASON -->` is skipped: the long jobs, the installs, commands with placeholders. Blocks that
-use the embedded SmolLM2 (`default_model_dir`) are marked slow: the first one fetches the model.
+use a real model (`model_dir`, `default_model_dir`) are marked slow: the first one fetches the model.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def runnable() -> list:
         for language, line, code, skipped in blocks(document):
             if language not in ("python", "bash") or skipped:
                 continue
-            marks = [pytest.mark.slow] if "default_model_dir" in code else []
+            marks = [pytest.mark.slow] if "model_dir(" in code else []
             params.append(pytest.param(language, code, id=f"{document}:{line}", marks=marks))
     return params
 
