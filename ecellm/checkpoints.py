@@ -31,9 +31,10 @@ from . import peft_format
 from .files import read_json, strict_json, write_dir_atomically, write_json
 from .lock import LOCK_NAME, FolderLock
 from .models.loading import CheckpointError
+from .errors import EcellmError
 
 
-class TrainingError(RuntimeError):
+class TrainingError(EcellmError, RuntimeError):
     """A run that cannot go on (non-finite loss, bad configuration)."""
 
 

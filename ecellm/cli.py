@@ -126,16 +126,11 @@ COMMANDS: dict[str, Callable[[Sequence[str], str], object]] = {
 
 
 def expected_errors() -> tuple[type[Exception], ...]:
-    """The errors that a user's input, files or folders cause (told in one line), as opposed to bugs."""
-    from .checkpoints import TrainingError
-    from .data import RecordError
-    from .eval import EvalError
-    from .lock import FolderBusy
-    from .models.config import ConfigError
-    from .models.loading import CheckpointError
-    from .sources.common import SourceError
+    """The errors that a user's input, files or folders cause (told in one line), as opposed to bugs: the
+    `ecellm.errors.EcellmError` family, and `OSError` (a missing file, a full disk, a denied permission)."""
+    from .errors import EcellmError
 
-    return TrainingError, EvalError, RecordError, ConfigError, CheckpointError, SourceError, FolderBusy, OSError
+    return EcellmError, OSError
 
 
 def exit_on_error(prog: str, command: Callable[[], T]) -> T:

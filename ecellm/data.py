@@ -34,6 +34,7 @@ import torch
 
 from .labels import IGNORE_INDEX  # -100: positions without loss
 from .tasks import TASK_BY_ABBR, TASK_BY_NAME, TASKS, TaskInfo, resolve_task  # noqa: F401 (also public here)
+from .errors import EcellmError
 
 
 # --- settings and splits (the tasks are in ecellm.tasks) ------------------------------------------------
@@ -102,7 +103,7 @@ REQUIRED_FIELDS = ("instruction", "input", "output", "task", "setting", "split")
 OPTIONAL_FIELDS = ("options", "few_shot_example")  # a string, null, or absent
 
 
-class RecordError(ValueError):
+class RecordError(EcellmError, ValueError):
     """A bad record: names the file, the record index (0-based) and the field."""
 
     def __init__(self, file, index: int | None, field: str | None, problem: str):

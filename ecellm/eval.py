@@ -57,12 +57,13 @@ from .generate import generate_text
 from .lock import FolderLock
 from .metrics import ModelEncoder, score
 from .tasks import TASK_BY_NAME, TASKS, resolve_task
+from .errors import EcellmError
 
 PAPER_SAMPLING = {"temperature": 0.15, "top_p": 0.95}
 ONE_SHOT = "_1-shot"
 
 
-class EvalError(ValueError):
+class EvalError(EcellmError, ValueError):
     """An evaluation that cannot start or go on: bad input, a folder holding another evaluation, a refused resume."""
 
 

@@ -17,10 +17,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import EcellmError
+
 LOCK_NAME = "ecellm.lock"
 
 
-class FolderBusy(RuntimeError):
+class FolderBusy(EcellmError, RuntimeError):
     """Another live job holds the folder's lock."""
 
 

@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from ..files import read_json
+from ..errors import EcellmError
 from .layers import RopeScaling
 
 
-class ConfigError(ValueError):
+class ConfigError(EcellmError, ValueError):
     """A config.json that is unreadable, incomplete or asks for something ecellm does not support."""
 
 

@@ -13,13 +13,14 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..files import read_json
+from ..errors import EcellmError
 
 # Keys some checkpoints carry that hold no weights (rotary tables that are recomputed on the fly).
 # (Old T5 conversions also carry a cross-attention position bias that T5 never uses.)
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".EncDecAttention.relative_attention_bias.weight")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(EcellmError, ValueError):
     """A checkpoint whose files or tensors do not fit the model."""
 
 

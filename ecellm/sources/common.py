@@ -26,12 +26,13 @@ import numpy as np
 
 from ..eval import derive_setting
 from ..tasks import task_info
+from ..errors import EcellmError
 
 SEED = 1  # every notebook's seed
 SPLIT_NAMES = {"train": "train", "validation": "val", "test": "test"}  # file name -> the records' `split`
 
 
-class SourceError(ValueError):
+class SourceError(EcellmError, ValueError):
     """Raw input that cannot be read: the message names the file and, where one is at fault, the column."""
 
 
