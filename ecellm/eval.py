@@ -50,122 +50,21 @@ from pathlib import Path
 
 import torch
 
-from .data import SETTINGS, Records, format_prompt, load_records, parse_response
+from .data import SETTINGS, Records, load_records, parse_response
+from .errors import EcellmError
 from .files import read_json
 from .flags import DTYPE_ALIASES, DTYPES, parse_dtype, parse_flags, positive_int
 from .generate import generate_text
 from .lock import FolderLock
 from .metrics import ModelEncoder, score
+from .prompts import ONE_SHOT, build_prompt, derive_setting, one_shot_instruction  # noqa: F401 (public here too)
 from .tasks import TASK_BY_NAME, TASKS, resolve_task
-from .errors import EcellmError
 
 PAPER_SAMPLING = {"temperature": 0.15, "top_p": 0.95}
-ONE_SHOT = "_1-shot"
 
 
 class EvalError(EcellmError, ValueError):
     """An evaluation that cannot start or go on: bad input, a folder holding another evaluation, a refused resume."""
-
-
-# --- settings -----------------------------------------------------------------------------------------------
-def one_shot_instruction(record: dict) -> str:
-    """The instruction of a 1-shot prompt: the record's instruction followed by its demonstration.
-
-    The demonstration (`few_shot_example`, JSON of a training record's `input`, optional `options` and `output`)
-    is written in the template's section style::
-
-        {instruction}
-
-        ### Example Input:
-        {input}
-
-        ### Example Options:      (only when the demonstration has options)
-        {options}
-
-        ### Example Response:
-        {output}
-
-    A `few_shot_example` that is not such a JSON object is placed verbatim under `### Example:`.
-
-    Args:
-        record: an ECInstruct record with a non-empty `few_shot_example`.
-    """
-    text = record.get("few_shot_example")
-    if not text:
-        raise ValueError(f"{record['task']} record has no few_shot_example for a 1-shot prompt")
-    try:
-        demo = json.loads(text)
-    except ValueError:
-        demo = None
-    if not (isinstance(demo, dict) and isinstance(demo.get("input"), str) and isinstance(demo.get("output"), str)):
-        return f"{record['instruction']}\n\n### Example:\n{text}"
-    options = f"\n\n### Example Options:\n{demo['options']}" if demo.get("options") else ""
-    return (f"{record['instruction']}\n\n### Example Input:\n{demo['input']}{options}"
-            f"\n\n### Example Response:\n{demo['output']}")
-
-
-def build_prompt(record: dict, template: str) -> str:
-    """The prompt of a test record: `ecellm.data.format_prompt`, with the demonstration of 1-shot settings.
-
-    Args:
-        record: an ECInstruct record.
-        template: "alpaca" or "mistral".
-    """
-    if record["setting"].endswith(ONE_SHOT):
-        record = {**record, "instruction": one_shot_instruction(record)}
-    return format_prompt(record, template)
-
-
-def _demonstration(record: dict) -> str:
-    demo = {"input": record["input"]}
-    if record.get("options"):
-        demo["options"] = record["options"]
-    demo["output"] = record["output"]
-    return json.dumps(demo)
-
-
-def derive_setting(records: Sequence[dict], setting: str, demos: Sequence[dict] | None = None) -> list[dict]:
-    """Build the records of `setting` from the same domain's `*_Diverse_Instruction` records.
-
-    Args:
-        records: test records; those of `{IND|OOD}_Diverse_Instruction` are the base.
-        setting: one of `ecellm.data.SETTINGS`.
-        demos: training records (`IND_Diverse_Instruction`, split train) for a 1-shot setting whose base records
-            have no `few_shot_example`; test record i of a task gets training record i of the same task.
-    Returns:
-        copies of the base records with `setting` set and the instruction or demonstration changed.
-    """
-    if setting not in SETTINGS:
-        raise ValueError(f"unknown setting {setting!r}; expected one of {list(SETTINGS)}")
-    domain = setting.split("_")[0]
-    base_setting = f"{domain}_Diverse_Instruction"
-    if setting == base_setting:
-        raise ValueError(f"{setting} is the base setting; it must be in the data")
-    base = [r for r in records if r["setting"] == base_setting]
-    if not base:
-        raise ValueError(f"cannot build {setting}: no {base_setting} records to build it from")
-    train_by_task: dict[str, list[dict]] = {}
-    for r in demos or ():
-        if r["split"] == "train" and r["setting"] == "IND_Diverse_Instruction":
-            train_by_task.setdefault(r["task"], []).append(r)
-    out, seen = [], {}
-    for r in base:
-        new = {**r, "setting": setting}
-        info = TASK_BY_NAME[r["task"]]
-        if setting.endswith("_Single_Instruction"):
-            new["instruction"] = info.seed_instruction
-        elif setting.endswith("_Unseen_Instruction"):
-            new["instruction"] = info.unseen_instruction
-        elif not r.get("few_shot_example"):
-            i = seen[r["task"]] = seen.get(r["task"], -1) + 1
-            pool = train_by_task.get(r["task"], [])
-            if i >= len(pool):
-                raise ValueError(f"cannot build {setting}: {r['task']} test record {i} needs training record {i} "
-                                 f"as its demonstration, but the demonstrations hold {len(pool)} "
-                                 f"(pass the training file with --demos)")
-            new["few_shot_example"] = _demonstration(pool[i])
-        out.append(new)
-    return out
 
 
 # --- references ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..eval import derive_setting
+from ..prompts import derive_setting
 from ..tasks import task_info
 from ..errors import EcellmError
 
