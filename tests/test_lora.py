@@ -105,13 +105,47 @@ def test_target_matching(targets, chosen):
 def test_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"\['fc3'\].*'fc1', 'fc2'"):
         lora.inject(MLP(), targets=["fc1", "fc3"])  # a typo is not silently ignored
-    with pytest.raises(ValueError, match="no default LoRA targets for MLP"):
+    with pytest.raises(lora.LoRAError, match=r"no default LoRA targets for MLP .*Linear modules: \['fc1', 'fc2'\]"):
         lora.inject(MLP())
     mlp = lora.inject(MLP(), targets=["fc1"])
     with pytest.raises(ValueError, match="already has LoRA layers.*'fc1'"):
         lora.inject(mlp, targets=["fc2"])
     with pytest.raises(ValueError, match="rank r must be positive"):
         lora.inject(MLP(), r=0, targets=["fc1"])
+
+
+class Encoder(nn.Module):
+    """A user's model around torch's own transformer layer."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(d, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(x))
+
+
+@pytest.mark.parametrize("model, targets, message", [
+    (nn.TransformerEncoderLayer(16, 2, 32), ["self_attn.out_proj"],
+     r"cannot wrap 'self_attn.out_proj': nn.MultiheadAttention multiplies by out_proj.weight itself"),
+    (nn.MultiheadAttention(16, 2), ".*", r"cannot wrap 'out_proj': nn.MultiheadAttention .* never run"),
+    (Encoder(), ["head", "out_proj"], r"cannot wrap 'layer.self_attn.out_proj'"),
+    (Encoder(), ["linear1"], r"cannot wrap 'layer.linear1': nn.TransformerEncoderLayer's inference fast path"),
+])
+def test_inject_refuses_linears_their_owner_never_calls(model, targets, message):
+    """Before, these were wrapped and their LoRA branch silently never ran (gradients None, output unchanged)."""
+    with pytest.raises(lora.LoRAError, match=message):
+        lora.inject(model, r=2, targets=targets)
+    assert lora.lora_layers(model) == {} and all(p.requires_grad for p in model.parameters())  # left as it was
+
+
+def test_the_called_linears_of_torchs_transformer_layer_train():
+    """What inject still takes inside torch's transformer layer: linears its training forward calls."""
+    torch.manual_seed(0)
+    model = lora.inject(Encoder().train(), r=2, targets=["head"])
+    model(torch.randn(2, 5, 16)).sum().backward()
+    assert model.head.lora_B.grad is not None and model.head.lora_B.grad.abs().sum() > 0
 
 
 def test_default_targets_use_config_model_type_and_phi_aliases():
