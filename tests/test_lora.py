@@ -529,3 +529,35 @@ def test_public_names_of_the_package_and_its_old_homes():
     assert lora.inject is lora.layer.inject and lora.save_adapter is lora.peft_format.save_adapter
     assert nf4.quantize_model is lora.nf4.quantize_model and peft_format.load_adapter is lora.load_adapter
     assert issubclass(lora.LoRAError, EcellmError) and issubclass(lora.LoRAError, ValueError)
+
+
+@pytest.mark.parametrize("pattern, why", [
+    ("([a-z_.0-9]+)+$", "nested quantifiers backtrack exponentially"),  # hung the loader for hours
+    ("(fc|f)*1", "holds another quantifier or an alternation"),
+    ("(", r"not a regular expression \(missing \), unterminated subpattern"),  # was an re.error traceback
+    (r"(fc)\1", "a backreference"),
+    (r".*.*.*.*\.fc1", "4 repeating quantifiers in a row, at most 3"),
+    ("x" * 70000, "70000 characters, the limit is 65536"),
+])
+def test_adapter_target_pattern_that_cannot_be_matched_in_bounded_time_is_refused(tmp_path, pattern, why):
+    _write_adapter(tmp_path / "adapter", GOOD, target_modules=pattern)
+    model = MLP()
+    with pytest.raises(lora.LoRAError, match=rf"adapter_config.json: target_modules pattern .* refused: .*{why}"):
+        lora.load_adapter(model, tmp_path / "adapter")
+    assert lora.lora_layers(model) == {}
+    with pytest.raises(lora.LoRAError, match=rf"^inject: target_modules pattern .* refused: .*{why}"):
+        lora.inject(MLP(), targets=pattern)
+
+
+def test_adapter_target_patterns_as_peft_users_write_them_load(tmp_path):
+    for i, pattern in enumerate([r".*\.?fc1", r"(?:blocks\.\d+\.)?fc1", r".*fc1|.*zz", r"f.{0,2}1(?=$)"]):
+        _write_adapter(tmp_path / str(i), GOOD, target_modules=pattern)
+        assert list(lora.lora_layers(lora.load_adapter(MLP(), tmp_path / str(i)))) == ["fc1"]
+
+
+def test_matching_a_target_pattern_stops_at_its_time_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr(lora.targets, "MATCH_BUDGET_S", -1.0)  # every match is over budget
+    _write_adapter(tmp_path / "adapter", GOOD, target_modules="fc1")
+    with pytest.raises(lora.LoRAError, match=r"adapter_config.json: target_modules pattern 'fc1' refused: matching "
+                                             r"it took over -1 s \(at 'fc1'\); use a list of module names"):
+        lora.load_adapter(MLP(), tmp_path / "adapter")
