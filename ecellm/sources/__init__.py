@@ -6,7 +6,7 @@
 
 One module a source, each following the reference repository's notebook for its task (ninglab/eCeLLM
 `data_processing/*.ipynb`): PM exactly as ECInstruct built it; SA, AVE, AP and AG from public stand-ins for the
-paper's sources, in ECInstruct's layout. Every record has the fields task, setting, split, instruction, input,
+paper's sources, in ECInstruct's layout; SR from real Amazon purchase histories (the notebook's source family). Every record has the fields task, setting, split, instruction, input,
 options, output and few_shot_example; `ecellm.data.load_records`, `ecellm train` and `ecellm eval` read the files
 unchanged.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..files import write_dir_atomically, write_json
-from . import amazon_google, clothing_reviews, oa_mine, subjqa
+from . import amazon_google, amazon_sequences, clothing_reviews, oa_mine, subjqa
 from .common import SPLIT_NAMES, Built, SourceError
 
 __all__ = ["SOURCES", "Built", "SourceError", "build", "build_report", "check_out", "write", "write_splits",
@@ -25,6 +25,7 @@ __all__ = ["SOURCES", "Built", "SourceError", "build", "build_report", "check_ou
 # source name -> its builder module (`build(raw) -> Built`) and the tasks it yields
 SOURCES = {
     "amazon-google": amazon_google,
+    "amazon-sequences": amazon_sequences,
     "clothing-reviews": clothing_reviews,
     "oa-mine": oa_mine,
     "subjqa": subjqa,

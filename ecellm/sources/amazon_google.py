@@ -116,4 +116,4 @@ def build(raw: Path) -> Built:
     mapping = read_table(raw / MAPPING, ("idAmazon", "idGoogleBase"))
     skipped = Counter()
     train, validation, test = split_80_10_10(match_examples(amazon, google, mapping, skipped))
-    return Built(assemble("PM", train, validation, test), skipped)
+    return Built(assemble("PM", train, validation, test, raw=raw), skipped)

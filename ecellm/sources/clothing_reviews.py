@@ -110,4 +110,4 @@ def build(raw: Path) -> Built:
     parts = [split_80_10_10(departments[d]) for d in in_domain]
     train, validation, test = (mix([p[i] for p in parts], size) for i, size in enumerate(SIZES.values()))
     ood = mix([split_80_10_10(departments[HELD_OUT])[2]], SIZES["test"])
-    return Built(assemble("SA", train, validation, test, ood), skipped)
+    return Built(assemble("SA", train, validation, test, ood, raw=Path(raw)), skipped)

@@ -74,4 +74,4 @@ def build(raw: Path) -> Built:
                  for rows in (train_rows, validation_rows, test_rows)]
     ood = [extraction(row, [a for a in row["target_scores"] if a in held_out])
            for row in shuffled(test_rows) if held_out & set(row["target_scores"])]
-    return Built(assemble("AVE", *in_domain, ood), skipped)
+    return Built(assemble("AVE", *in_domain, ood, raw=Path(raw)), skipped)

@@ -65,4 +65,4 @@ def build(raw: Path) -> Built:
     files = [read_pairs(Path(raw) / name, skipped) for name in FILES]
     ap = [answerability(pairs, size) for pairs, size in zip(files, SIZES)]
     ag = [answers(pairs, size) for pairs, size in zip(files, SIZES)]
-    return Built(merge(assemble("AP", *ap), assemble("AG", *ag)), skipped)
+    return Built(merge(assemble("AP", *ap, raw=Path(raw)), assemble("AG", *ag, raw=Path(raw))), skipped)
