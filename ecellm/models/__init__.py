@@ -20,7 +20,7 @@ from ..tokenizer import Tokenizer, load_tokenizer
 from .config import ConfigError, config_file, read_config_file
 from .default import UnknownModelError, resolve_model
 from .llama import LlamaConfig, LlamaForCausalLM
-from .loading import CheckpointError, load_checkpoint
+from .loading import CheckpointError, check_config_fits_weights, load_checkpoint
 from .loss import causal_lm_loss, seq2seq_lm_loss
 from .phi import PhiConfig, PhiForCausalLM
 from .qwen import QwenConfig
@@ -91,10 +91,12 @@ def from_pretrained(
         check_finite: refuse a weight holding NaN or Inf, naming it (False skips the pass over the weights).
     Raises:
         UnknownModelError: `path` is neither a folder nor a known model's name.
-        ConfigError: config.json unreadable or with invalid values, naming the file and field.
+        ConfigError: config.json unreadable, with invalid values, or with layer counts or sizes beyond what the
+            weights hold (checked before the model is built), naming the file and field.
         CheckpointError: weight files unreadable or not fitting the config, naming the file and tensor.
     """
     path = resolve_model(path)
+    check_config_fits_weights(read_config_file(path), path, allow_pickle)
     model = from_config(path, dtype=dtype, device="meta")
     load_checkpoint(model, path, dtype, device, allow_pickle, check_finite)
     return model.eval()
