@@ -378,5 +378,6 @@ def test_data_build_command_writes_and_reports(tmp_path, capsys):
     assert refused.value.code == 1
     assert capsys.readouterr().err == (f"ecellm data: error: {tmp_path / 'out'}: exists and is not an empty folder; "
                                        "choose a new --out\n")
-    with pytest.raises(SystemExit, match="usage: ecellm data build"):
+    with pytest.raises(SystemExit) as usage:  # a usage error: exit status 2
         run(["data", "build", "amazon"])
+    assert usage.value.code == 2 and capsys.readouterr().err.startswith("usage: ecellm data build")
