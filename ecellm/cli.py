@@ -69,15 +69,11 @@ def generate(argv: Sequence[str], prog: str) -> list[str]:
     """`ecellm generate`: print each prompt's continuation; returns them."""
     from .generate import generate_text
     from .lora import load_adapter, merge
-    from .models import from_pretrained
-    from .models.default import resolve_model
-    from .tokenizer import load_tokenizer
+    from .models import load_pretrained
 
     config = parse_flags(GenerateConfig, argv, prog=prog, description=GenerateConfig.__doc__)
-    model_dir = str(resolve_model(config.model))
-    model = from_pretrained(model_dir, dtype=parse_dtype(config.dtype), device=config.device)
-    tokenizer = load_tokenizer(config.tokenizer or model_dir)
-    tokenizer.check_fits(model.config.vocab_size, model_dir)
+    model, tokenizer = load_pretrained(config.model, dtype=parse_dtype(config.dtype), device=config.device,
+                                       tokenizer=config.tokenizer)
     if config.adapter:
         model = merge(load_adapter(model, config.adapter))
     texts = generate_text(model.eval(), tokenizer, config.prompt, max_new_tokens=config.max_new_tokens,

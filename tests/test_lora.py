@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ecellm import lora
+from ecellm.errors import EcellmError
 from ecellm.models import CheckpointError
 
 
@@ -468,3 +469,29 @@ def test_inject_refuses_targets_that_match_the_module_itself():
     with pytest.raises(ValueError, match=r"targets '\.\*' match the Linear itself; .*LoRALinear\(linear, r, alpha\)"):
         lora.inject(linear, r=2, targets=".*")
     assert lora.lora_layers(linear) == {} and all(p.requires_grad for p in linear.parameters())  # left as it was
+
+
+def test_lora_package_imports_one_way():
+    """Each module of ecellm/lora imports only the modules listed before it (in-function imports included): no
+    circle such as the old lora <-> nf4 <-> peft_format."""
+    import ast
+    from pathlib import Path
+
+    order = ["targets", "layer", "nf4", "merged", "peft_format"]
+    package = Path(lora.__file__).parent
+    assert sorted(p.stem for p in package.glob("*.py")) == sorted(order + ["__init__"])
+    for position, module in enumerate(order):
+        tree = ast.parse((package / f"{module}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1
+                     and node.module is None for alias in node.names}
+        assert imported <= set(order[:position]), (module, imported)
+
+
+def test_public_names_of_the_package_and_its_old_homes():
+    from ecellm import nf4, peft_format
+
+    assert {"inject", "merge", "unmerge", "save_adapter", "load_adapter", "save_merged", "LoRAError"} <= set(dir(lora))
+    assert lora.inject is lora.layer.inject and lora.save_adapter is lora.peft_format.save_adapter
+    assert nf4.quantize_model is lora.nf4.quantize_model and peft_format.load_adapter is lora.load_adapter
+    assert issubclass(lora.LoRAError, EcellmError) and issubclass(lora.LoRAError, ValueError)

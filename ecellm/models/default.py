@@ -10,6 +10,7 @@ SHA-256, converted once to a checkpoint directory (`gguf_convert.py`) and cached
 
 from __future__ import annotations
 
+import difflib
 import fcntl
 import hashlib
 import importlib.util
@@ -22,7 +23,12 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import EcellmError
 from .gguf_convert import convert_gguf
+
+
+class UnknownModelError(EcellmError, ValueError):
+    """A model given by a name that is neither a folder nor a known model (a key of `MODELS`)."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +138,7 @@ def model_dir(name: str = DEFAULT) -> Path:
     wait. Parts of installed packages are used where present.
     """
     if name not in MODELS:
-        raise ValueError(f"unknown real model {name!r}; known: {', '.join(MODELS)}")
+        raise unknown_model(name)
     model = MODELS[name]
     target = cache_dir() / model.name
     if (target / "model.safetensors").is_file():
@@ -154,11 +160,27 @@ def default_model_dir() -> Path:
     return model_dir(DEFAULT)
 
 
-def resolve_model(model: str) -> Path:
-    """A `--model` value as a checkpoint directory: an existing directory as given, a name in `MODELS` fetched and
-    converted (`model_dir`), an empty string the default."""
-    if not model:
+def unknown_model(model: str) -> UnknownModelError:
+    """The error for a `--model` value that is neither a folder nor a known name: it lists the known names and
+    names the nearest one (`difflib`)."""
+    nearest = difflib.get_close_matches(model, list(MODELS), n=1, cutoff=0.6)
+    hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
+    return UnknownModelError(f"{model!r} is neither a folder nor a known model (known: {', '.join(MODELS)}){hint}")
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A `--model` value as a checkpoint directory: an existing file or directory as given, a name in `MODELS`
+    fetched and converted (`model_dir`), an empty string the default.
+
+    Args:
+        model: a checkpoint directory (or a file in one), a key of `MODELS`, or "".
+    Raises:
+        UnknownModelError: neither a file, a directory nor a known name; the nearest known name is suggested.
+    """
+    if not str(model):
         return default_model_dir()
-    if Path(model).is_dir() or model not in MODELS:
+    if Path(model).exists():
         return Path(model)
-    return model_dir(model)
+    if str(model) in MODELS:
+        return model_dir(str(model))
+    raise unknown_model(str(model))

@@ -7,21 +7,77 @@ from pathlib import Path
 
 import pytest
 
-from ecellm.models import default
+from ecellm.errors import EcellmError
+from ecellm.models import ConfigError, default, from_pretrained, load_pretrained, template_for
+from ecellm.models.default import UnknownModelError
+from ecellm.tokenizer import load_tokenizer
+
+from ..tiny_checkpoint import make_tiny_checkpoint
 
 
-def test_resolve_model_keeps_directories_and_unknown_names(tmp_path, monkeypatch):
+def test_resolve_model_keeps_directories_and_fetches_names(tmp_path, monkeypatch):
     monkeypatch.setattr(default, "model_dir", lambda name: f"fetched {name}")
     (tmp_path / "smollm2").mkdir()
+    (tmp_path / "runs" / "merged").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     assert default.resolve_model("smollm2") == Path("smollm2")  # an existing directory wins over the name
     assert default.resolve_model("qwen2.5-0.5b") == "fetched qwen2.5-0.5b"
     assert default.resolve_model("runs/merged") == Path("runs/merged")
+    assert default.resolve_model("") == "fetched smollm2"
 
 
-def test_unknown_real_model_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown real model 'qwen9'; known: smollm2, qwen2.5-0.5b, qwen2.5-1.5b"):
-        default.model_dir("qwen9")
+@pytest.mark.parametrize("name,hint", [("smolm2", "; did you mean 'smollm2'?"), ("qwen2.5-05b", "; did you mean "
+                                       "'qwen2.5-0.5b'?"), ("runs/nosuch", "")])
+def test_an_unknown_name_lists_the_known_ones_and_the_nearest(tmp_path, monkeypatch, name, hint):
+    monkeypatch.chdir(tmp_path)
+    message = f"'{name}' is neither a folder nor a known model (known: smollm2, qwen2.5-0.5b, qwen2.5-1.5b){hint}"
+    for load in (default.resolve_model, default.model_dir, from_pretrained, load_tokenizer, load_pretrained):
+        with pytest.raises(UnknownModelError) as caught:
+            load(name)
+        assert str(caught.value) == message
+        assert isinstance(caught.value, EcellmError)
+
+
+def test_an_unknown_name_on_the_command_line_is_one_line(tmp_path, monkeypatch, capsys):
+    from ecellm import cli
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(["generate", "--model", "smolm2", "--prompt", "hi"])
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err == ("ecellm generate: error: 'smolm2' is neither a folder nor a known model (known: "
+                                       "smollm2, qwen2.5-0.5b, qwen2.5-1.5b); did you mean 'smollm2'?\n")
+
+
+def test_from_pretrained_and_load_tokenizer_take_a_known_name(tmp_path, monkeypatch):
+    tiny = make_tiny_checkpoint(tmp_path / "tiny")
+    monkeypatch.setattr(default, "model_dir", lambda name: tiny if name == "smollm2" else pytest.fail(name))
+    monkeypatch.chdir(tmp_path)
+    assert from_pretrained("smollm2").config.vocab_size == 384
+    assert load_tokenizer("smollm2").encode("hi") == load_tokenizer(tiny).encode("hi")
+    model, tokenizer = load_pretrained("smollm2")
+    assert (model.config.vocab_size, tokenizer.vocab_size, model.training) == (384, 384, False)
+
+
+def test_load_pretrained_refuses_a_tokenizer_with_more_ids_than_the_model_embeds(tmp_path):
+    small = make_tiny_checkpoint(tmp_path / "small", vocab_size=300)
+    large = make_tiny_checkpoint(tmp_path / "large", vocab_size=384)
+    assert load_pretrained(large, tokenizer=small)[1].vocab_size == 300  # fewer ids than rows: fine
+    with pytest.raises(ValueError, match=r"the tokenizer .*large has 384 ids but the model .*small embeds only 300"):
+        load_pretrained(small, tokenizer=large)
+
+
+@pytest.mark.parametrize("model_type,template,expected", [
+    ("mistral", None, "mistral"), ("llama", None, "alpaca"), ("t5", "", "alpaca"), ("llama", "mistral", "mistral"),
+    ("mistral", "alpaca", "alpaca"),
+])
+def test_template_for_is_the_familys_unless_chosen(model_type, template, expected):
+    assert template_for(model_type, template) == expected
+
+
+def test_template_for_refuses_an_unknown_template():
+    with pytest.raises(ConfigError, match=r"prompt template 'chatml' is not one of alpaca, mistral"):
+        template_for("llama", "chatml")
 
 
 def test_joined_parts_with_another_checksum_are_refused(tmp_path, monkeypatch):
@@ -44,8 +100,6 @@ def test_a_model_name_works_wherever_a_model_folder_does(tmp_path, monkeypatch):
     from ecellm.eval import _load_model
     from ecellm.synthetic import write_dataset
     from ecellm.train import TrainConfig, train
-
-    from ..tiny_checkpoint import make_tiny_checkpoint
 
     tiny = make_tiny_checkpoint(tmp_path / "tiny")
     monkeypatch.setattr(default, "model_dir", lambda name: tiny if name == "qwen2.5-0.5b" else pytest.fail(name))
