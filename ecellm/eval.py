@@ -56,6 +56,7 @@ from .flags import parse_dtype, parse_flags
 from .generate import generate_text
 from .lock import FolderLock
 from .metrics import ModelEncoder, score
+from .models import template_for
 from .prompts import ONE_SHOT, build_prompt, derive_setting, one_shot_instruction  # noqa: F401 (public here too)
 from .tasks import SETTINGS, TASK_BY_NAME, TASKS, resolve_task
 
@@ -353,17 +354,10 @@ def select_records(records: Sequence[dict], settings: Sequence[str] | None, demo
 
 
 def _load_model(path: str, tokenizer_path: str | None, dtype: torch.dtype, device: str):
-    """(model, tokenizer) from checkpoint directories (or a real model's name, `models.default.resolve_model`),
-    checked to fit each other."""
-    from .models import from_pretrained
-    from .models.default import resolve_model
-    from .tokenizer import load_tokenizer
+    """(model, tokenizer) from a checkpoint directory or a known model's name (`ecellm.models.load_pretrained`)."""
+    from .models import load_pretrained
 
-    path = str(resolve_model(path))
-    model = from_pretrained(path, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(tokenizer_path or path)
-    tokenizer.check_fits(model.config.vocab_size, path)
-    return model, tokenizer
+    return load_pretrained(path, dtype=dtype, device=device, tokenizer=tokenizer_path)
 
 
 def check_references(records: Records) -> None:
@@ -436,7 +430,7 @@ def run(config: EvalConfig) -> dict:
     try:
         check_out(out, config.resume, config.overwrite)
         model, tokenizer, encoder = _load_models(config)
-        template = config.template or ("mistral" if model.config.model_type == "mistral" else "alpaca")
+        template = template_for(model.config.model_type, config.template)
         prompts = [build_prompt(r, template) for r in records]
         done = start_or_resume(out, evaluation_header(config, records, prompts), records, prompts, config.resume)
         temperature, top_p = config.decoding()

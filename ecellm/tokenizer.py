@@ -275,11 +275,18 @@ def load_tokenizer(path: str | Path, family: str | None = None) -> Tokenizer:
     Args:
         path: a directory holding `tokenizer.json`, `tokenizer.model` or `spiece.model` (with optional
             `tokenizer_config.json`, `special_tokens_map.json`, `config.json`), or one of those files itself.
-            When a directory has both, `tokenizer.json` is used (it carries the added tokens).
+            When a directory has both, `tokenizer.json` is used (it carries the added tokens). A known model's
+            name (`ecellm.models.default.MODELS`, e.g. "smollm2") stands for its checkpoint directory.
         family: "llama", "t5" or "gpt2" to force that family's BOS/EOS rule; None infers it (module docstring).
     Returns:
         a `Tokenizer`.
+    Raises:
+        UnknownModelError: `path` is neither a file, a folder nor a known model's name.
     """
+    if not Path(path).exists():  # a model's name: imported here, as only a name needs the models' fetching code
+        from .models.default import resolve_model
+
+        path = resolve_model(path)
     path = Path(path)
     directory, file = _tokenizer_file(path)
     tok_config = _read_json(directory / "tokenizer_config.json")

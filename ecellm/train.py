@@ -84,8 +84,9 @@ from .errors import exit_on_error
 from .files import strict_json, write_json
 from .flags import parse_dtype, parse_flags
 from .lock import FolderLock
-from .models import from_pretrained
-from .tokenizer import Tokenizer, load_tokenizer
+from .models import load_pretrained, template_for
+from .models.default import resolve_model
+from .tokenizer import Tokenizer
 
 # --- distributed set-up -------------------------------------------------------------------------------------------
 
@@ -413,15 +414,9 @@ def setup_model(config: TrainConfig, dist_ctx: DistContext) -> Run:
     """Load the base model and its tokenizer, and add LoRA. Seeds torch with `config.seed` first: every rank starts
     from the same LoRA initialisation."""
     torch.manual_seed(config.seed)
-    from .models.default import (
-        resolve_model,  # here: fetching a model by name needs the optional gguf package
-    )
-
     model_dir = str(resolve_model(config.model))  # a checkpoint directory, a real model's name, or the default
     try:  # a model or tokenizer that does not load or fit, LoRA targets the model lacks: told as a TrainingError
-        tokenizer = load_tokenizer(model_dir)
-        model = from_pretrained(model_dir, dtype=parse_dtype(config.dtype), device="cpu")
-        tokenizer.check_fits(model.config.vocab_size, model_dir)
+        model, tokenizer = load_pretrained(model_dir, dtype=parse_dtype(config.dtype), device="cpu")
         lora.inject(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                     targets=config.lora_targets)
     except ValueError as e:
@@ -469,7 +464,7 @@ def setup_data(run: Run) -> None:
     """Tokenize both splits and lay out the steps: this rank's sampler, the steps per epoch and in all."""
     config, dist_ctx = run.config, run.dist_ctx
     family = run.model.config.model_type
-    template = config.template or ("mistral" if family == "mistral" else "alpaca")
+    template = template_for(family, config.template)
     run.train_examples, train_files = load_examples(config, run.tokenizer, template, run.seq2seq, "train", run.log)
     run.val_examples, val_files = load_examples(config, run.tokenizer, template, run.seq2seq, "val", run.log)
     run.data_fingerprint = {**train_files, **val_files}
