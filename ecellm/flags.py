@@ -117,13 +117,18 @@ def _default(field: dataclasses.Field):
 
 
 def _help(field: dataclasses.Field, default, is_bool: bool) -> str:
-    """The field's help text, ending in its default (argparse adds a boolean's itself) or "(required)"."""
+    """The field's help text, ending in its default ("on" or "off" for a boolean) or "(required)"."""
     text = field.metadata.get("help", "")
     if default is dataclasses.MISSING or field.metadata.get("required"):
         return f"{text} (required)".lstrip()
-    if default in (None, argparse.SUPPRESS) or is_bool:
+    if default in (None, argparse.SUPPRESS):
         return text
-    shown = " ".join(map(str, default)) if isinstance(default, list) else default
+    if is_bool:
+        shown = "on" if default else "off"
+    elif isinstance(default, list):
+        shown = " ".join(map(str, default))
+    else:
+        shown = default
     return f"{text} (default: {shown})".lstrip()
 
 

@@ -20,9 +20,10 @@ from ecellm.cli import ConvertConfig, GenerateConfig, main, run
 from ecellm.configs import MODEL_NAMES, EvalConfig, TrainConfig
 from ecellm.flags import add_flags, parse_flags
 from ecellm.generate import generate_text
+from ecellm.lora import inject, save_adapter
 from ecellm.models import from_pretrained
 from ecellm.models.decoder import DecoderOnlyLM
-from ecellm.synthetic import write_dataset
+from ecellm.synthetic import SyntheticConfig, write_dataset
 from ecellm.tokenizer import load_tokenizer
 
 from .tiny_checkpoint import make_tiny_checkpoint
@@ -175,7 +176,24 @@ def test_generate_tells_broken_tokenizers_in_one_line(tiny, tmp_path, capsys):
     assert line.startswith(f"ecellm generate: error: the tokenizer {bigger} has ")
 
 
-COMMAND_CONFIGS = {"train": TrainConfig, "eval": EvalConfig, "generate": GenerateConfig, "convert-gguf": ConvertConfig}
+def test_generate_tells_adapters_that_do_not_fit_in_one_line(tiny, tmp_path, capsys):
+    wider = make_tiny_checkpoint(tmp_path / "wider", tasks=("PM",), hidden_size=48)
+    other_base = tmp_path / "other_base"
+    save_adapter(inject(from_pretrained(wider), r=2), other_base)
+    line = one_line_error(["generate", "--model", str(tiny), "--adapter", str(other_base), "--prompt", "x"], capsys)
+    assert line.startswith(f"ecellm generate: error: {other_base / 'adapter_model.safetensors'}: ")
+    prefix_tuning = tmp_path / "prefix_tuning"
+    shutil.copytree(other_base, prefix_tuning)
+    config = json.loads((prefix_tuning / "adapter_config.json").read_text())
+    (prefix_tuning / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "PREFIX_TUNING"}))
+    line = one_line_error(["generate", "--model", str(tiny), "--adapter", str(prefix_tuning), "--prompt", "x"],
+                          capsys)
+    assert line == (f"ecellm generate: error: {prefix_tuning / 'adapter_config.json'}: peft_type is 'PREFIX_TUNING'; "
+                    "only 'LORA' adapters are supported")
+
+
+COMMAND_CONFIGS = {"train": TrainConfig, "eval": EvalConfig, "generate": GenerateConfig, "convert-gguf": ConvertConfig,
+                   "python -m ecellm.synthetic": SyntheticConfig}
 
 
 @pytest.mark.parametrize("command", COMMAND_CONFIGS)
@@ -200,7 +218,8 @@ def test_help_lists_the_values_a_flag_takes(command, shown, capsys):
 
 
 @pytest.mark.parametrize("config_class, required", [(TrainConfig, ["--data", "d"]),
-                                                    (EvalConfig, ["--model", "m", "--data", "d", "--out", "o"])])
+                                                    (EvalConfig, ["--model", "m", "--data", "d", "--out", "o"]),
+                                                    (SyntheticConfig, ["--out", "o"])])
 def test_task_lists_are_spaces_or_commas_in_both_commands(config_class, required):
     spaced = parse_flags(config_class, [*required, "--tasks", "PM", "sa"])
     assert spaced.tasks == parse_flags(config_class, [*required, "--tasks", "PM,sa"]).tasks
