@@ -280,7 +280,7 @@ def _tokenizer_files(reader, path: Path, vocab_size: int) -> tuple[dict, dict]:
     }
     try:
         BPETokenizer.from_str(json.dumps(tokenizer_json, ensure_ascii=False))
-    except Exception as e:  # the Rust library raises a bare Exception for a vocabulary it cannot build
+    except Exception as e:  # noqa: BLE001 (the Rust library raises a bare Exception for a bad vocabulary)
         raise GGUFError(f"{path}: the GGUF vocabulary does not make a tokenizer ({e})") from None
 
     def token(key):
