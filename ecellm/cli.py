@@ -56,7 +56,13 @@ class DataBuildConfig:
 
     out: str = field(metadata={"help": "folder to create (new or empty): train.json, validation.json, test.json"})
     raw: str | None = field(default=None, metadata={"help": "folder of the source's files (default: fetched, for "
-                                                            "the sources that can be)"})
+                                                            "the sources that can be; docs/real_data.md says where "
+                                                            "each source is published)"})
+    negatives: str = field(default="random", metadata={
+        "choices": ("random", "hard"),
+        "help": "amazon-google only: 'random' non-matching pairs (ECInstruct's), or 'hard': besides them, each "
+                "matched Amazon product against its most similar non-matching Google product by title, and a "
+                "test_hard.json of the test matches with theirs"})
 
 
 def generate(argv: Sequence[str], prog: str) -> list[str]:
@@ -101,16 +107,27 @@ def evaluate(argv: Sequence[str], prog: str) -> dict:
 
 def data(argv: Sequence[str], prog: str) -> list:
     """`ecellm data build SOURCE --out DIR [--raw DIR]`: write the files, print records per setting and skipped rows;
-    returns the files' paths."""
-    from .sources import SOURCES, build_report, check_out, summary, write_splits
+    returns the files' paths. `ecellm data build --help` lists the sources; a missing or unknown source is a usage
+    error (exit status 2)."""
+    from .sources import SOURCES, build_report, claimed_folder, summary, write_files
 
+    usage = f"usage: {prog} build {{{','.join(SOURCES)}}} --out DIR [--raw DIR]"
+    if argv[:1] in (["-h"], ["--help"]) or argv[:2] in (["build", "-h"], ["build", "--help"]):
+        print(f"{usage}\n\nBuild ECInstruct's files from a raw public source (docs/real_data.md says where each is "
+              f"published); `{prog} build SOURCE --help` lists the flags. Sources:")
+        for name, module in SOURCES.items():
+            print(f"  {name:18} {', '.join(module.FILES)}")
+        return []
     if argv[:1] != ["build"] or len(argv) < 2 or argv[1] not in SOURCES:
-        raise SystemExit(f"usage: {prog} build {{{','.join(SOURCES)}}} --out DIR [--raw DIR] "
-                         f"(got {' '.join(argv[:2]) or 'nothing'})")
+        print(f"{usage} (got {' '.join(argv[:2]) or 'nothing'})", file=sys.stderr)
+        raise SystemExit(2)
     config = parse_flags(DataBuildConfig, argv[2:], prog=f"{prog} build {argv[1]}", description=DataBuildConfig.__doc__)
-    check_out(config.out)
-    built = build_report(argv[1], config.raw)
-    paths = write_splits(built.splits, config.out)
+    if config.negatives != "random" and argv[1] != "amazon-google":
+        print(f"{usage}: --negatives applies to amazon-google only", file=sys.stderr)
+        raise SystemExit(2)
+    with claimed_folder(config.out) as folder:
+        built = build_report(argv[1], config.raw, config.negatives)
+        paths = write_files(built.splits, folder)
     print(summary(built))
     print(f"wrote {', '.join(map(str, paths))}")
     return paths

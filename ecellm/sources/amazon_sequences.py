@@ -36,6 +36,11 @@ from .common import SEED, Built, SourceError, assemble, example, read_csv, shuff
 IN_DOMAIN, HELD_OUT = "Office_Products", "Industrial_and_Scientific"
 PARTS = ("valid", "test")  # a user's rows in `valid` come before those in `test`
 FILES = tuple(f"{category}.{part}.csv" for category in (IN_DOMAIN, HELD_OUT) for part in PARTS)
+PUBLISHED = ("github.com/AkaliKong/MiniOneRec at 81b4ba9, data/Amazon/{valid,test}/CAT_5_2016-10-2018-11.csv "
+             "(Apache-2.0; Amazon Review Data 2018, the McAuley lab's, for research use)")
+GET = ("mkdir -p raw/amazon-sequences && for c in Office_Products Industrial_and_Scientific; do for p in valid test; "
+       "do curl -fsSLo raw/amazon-sequences/$c.$p.csv https://raw.githubusercontent.com/AkaliKong/MiniOneRec/"
+       "81b4ba9811cfb152cf161f1c486fe516510d081e/data/Amazon/$p/${c}_5_2016-10-2018-11.csv; done; done")
 COLUMNS = ("user_id", "history_item_title", "item_title", "history_item_id", "item_id")
 MIN_ITEMS, MAX_ITEMS = 5, 50  # the notebook's 5-core filter and its first-50 cap (inter_threshold)
 N_OPTIONS, TITLE_WORDS = 20, 25
