@@ -18,8 +18,19 @@ its rule when the directory does not say (for example a bare `tokenizer.json` of
 Special tokens come from `tokenizer_config.json`, then `special_tokens_map.json`, then the ids in `config.json`,
 then the sentencepiece model's own ids, then the family's usual token strings (`<s>`/`</s>`, `</s>`/`<pad>`,
 `<|endoftext|>`). A model without a pad token gets `pad_id == 0`, as the eCeLLM paper does.
+
+Control tokens and text: a special token's string in text (`</s>`, `<|im_end|>`) can mean the control token (what a
+template's own markup writes) or just those characters (what a record, a review or a user wrote). `encode(text)`
+turns the special-token strings of a `tokenizer.json` into their ids, as `tokenizers` does;
+`encode(text, control_tokens=False)` keeps them as text. `encode_parts(parts)` does both in one tokenization:
+`parts` alternate markup and data, special-token strings in the markup become control ids and those in the data stay
+text. The ids are those of encoding `"".join(parts)` whenever the data holds no special-token string (`tokenizers`
+too splits the text at each special token and tokenizes the pieces between them on their own). A sentencepiece
+model never turns text into a control id, so there every part is text.
 """
 
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import sentencepiece as spm
@@ -69,6 +80,11 @@ class Tokenizer:
         self._skip = {i for i in self._ids.values() if i is not None}
         if self._spm:
             self._skip |= {i for i in range(backend.get_piece_size()) if backend.is_control(i)}
+        # special-token string -> id, and a pattern finding them leftmost-longest (as `tokenizers` splits text)
+        self._control = {} if self._spm else {
+            token.content: i for i, token in backend.get_added_tokens_decoder().items() if token.special}
+        by_length = sorted(self._control, key=len, reverse=True)
+        self._control_pattern = re.compile("|".join(map(re.escape, by_length))) if by_length else None
 
     # --- special tokens -------------------------------------------------------------------------------------
     @property
@@ -116,29 +132,77 @@ class Tokenizer:
             ids = ids + [self.eos_id]
         return ids
 
-    def encode(self, text: str, bos: bool | None = None, eos: bool | None = None) -> list[int]:
+    def _encode_texts(self, texts: list[str], control_tokens: bool) -> list[list[int]]:
+        """The backend's ids of each text, no BOS/EOS; `control_tokens=False` encodes special-token strings as text."""
+        if self._spm:
+            return self.backend.encode(list(texts))
+        self.backend.encode_special_tokens = not control_tokens
+        try:
+            return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        finally:
+            self.backend.encode_special_tokens = False
+
+    def encode(self, text: str, bos: bool | None = None, eos: bool | None = None, *,
+               control_tokens: bool = True) -> list[int]:
         """Token ids of `text`.
 
         Args:
-            text: the string to encode. Special-token strings in a `tokenizer.json`'s added tokens (such as
-                `<|im_end|>`) map to their ids; sentencepiece never turns text such as "<s>" into a control id.
+            text: the string to encode.
             bos, eos: prepend BOS / append EOS; None uses the family's rule (see the module docstring).
+            control_tokens: True: special-token strings in a `tokenizer.json`'s added tokens (such as `<|im_end|>`)
+                map to their ids; False: they are encoded as the text they are (for text from data or users).
+                Sentencepiece never turns text such as "</s>" into a control id, either way.
         Returns:
             list of ids, length L.
         """
-        if self._spm:
-            ids = self.backend.encode(text)
-        else:
-            ids = self.backend.encode(text, add_special_tokens=False).ids
-        return self._specials(ids, bos, eos)
+        return self._specials(self._encode_texts([text], control_tokens)[0], bos, eos)
 
-    def encode_batch(self, texts: list[str], bos: bool | None = None, eos: bool | None = None) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], bos: bool | None = None, eos: bool | None = None, *,
+                     control_tokens: bool = True) -> list[list[int]]:
         """`encode` over a list of N texts, using the backend's multi-threaded batch path. Returns N id lists."""
-        if self._spm:
-            batch = self.backend.encode(list(texts))
-        else:
-            batch = [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
-        return [self._specials(ids, bos, eos) for ids in batch]
+        return [self._specials(ids, bos, eos) for ids in self._encode_texts(texts, control_tokens)]
+
+    def _split_markup(self, parts: Sequence[str]) -> list[str | int]:
+        """`"".join(parts)` as text pieces and control ids: the special-token strings of the markup parts
+        (`parts[0::2]`) become ids; the data parts (`parts[1::2]`) join the text around them."""
+        pieces: list[str | int] = []
+        text = ""
+        for i, part in enumerate(parts):
+            if i % 2 or self._control_pattern is None:
+                text += part
+                continue
+            start = 0
+            for match in self._control_pattern.finditer(part):
+                pieces += [text + part[start:match.start()], self._control[match[0]]]
+                text, start = "", match.end()
+            text += part[start:]
+        return pieces + [text]
+
+    def encode_parts_batch(self, batch: list[Sequence[str]], bos: bool | None = None,
+                           eos: bool | None = None) -> list[list[int]]:
+        """`encode_parts` over N part lists, tokenizing every text piece in one batch. Returns N id lists."""
+        split = [self._split_markup(parts) for parts in batch]
+        texts = [piece for pieces in split for piece in pieces if isinstance(piece, str)]
+        encoded = iter(self._encode_texts(texts, control_tokens=False))
+        batch_ids = []
+        for pieces in split:
+            ids: list[int] = []
+            for piece in pieces:
+                ids += [piece] if isinstance(piece, int) else next(encoded)
+            batch_ids.append(self._specials(ids, bos, eos))
+        return batch_ids
+
+    def encode_parts(self, parts: Sequence[str], bos: bool | None = None, eos: bool | None = None) -> list[int]:
+        """Token ids of `"".join(parts)`, where `parts` alternate the template's own markup (`parts[0]`, `parts[2]`,
+        ...: special-token strings there become control ids) and data (`parts[1]`, `parts[3]`, ...: always text).
+
+        Args:
+            parts: markup, data, markup, ... (any may be ""); see the module docstring for the ids this gives.
+            bos, eos: as `encode`.
+        Returns:
+            list of ids, length L.
+        """
+        return self.encode_parts_batch([parts], bos, eos)[0]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         """Text of a sequence of ids (a list, or a 1-D tensor / array).
