@@ -26,7 +26,7 @@ turns the special-token strings of a `tokenizer.json` into their ids, as `tokeni
 `parts` alternate markup and data, special-token strings in the markup become control ids and those in the data stay
 text. The ids are those of encoding `"".join(parts)` whenever the data holds no special-token string (`tokenizers`
 too splits the text at each special token and tokenizes the pieces between them on their own). A sentencepiece
-model never turns text into a control id, so there every part is text.
+model never turns text into a control id; in its markup parts only the BOS and EOS strings (`<s>`, `</s>`) do.
 """
 
 import re
@@ -59,15 +59,18 @@ class Tokenizer:
         special_ids: {"bos", "eos", "pad", "unk"} -> id or None for the tokens the model declares.
         add_bos, add_eos: the default of `encode` (None: the family's rule).
         path: where it was loaded from, for error messages.
+        chat_template: the checkpoint's Jinja chat template (tokenizer_config.json `chat_template`), or None;
+            `ecellm.chat` renders it.
     """
 
     def __init__(self, backend, family: str, special_ids: dict, add_bos: bool | None = None,
-                 add_eos: bool | None = None, path: str = "<memory>"):
+                 add_eos: bool | None = None, path: str = "<memory>", chat_template: str | None = None):
         if family not in FAMILY_RULES:
             raise ValueError(f"{path}: unknown tokenizer family {family!r}; expected one of {sorted(FAMILY_RULES)}")
         self.backend = backend
         self.family = family
         self.path = path
+        self.chat_template = chat_template
         self._spm = isinstance(backend, spm.SentencePieceProcessor)
         self._ids = {name: special_ids.get(name) for name in SPECIAL_NAMES}
         fam_bos, fam_eos = FAMILY_RULES[family]
@@ -80,9 +83,11 @@ class Tokenizer:
         self._skip = {i for i in self._ids.values() if i is not None}
         if self._spm:
             self._skip |= {i for i in range(backend.get_piece_size()) if backend.is_control(i)}
-        # special-token string -> id, and a pattern finding them leftmost-longest (as `tokenizers` splits text)
-        self._control = {} if self._spm else {
-            token.content: i for i, token in backend.get_added_tokens_decoder().items() if token.special}
+        # special-token string -> id (sentencepiece: BOS and EOS, for markup such as a chat template's "<s>"), and a
+        # pattern finding them leftmost-longest (as `tokenizers` splits text)
+        self._control = {backend.id_to_piece(i): i for i in (self._ids["bos"], self._ids["eos"]) if i is not None} \
+            if self._spm else {token.content: i for i, token in backend.get_added_tokens_decoder().items()
+                               if token.special}
         by_length = sorted(self._control, key=len, reverse=True)
         self._control_pattern = re.compile("|".join(map(re.escape, by_length))) if by_length else None
 
@@ -114,6 +119,10 @@ class Tokenizer:
         if self._spm:
             return self.backend.get_piece_size()
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def id_to_token(self, token_id: int) -> str:
+        """The token string of an id (a sentencepiece piece such as "<s>", or a BPE token)."""
+        return self.backend.id_to_piece(token_id) if self._spm else self.backend.id_to_token(token_id)
 
     def token_to_id(self, token: str) -> int | None:
         """Id of a token string (a sentencepiece piece such as "▁Hello", or a BPE token), None if unknown."""
@@ -366,4 +375,9 @@ def load_tokenizer(path: str | Path, family: str | None = None) -> Tokenizer:
     is_json = tokenizer_json is not None
     backend, lookup = _backend(file, is_json)
     special_ids = _special_ids(directory, (tok_config, special_map, model_config), backend, lookup, is_json, family)
-    return Tokenizer(backend, family, special_ids, add_bos=add_bos, add_eos=add_eos, path=str(path))
+    chat_template = tok_config.get("chat_template")
+    if isinstance(chat_template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        chat_template = next((t.get("template") for t in chat_template
+                              if isinstance(t, dict) and t.get("name") == "default"), None)
+    return Tokenizer(backend, family, special_ids, add_bos=add_bos, add_eos=add_eos, path=str(path),
+                     chat_template=chat_template if isinstance(chat_template, str) else None)
