@@ -12,6 +12,9 @@ Parsing follows the reference code exactly. The reference code has defects; by d
   that one right, scores 1.0); ecellm counts them as wrong answers. ``paper_compat`` drops them.
 - empty outputs: the reference crashes on an empty multiple-choice answer (``pred[0]``); ecellm counts it as
   failed in both modes, since the crash produces no number to reproduce.
+- any string scores: AVE output nested deeper than ``MAX_JSON_DEPTH`` (100) levels is failed in both modes (the
+  reference's ``json.loads`` raises RecursionError from about 1,000 and stops the evaluation); a blank AG answer
+  is failed and scores 0.
 - AVE: the reference counts every (gold, predicted) pair that matches, so a triple predicted twice, or one
   predicted triple matching several gold triples under the relaxed OOD rule, scores several hits (recall can
   exceed 1). ecellm counts the hits of a maximum one-to-one matching. ``paper_compat`` counts all pairs.
@@ -315,10 +318,7 @@ _AVE_KEYS = ("attribute", "value", "source")
 
 
 def _ave_gold(ref, i: int) -> list[dict]:
-    try:
-        items = json.loads(ref) if isinstance(ref, str) else None
-    except ValueError:
-        items = None
+    items = _parse_json(ref)[1] if isinstance(ref, str) else None
     if not isinstance(items, list) or not all(isinstance(x, dict) and all(k in x for k in _AVE_KEYS) for x in items):
         raise ValueError(f"AVE reference {i} is {ref!r}, expected a JSON list of "
                          "{\"attribute\", \"value\", \"source\"} objects")
@@ -357,16 +357,41 @@ def _max_matching(edges: list[list[int]], n_right: int) -> int:
     return sum(augment(left, set()) for left in range(len(edges)))
 
 
+# Deeper JSON than this is a failed output: Python's parser gives up near depth 1000 with a RecursionError (how near
+# depends on the call stack), and str() of a deep value, which the relaxed rule takes, recurses too.
+MAX_JSON_DEPTH = 100
+
+
+def _json_depth(value) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0, ``[]`` is 1), walked without recursion."""
+    depth, stack = 0, [(value, 0)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, (list, dict)):
+            depth = max(depth, level + 1)
+            stack.extend((child, level + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return depth
+
+
+def _parse_json(text: str) -> tuple[bool, object]:
+    """``(True, json.loads(text))``, or ``(False, None)`` when the text is not JSON or nests deeper than
+    ``MAX_JSON_DEPTH``."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return False, None
+    return (True, value) if _json_depth(value) <= MAX_JSON_DEPTH else (False, None)
+
+
 def parse_ave_json(text: str) -> list | None:
     """evaluate.py's AVE parser (line 37-47): the output as JSON, ``[]`` when that is not a list, None (failed)
-    when it is not JSON.
+    when it is not JSON or nests deeper than ``MAX_JSON_DEPTH`` (where the reference crashes or recurses).
 
     Args:
         text: a generated response.
     """
-    try:
-        items = json.loads(text)
-    except ValueError:
+    valid, items = _parse_json(text)
+    if not valid:
         return None
     return items if isinstance(items, list) else []
 
@@ -390,10 +415,7 @@ def parse_ave_t5(text: str, *, paper_compat: bool = False) -> list | None:
     for piece in text.replace("[", "").replace("]", "").split(', "attribute"'):
         if not piece.startswith('"attribute"'):
             piece = '"attribute"' + piece
-        try:
-            items.append(json.loads("{" + piece + "}"))
-        except ValueError:
-            items.append(None)
+        items.append(_parse_json("{" + piece + "}")[1])
     items = [item for item in (items[-1:] if paper_compat else items) if item is not None]
     return items or None
 
@@ -452,8 +474,9 @@ def score_ag(predictions: Sequence[str], references: Sequence[str], encoder: Enc
 
     The paper's F_BERT used roberta-large (``bert_score``, English, no baseline rescaling); ``encoder`` is a
     different model, so absolute values differ from the paper's and only compare between runs with the same
-    encoder. The paper's second score, BLEURT, is not computed. Nothing is parsed; ``n_failed`` counts empty
-    outputs, which score 0.
+    encoder. The paper's second score, BLEURT, is not computed. Nothing is parsed; ``n_failed`` counts empty and
+    whitespace-only outputs, which score 0 on every figure (an encoder may still give whitespace a token). Text
+    that is not valid Unicode (lone surrogates, e.g. from a JSON file) is encoded with those characters as ``?``.
 
     Args:
         predictions: generated answers.
@@ -464,16 +487,23 @@ def score_ag(predictions: Sequence[str], references: Sequence[str], encoder: Enc
     for i, r in enumerate(references):
         if not isinstance(r, str):
             raise ValueError(f"AG reference {i} is {r!r}, expected a string")
+    predictions = [p.encode("utf-8", "replace").decode("utf-8") for p in predictions]
+    references = [r.encode("utf-8", "replace").decode("utf-8") for r in references]
+    answered = [bool(p.strip()) for p in predictions]
     bs = bertscore(predictions, references, encoder, idf=idf)
     n = len(references)
+
+    def mean(values) -> float:
+        return _div(sum(v for v, ok in zip(values, answered) if ok), n)
+
     return {
         "metric": "f_bert",
-        "f_bert": _div(sum(bs["f"]), n),
-        "p_bert": _div(sum(bs["p"]), n),
-        "r_bert": _div(sum(bs["r"]), n),
-        "rouge_l": _div(sum(rouge_l(p, r) for p, r in zip(predictions, references)), n),
+        "f_bert": mean(bs["f"]),
+        "p_bert": mean(bs["p"]),
+        "r_bert": mean(bs["r"]),
+        "rouge_l": mean(rouge_l(p, r) for p, r in zip(predictions, references)),
         "n": n,
-        "n_failed": sum(not p.strip() for p in predictions),
+        "n_failed": answered.count(False),
     }
 
 
