@@ -38,10 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import EcellmError
 from .labels import IGNORE_INDEX  # -100: positions without loss
 from .tasks import SETTINGS, TASK_BY_ABBR, TASK_BY_NAME, TASKS, TaskInfo, resolve_task  # noqa: F401 (public here)
-from .errors import EcellmError
-
 
 # --- splits (the tasks and settings are in ecellm.tasks) ----------------------------------------------------
 SPLITS = ("train", "val", "test")

@@ -7,10 +7,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from ecellm.data import (TASKS, LengthGroupedBatchSampler, RecordError, build_example, build_examples,
-                         build_seq2seq_example, collate, format_prompt, leave_one_category_out, load_records,
-                         parse_response, resolve_task, sample_per_task)
-from ecellm.data import _check_record
+from ecellm.data import (
+    TASKS,
+    LengthGroupedBatchSampler,
+    RecordError,
+    _check_record,
+    build_example,
+    build_examples,
+    build_seq2seq_example,
+    collate,
+    format_prompt,
+    leave_one_category_out,
+    load_records,
+    parse_response,
+    resolve_task,
+    sample_per_task,
+)
 from ecellm.synthetic import generate_records
 from ecellm.tokenizer import load_tokenizer
 

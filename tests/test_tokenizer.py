@@ -208,7 +208,8 @@ CHATML = ["<|im_start|>", "<|im_end|>"]
 def chatml_tokenizer(directory: Path):
     """GPT-2's byte-level BPE plus ChatML's two special tokens (as SmolLM2 and Qwen have them), saved to
     `directory` and loaded: a tokenizer.json whose added tokens are control tokens."""
-    from tokenizers import AddedToken, Tokenizer as JSONTokenizer
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as JSONTokenizer
 
     backend = JSONTokenizer.from_file(str(ASSETS / "gpt2-bpe" / "tokenizer.json"))
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CHATML])
