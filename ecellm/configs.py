@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import FlagError
+from .errors import EcellmError, FlagError
 from .flags import DTYPES, dtype_name, option, positive_int
 from .tasks import SETTINGS, resolve_task
 
@@ -176,13 +176,23 @@ class EvalConfig:
 # --- paths checked before anything loads ------------------------------------------------------------------------
 
 
+class UnknownModelError(EcellmError, ValueError):
+    """A model given by a name that is neither a folder nor a known model (a key of `ecellm.models.default.MODELS`)."""
+
+
+def unknown_model(value: str) -> UnknownModelError:
+    """The error for a `--model` value that is neither a folder nor a known name: it lists the known names and
+    names the nearest one (`difflib`)."""
+    nearest = difflib.get_close_matches(value, list(MODEL_NAMES), n=1, cutoff=0.6)
+    hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
+    return UnknownModelError(f"{value!r} is neither a folder nor a known model (known: {', '.join(MODEL_NAMES)}){hint}")
+
+
 def check_model(flag: str, value: str | None) -> None:
     """Refuse a `--model`-like value that is neither a folder nor a known name, naming the nearest name."""
     if value is None or value in MODEL_NAMES or Path(value).is_dir():
         return
-    near = difflib.get_close_matches(value, MODEL_NAMES, n=1)
-    hint = f"did you mean {near[0]}? " if near else ""
-    raise FlagError(f"{flag} {value}: no such folder, and not a model name ({hint}known: {', '.join(MODEL_NAMES)})")
+    raise UnknownModelError(f"{flag}: {unknown_model(value)}")
 
 
 def check_tokenizer(value: str | None) -> None:

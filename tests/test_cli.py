@@ -110,9 +110,9 @@ def test_expected_errors_end_in_one_line_and_status_1(tiny, tmp_path, capsys):
                           capsys).startswith(f"ecellm train: error: --resume: {tmp_path / 'typo'} does not exist")
     nowhere = tmp_path / "nowhere"
     assert one_line_error(["generate", "--model", str(nowhere), "--prompt", "x"], capsys) == (
-        f"ecellm generate: error: --model {nowhere}: no such folder, and not a model name (known: "
+        f"ecellm generate: error: --model: '{nowhere}' is neither a folder nor a known model (known: "
         f"{', '.join(MODEL_NAMES)})")
-    assert "did you mean smollm2?" in one_line_error(["generate", "--model", "smolm2", "--prompt", "x"], capsys)
+    assert "did you mean 'smollm2'?" in one_line_error(["generate", "--model", "smolm2", "--prompt", "x"], capsys)
 
 
 def timed_command(argv: list[str], cwd) -> tuple[float, subprocess.CompletedProcess]:
@@ -126,7 +126,7 @@ def timed_command(argv: list[str], cwd) -> tuple[float, subprocess.CompletedProc
 @pytest.mark.parametrize("argv, names", [
     (["train"], "--data"),
     (["train", "--data", "no_such_folder"], "--data no_such_folder: no such folder"),
-    (["train", "--data", "data", "--model", "no_such_model"], "--model no_such_model: no such folder"),
+    (["train", "--data", "data", "--model", "no_such_model"], "--model: 'no_such_model' is neither a folder nor a known model"),
     (["train", "--data", "data", "--out", "data/train.json"], "--out data/train.json: not a folder"),
     (["eval"], "--data"),
     (["eval", "--model", "smollm2", "--data", "missing.json", "--out", "o"], "--data missing.json: no such file"),

@@ -10,7 +10,6 @@ SHA-256, converted once to a checkpoint directory (`gguf_convert.py`) and cached
 
 from __future__ import annotations
 
-import difflib
 import fcntl
 import hashlib
 import importlib.util
@@ -25,13 +24,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..configs import MODEL_NAMES, UnknownModelError, unknown_model  # noqa: F401 (public here too)
 from ..errors import EcellmError
 from ..files import read_json, write_json
 from .gguf_convert import convert_gguf
-
-
-class UnknownModelError(EcellmError, ValueError):
-    """A model given by a name that is neither a folder nor a known model (a key of `MODELS`)."""
 
 
 @dataclass(frozen=True)
@@ -252,14 +248,6 @@ def model_dir(name: str = DEFAULT) -> Path:
 def default_model_dir() -> Path:
     """The converted SmolLM2-135M-Instruct checkpoint directory (`model_dir(DEFAULT)`)."""
     return model_dir(DEFAULT)
-
-
-def unknown_model(model: str) -> UnknownModelError:
-    """The error for a `--model` value that is neither a folder nor a known name: it lists the known names and
-    names the nearest one (`difflib`)."""
-    nearest = difflib.get_close_matches(model, list(MODELS), n=1, cutoff=0.6)
-    hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
-    return UnknownModelError(f"{model!r} is neither a folder nor a known model (known: {', '.join(MODELS)}){hint}")
 
 
 def resolve_model(model: str | Path) -> Path:

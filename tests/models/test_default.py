@@ -46,7 +46,7 @@ def test_an_unknown_name_on_the_command_line_is_one_line(tmp_path, monkeypatch, 
     with pytest.raises(SystemExit) as exit_:
         cli.run(["generate", "--model", "smolm2", "--prompt", "hi"])
     assert exit_.value.code == 1
-    assert capsys.readouterr().err == ("ecellm generate: error: 'smolm2' is neither a folder nor a known model (known: "
+    assert capsys.readouterr().err == ("ecellm generate: error: --model: 'smolm2' is neither a folder nor a known model (known: "
                                        "smollm2, qwen2.5-0.5b, qwen2.5-1.5b); did you mean 'smollm2'?\n")
 
 
