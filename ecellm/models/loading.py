@@ -18,6 +18,8 @@ from ..errors import EcellmError
 # Keys some checkpoints carry that hold no weights (rotary tables that are recomputed on the fly).
 # (Old T5 conversions also carry a cross-attention position bias that T5 never uses.)
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".EncDecAttention.relative_attention_bias.weight")
+# (BERT checkpoints written by transformers < 4.31 also carry the position index table 0, 1, ..., max_len - 1.)
+IGNORED_SUFFIXES += ("embeddings.position_ids",)
 
 
 class CheckpointError(EcellmError, ValueError):
