@@ -55,6 +55,8 @@ class TokenEncoder(Protocol):
     own final hidden states, where no other encoder is at hand) and ``ecellm.models.encoders.BertTokenEncoder`` (a
     real BERT, all-MiniLM-L6-v2 by ``minilm_encoder()``) implement it.
 
+    A plain ``texts -> embeddings`` callable also serves (no special rows, no idf, named by its ``__name__``).
+
     Attributes:
         name: how results name the encoder (``score``'s ``"encoder"`` field), e.g. ``"all-MiniLM-L6-v2/L6"``.
         special_ids: token ids whose rows are matched against but weigh 0 (BERT's [CLS] and [SEP]).
@@ -497,9 +499,10 @@ def score_ag(
     The paper's F_BERT used roberta-large (``bert_score``, English, no baseline rescaling); ``encoder`` is a
     different model (all-MiniLM-L6-v2's last layer (6) by ``ecellm.models.encoders.minilm_encoder``, or the evaluated
     model's own states by ``ModelEncoder``), so absolute values differ from the paper's and only compare between
-    runs with the same encoder, which the result names. The paper's second score, BLEURT, is not computed. Nothing is parsed; ``n_failed`` counts empty and
-    whitespace-only outputs, which score 0 on every figure (an encoder may still give whitespace a token). Text
-    that is not valid Unicode (lone surrogates, e.g. from a JSON file) is encoded with those characters as ``?``.
+    runs with the same encoder, which the result names. The paper's second score, BLEURT, is not computed.
+    Nothing is parsed; ``n_failed`` counts empty and whitespace-only outputs, which score 0 on every figure (an
+    encoder may still give whitespace a token). Text that is not valid Unicode (lone surrogates, e.g. from a JSON
+    file) is encoded with those characters as ``?``.
 
     Args:
         predictions: generated answers.
@@ -521,7 +524,7 @@ def score_ag(
 
     return {
         "metric": "f_bert",
-        "encoder": encoder.name,
+        "encoder": getattr(encoder, "name", getattr(encoder, "__name__", type(encoder).__name__)),
         "f_bert": mean(bs["f"]),
         "p_bert": mean(bs["p"]),
         "r_bert": mean(bs["r"]),
@@ -546,7 +549,8 @@ def bertscore(
     Args:
         predictions: candidate texts.
         references: reference texts, aligned with ``predictions``.
-        encoder: a ``TokenEncoder``: embeddings and token ids, row for row.
+        encoder: a ``TokenEncoder`` (embeddings and token ids, row for row), or a plain ``texts -> embeddings``
+            callable (no special rows; no ``idf``).
         idf: weight tokens by inverse document frequency over ``references`` (off by default, as in the paper).
 
     Returns:
@@ -556,14 +560,20 @@ def bertscore(
     if len(pred_emb) != len(predictions) or len(ref_emb) != len(references):
         raise ValueError(f"encoder returned {len(pred_emb)} and {len(ref_emb)} embeddings for "
                          f"{len(predictions)} predictions and {len(references)} references")
-    pred_tok, ref_tok = [encoder.tokenize(t) for t in predictions], [encoder.tokenize(t) for t in references]
+    special = getattr(encoder, "special_ids", frozenset())
+    if idf or special:
+        if not hasattr(encoder, "tokenize"):
+            raise ValueError("idf=True or special_ids need an encoder with a tokenize(text) method")
+        pred_tok, ref_tok = [encoder.tokenize(t) for t in predictions], [encoder.tokenize(t) for t in references]
+    else:  # every row weighs 1: the tokens are not needed
+        pred_tok, ref_tok = [[None] * e.shape[0] for e in pred_emb], [[None] * e.shape[0] for e in ref_emb]
     df = Counter(tok for toks in ref_tok for tok in set(toks)) if idf else None
 
     def weights(toks: list, emb: torch.Tensor) -> torch.Tensor:
         if len(toks) != emb.shape[0]:
             raise ValueError(f"encoder.tokenize gave {len(toks)} tokens for {emb.shape[0]} embedding rows")
         m = len(references)
-        return torch.tensor([0.0 if t in encoder.special_ids else math.log((m + 1) / (df[t] + 1)) if idf else 1.0
+        return torch.tensor([0.0 if t in special else math.log((m + 1) / (df[t] + 1)) if idf else 1.0
                              for t in toks])
 
     out = {"p": [], "r": [], "f": []}

@@ -419,7 +419,8 @@ def test_bertscore_special_rows_are_matched_but_weigh_nothing():
     assert s["p"] == approx([1.0, 0.0, 0.0]) and s["r"] == approx([1.0, 0.0, 0.0])
     assert s["f"] == approx([1.0, 0.0, 0.0])  # only special rows: no token to score, 0 as bert_score
     with pytest.raises(ValueError, match="encoder.tokenize gave 2 tokens for 1 embedding rows"):
-        bertscore(["a b"], ["a"], type("Short", (OneHotEncoder,), {"__call__": lambda self, t: [torch.eye(5)[:1]]})())
+        short = type("Short", (_SpecialOneHot,), {"__call__": lambda self, texts: [torch.eye(5)[:1]]})
+        bertscore(["a b"], ["a"], short())
 
 
 def test_bertscore_identical_is_one_and_paraphrase_beats_unrelated():
@@ -440,8 +441,8 @@ def test_rouge_l_hand_worked():
 def test_score_ag():
     preds, refs = ["a b d", ""], ["a b c", "a"]
     r = score("AG", preds, refs, encoder=OneHotEncoder())
-    assert r == approx({"task": "AG", "metric": "f_bert", "encoder": "one-hot", "f_bert": 1 / 3, "p_bert": 1 / 3, "r_bert": 1 / 3,
-                        "rouge_l": 1 / 3, "n": 2, "n_failed": 1})
+    assert r == approx({"task": "AG", "metric": "f_bert", "encoder": "one-hot", "f_bert": 1 / 3, "p_bert": 1 / 3,
+                        "r_bert": 1 / 3, "rouge_l": 1 / 3, "n": 2, "n_failed": 1})
     with pytest.raises(ValueError, match="needs an encoder"):
         score("AG", preds, refs)
 
@@ -590,3 +591,13 @@ def test_ag_lone_surrogates_are_encoded_as_question_marks():
     enc = ModelEncoder(from_config(config, device="cpu").eval(), load_tokenizer(ASSETS / "llama2-spm"))
     r = score("AG", ["a\ud800b"], ["a?b"], encoder=enc)
     assert r["f_bert"] == approx(1.0) and r["n_failed"] == 0
+
+
+def test_a_plain_callable_still_serves_as_encoder():
+    def one_hot_words(texts):
+        return OneHotEncoder()(texts)
+
+    r = score("AG", ["a b d"], ["a b c"], encoder=one_hot_words)
+    assert r["f_bert"] == approx(2 / 3) and r["encoder"] == "one_hot_words"
+    with pytest.raises(ValueError, match="tokenize"):
+        bertscore(["a"], ["a"], one_hot_words, idf=True)
