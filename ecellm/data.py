@@ -33,16 +33,11 @@ import numpy as np
 import torch
 
 from .labels import IGNORE_INDEX  # -100: positions without loss
-from .tasks import TASK_BY_ABBR, TASK_BY_NAME, TASKS, TaskInfo, resolve_task  # noqa: F401 (also public here)
+from .tasks import SETTINGS, TASK_BY_ABBR, TASK_BY_NAME, TASKS, TaskInfo, resolve_task  # noqa: F401 (public here)
 from .errors import EcellmError
 
 
-# --- settings and splits (the tasks are in ecellm.tasks) ------------------------------------------------
-SETTINGS = (
-    "IND_Diverse_Instruction", "OOD_Diverse_Instruction", "IND_Single_Instruction", "OOD_Single_Instruction",
-    "IND_Unseen_Instruction", "OOD_Unseen_Instruction", "IND_Diverse_Instruction_1-shot",
-    "OOD_Diverse_Instruction_1-shot",
-)
+# --- splits (the tasks and settings are in ecellm.tasks) ----------------------------------------------------
 SPLITS = ("train", "val", "test")
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import sentencepiece as spm
 from tokenizers import Tokenizer as _HFTokenizersJSON  # the `tokenizers` Rust library, not `transformers`
 
+from .errors import EcellmError
 from .files import read_json
 
 # family -> (add BOS, add EOS) by default
@@ -37,6 +38,10 @@ FAMILY_TOKENS = {
     "gpt2": {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "unk": "<|endoftext|>"},
 }
 SPECIAL_NAMES = ("bos", "eos", "pad", "unk")
+
+
+class TokenizerError(EcellmError, ValueError):
+    """Tokenizer files that cannot be used (unreadable, inconsistent, or not fitting the model), naming the file."""
 
 
 class Tokenizer:
@@ -53,7 +58,7 @@ class Tokenizer:
     def __init__(self, backend, family: str, special_ids: dict, add_bos: bool | None = None,
                  add_eos: bool | None = None, path: str = "<memory>"):
         if family not in FAMILY_RULES:
-            raise ValueError(f"{path}: unknown tokenizer family {family!r}; expected one of {sorted(FAMILY_RULES)}")
+            raise TokenizerError(f"{path}: unknown tokenizer family {family!r}; expected one of {sorted(FAMILY_RULES)}")
         self.backend = backend
         self.family = family
         self.path = path
@@ -64,7 +69,7 @@ class Tokenizer:
         self.add_eos = fam_eos if add_eos is None else add_eos
         for name, needed in (("bos", self.add_bos), ("eos", self.add_eos)):
             if needed and self._ids[name] is None:
-                raise ValueError(f"{path}: family {family!r} adds a {name.upper()} token but none is declared")
+                raise TokenizerError(f"{path}: family {family!r} adds a {name.upper()} token but none is declared")
         # ids that decode(skip_special_tokens=True) drops: declared special tokens (not the pad-0 fallback)
         self._skip = {i for i in self._ids.values() if i is not None}
         if self._spm:
@@ -80,7 +85,7 @@ class Tokenizer:
     def eos_id(self) -> int:
         """Id of the end-of-sequence token (the one appended to training answers)."""
         if self._ids["eos"] is None:
-            raise ValueError(f"{self.path}: the tokenizer declares no EOS token")
+            raise TokenizerError(f"{self.path}: the tokenizer declares no EOS token")
         return self._ids["eos"]
 
     @property
@@ -170,9 +175,9 @@ class Tokenizer:
             model: where the model came from, for the message.
         """
         if self.vocab_size > vocab_size:
-            raise ValueError(f"the tokenizer {self.path} has {self.vocab_size} ids but the model {model} embeds only "
-                             f"{vocab_size} (its config.json vocab_size): ids past {vocab_size - 1} would fail inside "
-                             "the model; use the tokenizer that belongs to this model")
+            raise TokenizerError(f"the tokenizer {self.path} has {self.vocab_size} ids but the model {model} embeds "
+                                 f"only {vocab_size} (its config.json vocab_size): ids past {vocab_size - 1} would "
+                                 "fail inside the model; use the tokenizer that belongs to this model")
 
     def __repr__(self) -> str:
         return (f"Tokenizer({self.path!r}, family={self.family!r}, vocab_size={self.vocab_size}, "
@@ -182,7 +187,7 @@ class Tokenizer:
 # --- loading ------------------------------------------------------------------------------------------------
 def _read_json(path: Path) -> dict:
     """The JSON of an optional tokenizer file; {} when it is absent."""
-    return read_json(path) if path.is_file() else {}
+    return read_json(path, TokenizerError) if path.is_file() else {}
 
 
 def _token_string(value) -> str | None:
@@ -223,12 +228,12 @@ def _backend(file: Path, is_json: bool):
         try:
             backend = _HFTokenizersJSON.from_file(str(file))
         except Exception as e:  # the Rust library raises a bare Exception for a schema it cannot read
-            raise ValueError(f"{file}: not a `tokenizers` tokenizer.json ({e})") from None
+            raise TokenizerError(f"{file}: not a `tokenizers` tokenizer.json ({e})") from None
         return backend, backend.token_to_id
     try:
         backend = spm.SentencePieceProcessor(model_file=str(file))
     except (RuntimeError, OSError) as e:
-        raise ValueError(f"{file}: not a sentencepiece model ({e})") from None
+        raise TokenizerError(f"{file}: not a sentencepiece model ({e})") from None
 
     def lookup(token: str) -> int | None:
         i = backend.piece_to_id(token)
@@ -248,7 +253,8 @@ def _special_ids(directory: Path, configs: tuple[dict, dict, dict], backend, loo
         if token is not None:
             token_id = lookup(token)
             if token_id is None:
-                raise ValueError(f"{directory}: {name}_token {token!r} from the tokenizer config is not in the vocabulary")
+                raise TokenizerError(f"{directory}: {name}_token {token!r} from the tokenizer config is not in the "
+                                     "vocabulary")
             special_ids[name] = token_id
             continue
         config_id = model_config.get(f"{name}_token_id")
@@ -269,11 +275,18 @@ def load_tokenizer(path: str | Path, family: str | None = None) -> Tokenizer:
     Args:
         path: a directory holding `tokenizer.json`, `tokenizer.model` or `spiece.model` (with optional
             `tokenizer_config.json`, `special_tokens_map.json`, `config.json`), or one of those files itself.
-            When a directory has both, `tokenizer.json` is used (it carries the added tokens).
+            When a directory has both, `tokenizer.json` is used (it carries the added tokens). A known model's
+            name (`ecellm.models.default.MODELS`, e.g. "smollm2") stands for its checkpoint directory.
         family: "llama", "t5" or "gpt2" to force that family's BOS/EOS rule; None infers it (module docstring).
     Returns:
         a `Tokenizer`.
+    Raises:
+        UnknownModelError: `path` is neither a file, a folder nor a known model's name.
     """
+    if not Path(path).exists():  # a model's name: imported here, as only a name needs the models' fetching code
+        from .models.default import resolve_model
+
+        path = resolve_model(path)
     path = Path(path)
     directory, file = _tokenizer_file(path)
     tok_config = _read_json(directory / "tokenizer_config.json")
@@ -283,7 +296,7 @@ def load_tokenizer(path: str | Path, family: str | None = None) -> Tokenizer:
     # the family and its BOS/EOS defaults
     tokenizer_json = _read_json(file) if file.suffix == ".json" else None
     if tokenizer_json is not None and not isinstance(tokenizer_json, dict):
-        raise ValueError(f"{file}: expected a JSON object (a `tokenizers` tokenizer.json), got "
+        raise TokenizerError(f"{file}: expected a JSON object (a `tokenizers` tokenizer.json), got "
                          f"{type(tokenizer_json).__name__}")
     template = _template_rule(tokenizer_json.get("post_processor")) if tokenizer_json else None
     add_bos = add_eos = None  # None: the family's rule
@@ -297,7 +310,7 @@ def load_tokenizer(path: str | Path, family: str | None = None) -> Tokenizer:
         add_bos = tok_config.get("add_bos_token", add_bos)
         add_eos = tok_config.get("add_eos_token", add_eos)
     if family not in FAMILY_RULES:
-        raise ValueError(f"{path}: unknown tokenizer family {family!r}; expected one of {sorted(FAMILY_RULES)}")
+        raise TokenizerError(f"{path}: unknown tokenizer family {family!r}; expected one of {sorted(FAMILY_RULES)}")
 
     is_json = tokenizer_json is not None
     backend, lookup = _backend(file, is_json)

