@@ -3,7 +3,7 @@
 Every fenced ```python block of README.md and docs/walkthrough.md runs in a fresh namespace, every ```bash block in
 bash (`-e`: the first failing command fails the test), each from an empty scratch folder. A block right after an HTML
 comment `<!-- not run: REASON -->` is skipped: the long jobs, the installs, commands with placeholders. Blocks that
-use a real model (`model_dir`, `default_model_dir`) are marked slow: the first one fetches the model. The python
+use a real model (`model_dir(`, or a known model's name such as "smollm2") are marked slow: the first one fetches it. The python
 blocks without a real model run once more from a non-editable install, outside the repository, as a user runs them.
 """
 
@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+
+from ecellm.models.default import MODELS
 
 from .tiny_checkpoint import make_tiny_checkpoint
 
@@ -39,13 +41,18 @@ def blocks(document: str) -> list[tuple[str, int, str, bool]]:
     return found
 
 
+def uses_real_model(code: str) -> bool:
+    """Whether a block loads real weights: by `model_dir(...)` or by a known model's quoted name."""
+    return "model_dir(" in code or any(f'"{name}"' in code for name in MODELS)
+
+
 def runnable() -> list:
     params = []
     for document in DOCUMENTS:
         for language, line, code, skipped in blocks(document):
             if language not in ("python", "bash") or skipped:
                 continue
-            marks = [pytest.mark.slow] if "model_dir(" in code else []
+            marks = [pytest.mark.slow] if uses_real_model(code) else []
             params.append(pytest.param(language, code, id=f"{document}:{line}", marks=marks))
     return params
 
@@ -77,7 +84,7 @@ def test_relative_links_point_to_files():
 def python_blocks(document: str, real_model: bool) -> list[str]:
     """The run python blocks of `document` that use a real model (`real_model`) or do not."""
     return [code for lang, _, code, skipped in blocks(document)
-            if lang == "python" and not skipped and ("model_dir(" in code) == real_model]
+            if lang == "python" and not skipped and uses_real_model(code) == real_model]
 
 
 def test_readme_is_short_and_names_the_quick_tests_first():
@@ -91,12 +98,11 @@ def test_readme_is_short_and_names_the_quick_tests_first():
 def test_readme_training_snippet_changes_the_adapter(tmp_path, monkeypatch):
     """The snippet's run must take a step with a learning rate above 0 (the warmup's first step has none), so that
     its adapter is not the untouched B = 0 one. A tiny checkpoint stands in for the real model."""
-    import ecellm.models.default
-
     tiny = make_tiny_checkpoint(tmp_path / "tiny", tasks=("PM",))
-    monkeypatch.setattr(ecellm.models.default, "model_dir", lambda name: tiny)
     monkeypatch.chdir(tmp_path)
     (code,) = [code for code in python_blocks("README.md", real_model=True) if "TrainConfig(" in code]
+    assert 'model="smollm2"' in code
+    code = code.replace('model="smollm2"', f"model={str(tiny)!r}")
     namespace = {"__name__": "__snippet__"}
     exec(compile(code, "<README training snippet>", "exec"), namespace)
     adapter = load_file(Path(namespace["summary"]["adapter"]) / "adapter_model.safetensors")
