@@ -102,6 +102,8 @@ class TrainConfig:
     overwrite: bool = option(False, group=LENGTH, help="delete the run already in --out and start over")
     allow_data_change: bool = option(False, group=LENGTH, help="let --resume continue on data files other than the "
                                                                "run started on (logged)")
+    allow_model_change: bool = option(False, group=LENGTH, help="let --resume continue on base weights other than "
+                                                                "the run started on (logged)")
     dtype: str = option("bf16", type=dtype_name, choices=("bf16", "fp32"), group=PRECISION,
                         help="precision of the base weights and the computation (fp32 for CPUs); LoRA weights and "
                              "optimizer state stay fp32")
@@ -160,6 +162,8 @@ class EvalConfig:
     resume: bool = option(False, help="continue the evaluation in --out from the generations it holds (same settings "
                                       "and records)")
     overwrite: bool = option(False, help="delete the evaluation in --out and start over")
+    allow_model_change: bool = option(False, help="let --resume continue although the model's or adapter's weights "
+                                                 "changed since the evaluation started (logged)")
 
     def __post_init__(self):
         if self.sample and self.greedy:
