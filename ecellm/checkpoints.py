@@ -1,24 +1,26 @@
-"""A training run's folder (`--out`): its checkpoints, its log and the rules for reusing it.
+"""A training run's folder (`--out`): its checkpoints, its log and what a resume reads back.
 
-    out/config.json             the run's settings (a resume must match them, but for RESUMABLE_CHANGES)
+    out/config.json             the run's settings and the fingerprints of its data and base weights
     out/log.jsonl               one JSON record per step and per validation
-    out/checkpoints/step_N/     adapter/ (PEFT format), trainer.safetensors (AdamW's tensors), trainer.json (step,
-                                scheduler, optimizer hyper-parameters, every rank's RNG states, best validation loss)
+    out/checkpoints/step_N/     adapter/ (PEFT format), trainer.safetensors (AdamW's tensors), trainer.json
+                                (`TrainerState`: step, scheduler, optimizer hyper-parameters, every rank's RNG
+                                states, best validation loss, whether the step's validation is still due)
 
 Checkpoints are written to a temporary directory and renamed (`ecellm.files.write_dir_atomically`), so an interrupted
 write leaves the previous one usable, and they are read with JSON and safetensors only: nothing is unpickled.
-`prepare_out` decides what a new run, `--overwrite` or `--resume` does with the folder. Nothing here knows about
-ranks: `ecellm.train` gathers the tensors on every rank and calls these on the main one.
+`prepare_out` applies the run-folder rules of `ecellm.runs` (new run, `--overwrite`, `--resume`). Nothing here knows
+about ranks: `ecellm.train` gathers the tensors on every rank and calls these on the main one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import random
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +30,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import peft_format
-from .files import read_json, strict_json, write_dir_atomically, write_json
-from .lock import LOCK_NAME, FolderLock
-from .models.loading import CheckpointError
 from .errors import EcellmError
+from .files import (
+    open_to_append,
+    read_json,
+    refuse_link,
+    strict_json,
+    write_dir_atomically,
+    write_json,
+    write_text_atomically,
+)
+from .lock import FolderLock
+from .models.loading import CheckpointError
+from .runs import FolderKind, check_flags, check_folder, check_settings, check_unchanged, clear
 
 
 class TrainingError(EcellmError, RuntimeError):
@@ -42,8 +53,37 @@ class ResumeError(TrainingError):
     """A checkpoint that cannot be resumed from (a missing, truncated or non-finite part)."""
 
 
+TRAINING = FolderKind(job="training run", marker="config.json")
 TRAINER_JSON, TRAINER_TENSORS = "trainer.json", "trainer.safetensors"
-TRAINER_FIELDS = ("step", "scheduler", "param_groups", "rng", "best_val", "best_step", "tokens_seen")
+
+
+@dataclass
+class TrainerState:
+    """Where a run stands, beside its weights and AdamW's tensors: what `trainer.json` holds, field by field."""
+
+    step: int  # optimizer steps taken
+    scheduler: dict  # the learning-rate scheduler's state_dict
+    param_groups: list[dict]  # AdamW's hyper-parameters, per parameter group
+    rng: list[dict]  # every rank's random generator states (`rng_state`), in rank order
+    best_val: float | None  # the lowest validation loss so far (None: none yet), and its step
+    best_step: int | None
+    tokens_seen: int  # input tokens of all steps, over all ranks
+    last_loss: float | None = None  # the training loss of the latest step applied
+    validation_due: bool = False  # the step's validation had not ended when the checkpoint was written
+
+    def to_json(self) -> str:
+        """The state as strict JSON (non-finite numbers as null)."""
+        return strict_json(dataclasses.asdict(self))
+
+    @classmethod
+    def read(cls, file: Path) -> TrainerState:
+        """The state in `file`, or `ResumeError` naming the fields it lacks."""
+        saved = json.loads(file.read_text())
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [name for name in required if name not in saved]
+        if missing:
+            raise ResumeError(f"{file.parent}: {file.name} lacks the fields {missing}")
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
 
 
 # --- the tensors a checkpoint holds -------------------------------------------------------------------------------
@@ -55,18 +95,18 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 
-def optimizer_state(
-    trainable: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer
-) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """AdamW's state as full CPU tensors keyed `<parameter name>/<key>` (collective under FSDP), and the
-    hyper-parameters of each parameter group (JSON-ready)."""
-    tensors = {
+def optimizer_state(trainable: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """AdamW's state as full CPU tensors keyed `<parameter name>/<key>` (collective under FSDP)."""
+    return {
         f"{name}/{key}": full_tensor(value)
         for name, p in trainable.items()
         for key, value in optimizer.state.get(p, {}).items()
     }
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    return tensors, groups
+
+
+def param_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """The hyper-parameters of each of the optimizer's parameter groups (JSON-ready)."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
 
 
 def load_optimizer_state(
@@ -147,6 +187,34 @@ def write_adapter(model: nn.Module, model_dir: str, directory: Path, weights: di
     )
 
 
+def copy_lora_weights(model: nn.Module, saved: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy `saved` LoRA weights (read from `source`) into `model`'s LoRA layers, after checking that they are the
+    same tensors in the same shapes (else `TrainingError`, naming `source`; the model is left as it was)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    wrong = [f"{n} {tuple(saved[n].shape)} vs {tuple(p.shape)}" for n, p in params.items()
+             if n in saved and saved[n].shape != p.shape]
+    if missing or extra or wrong:
+        raise TrainingError(f"{source} does not fit this run's LoRA layers (other targets, r or model): missing "
+                            f"{missing[:4]}, unexpected {extra[:4]}, other shapes {wrong[:4]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+
+
+def load_initial_adapter(model: nn.Module, path: Path, r: int, alpha: float) -> None:
+    """Copy the LoRA weights of the adapter directory `path` into `model`'s freshly injected layers, to train further
+    from them (`--init-adapter`). The adapter must have the run's `r`, `alpha` and target modules; everything is
+    checked first, so a refused adapter leaves the model as it was."""
+    saved_config = peft_format.read_adapter_config(path)
+    if saved_config["lora_alpha"] != alpha or saved_config["r"] != r:
+        raise TrainingError(
+            f"init_adapter: {path / peft_format.ADAPTER_CONFIG} has r={saved_config['r']}, lora_alpha="
+            f"{saved_config['lora_alpha']}; this run has r={r}, lora_alpha={alpha} (train with the adapter's values)"
+        )
+    copy_lora_weights(model, peft_format.read_adapter_weights(path), path / peft_format.ADAPTER_WEIGHTS)
+
+
 def checkpoint_dir(out: Path, step: int) -> Path:
     """Where the checkpoint of `step` lives: `out/checkpoints/step_N` (N zero-padded to 8 digits)."""
     return out / "checkpoints" / f"step_{step:08d}"
@@ -154,7 +222,7 @@ def checkpoint_dir(out: Path, step: int) -> Path:
 
 def write_checkpoint(
     out: Path, model: nn.Module, model_dir: str, weights: dict[str, torch.Tensor],
-    optim_tensors: dict[str, torch.Tensor], trainer: dict, keep: int,
+    optim_tensors: dict[str, torch.Tensor], state: TrainerState, keep: int,
 ) -> Path:
     """Write one checkpoint all at once, then delete all but the `keep` newest (see `prune_checkpoints`).
 
@@ -162,7 +230,7 @@ def write_checkpoint(
         out: the run's folder.
         model, model_dir, weights: the adapter, as `write_adapter` takes it.
         optim_tensors: AdamW's tensors (from `optimizer_state`).
-        trainer: the JSON-ready trainer state, with every key of `TRAINER_FIELDS` (its "step" names the checkpoint).
+        state: the trainer state (its step names the checkpoint).
         keep: how many checkpoints to keep (0: all).
     Returns:
         the checkpoint directory.
@@ -171,48 +239,49 @@ def write_checkpoint(
     def write(tmp: Path) -> None:
         peft_format.save_adapter(model, tmp / "adapter", base_model_name_or_path=model_dir, weights=weights)
         save_file(optim_tensors, str(tmp / TRAINER_TENSORS))
-        (tmp / TRAINER_JSON).write_text(strict_json(trainer))
+        (tmp / TRAINER_JSON).write_text(state.to_json())
 
-    final = write_dir_atomically(checkpoint_dir(out, trainer["step"]), write)
-    prune_checkpoints(out, trainer["step"], keep)
+    refuse_link(out / "checkpoints")
+    final = write_dir_atomically(checkpoint_dir(out, state.step), write)
+    prune_checkpoints(out, state.step, keep)
     return final
 
 
-def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """A checkpoint's trainer state (`trainer.json`), optimizer tensors and LoRA weights, every file read in full.
+def rewrite_trainer_state(checkpoint: Path, state: TrainerState) -> None:
+    """Replace a checkpoint's trainer state (after the validation it was written before), atomically."""
+    write_text_atomically(checkpoint / TRAINER_JSON, state.to_json())
 
-    Only JSON and safetensors are read: a `trainer.pt` (the pickle format of older versions) is never loaded.
+
+def read_checkpoint(path: Path) -> tuple[TrainerState, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A checkpoint's trainer state, optimizer tensors and LoRA weights, every file read in full.
+
+    Only JSON and safetensors are read: a `trainer.pt` (a pickle) is never loaded.
 
     Raises:
         ResumeError: a missing, truncated or unreadable file, a missing field, or a non-finite tensor.
     """
-    adapter_weights = f"adapter/{peft_format.ADAPTER_WEIGHTS}"
     readers = {
-        TRAINER_JSON: lambda file: json.loads(file.read_text()),
-        "adapter/adapter_config.json": lambda file: json.loads(file.read_text()),
+        TRAINER_JSON: TrainerState.read,
+        f"adapter/{peft_format.ADAPTER_CONFIG}": lambda file: json.loads(file.read_text()),
         TRAINER_TENSORS: lambda file: load_file(str(file)),
-        adapter_weights: lambda file: peft_format.read_adapter_weights(file.parent),
+        f"adapter/{peft_format.ADAPTER_WEIGHTS}": lambda file: peft_format.read_adapter_weights(file.parent),
     }
     parts = []
     for name, read in readers.items():
         if not (path / name).is_file():
-            pickled = (path / "trainer.pt").exists()
-            old = " (its trainer.pt, the pickle format of older versions, is never loaded)" if pickled else ""
-            raise ResumeError(f"{path}: missing {name}{old}")
+            pickled = " (its trainer.pt, a pickle, is never loaded)" if (path / "trainer.pt").exists() else ""
+            raise ResumeError(f"{path}: missing {name}{pickled}")
         try:
             parts.append(read(path / name))
         except CheckpointError as e:  # read, but refused (e.g. NaN/Inf): the message names the file and tensor
             raise ResumeError(f"{path}: {name} is refused ({e})") from e
-        except (OSError, ValueError, SafetensorError) as e:
+        except (OSError, ValueError, TypeError, SafetensorError) as e:
             raise ResumeError(f"{path}: {name} is unreadable ({type(e).__name__}: {e})") from e
-    trainer, _, optim, weights = parts
-    missing = [key for key in TRAINER_FIELDS if key not in trainer]
-    if missing:
-        raise ResumeError(f"{path}: {TRAINER_JSON} lacks the fields {missing}")
+    state, _, optim, weights = parts
     bad = [name for name, t in optim.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:  # (read_adapter_weights already refused non-finite LoRA weights)
         raise ResumeError(f"{path}: {TRAINER_TENSORS} holds non-finite values in {bad[:3]}")
-    return trainer, optim, weights
+    return state, optim, weights
 
 
 def latest_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
@@ -229,58 +298,41 @@ def latest_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
 
 # --- the output folder --------------------------------------------------------------------------------------------
 
-# Settings a resumed run may change: where and how often it writes, and how long ranks wait for each other. Every
-# other field (one added later included) shapes the run's mathematics and must keep its saved value.
-RESUMABLE_CHANGES = {
-    "out", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "eval_every", "dist_timeout_s", "minutes",
-    "allow_data_change",
-}
+CONFIG, LOG = "config.json", "log.jsonl"
 DATA_FINGERPRINT = "data_fingerprint"  # config.json's record of the data files (`ecellm.data.Records.fingerprints`)
+MODEL_FINGERPRINT = "model_fingerprint"  # and of the base model's weights (`ecellm.runs.fingerprint_files`)
 
 
-def check_same_settings(saved_file: Path, settings: dict) -> None:
-    """Refuse to resume the run recorded in `saved_file` (its config.json) under other `settings`, naming them."""
-    try:
-        saved = read_json(saved_file)
-    except (OSError, ValueError) as e:
-        raise TrainingError(f"--resume: cannot read the run's settings in {saved_file}: {e}") from e
-    new, absent = settings, "<absent>"
-    changed = [
-        f"{key}: {saved.get(key, absent)!r} -> {new.get(key, absent)!r}"
-        for key in sorted(set(saved) | set(new))
-        if key not in RESUMABLE_CHANGES | {DATA_FINGERPRINT} and saved.get(key, absent) != new.get(key, absent)
-    ]
-    if changed:
-        raise TrainingError(
-            f"--resume with settings other than {saved_file} records would mix two runs; differing: "
-            f"{'; '.join(changed)}. Resume with the saved values, or start a new run (another --out, or --overwrite)"
-        )
+def append_log(out: Path, record: dict) -> None:
+    """Append one record to `out/log.jsonl` as a line of strict JSON."""
+    with open_to_append(out / LOG) as f:
+        f.write(strict_json(record) + "\n")
 
 
-def trim_log(log_file: Path, step: int) -> None:
-    """Keep the log's records up to `step` (later ones are redone by the resumed run); drop a line cut short."""
+def trim_log(out: Path, step: int, validated: bool) -> None:
+    """Keep the log's records up to `step` (later ones are redone by the resumed run), but for the validation of
+    `step` itself unless `validated`; drop a line cut short."""
+    log_file = out / LOG
     if not log_file.is_file():
         return
     kept = []
     for line in log_file.read_text().splitlines():
         try:
-            if json.loads(line)["step"] <= step:
+            record = json.loads(line)
+            if record["step"] < step or (record["step"] == step and (validated or record["type"] != "eval")):
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             continue  # the last line of a killed run may be cut short
-    tmp = log_file.with_name(log_file.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, log_file)
+    write_text_atomically(log_file, "".join(kept))
 
 
 def prepare_out(out: Path, settings: dict, lock: FolderLock, log: Callable[[str], None]) -> str | None:
     """Make `out` ready for this run (main rank only); returns the name of the checkpoint to resume from, if any.
 
     Nothing is written before `lock` is taken: a second run into the same `out` is refused while the first one
-    holds it (`ecellm.lock.FolderBusy`). A new run needs an `out` that is absent or empty (but for the config.json
-    of a start that failed before writing anything else); `--overwrite` first deletes the run in it. `--resume`
-    continues the run in `out` under the same settings, from its newest complete checkpoint, with the log cut back
-    to that step; a missing or empty `out` is an error.
+    holds it (`ecellm.lock.FolderBusy`). The rules of `ecellm.runs.check_folder` decide what a new run,
+    `--overwrite` and `--resume` do; a resume continues under the same settings (`ecellm.runs.check_settings`) from
+    the newest complete checkpoint, with the log cut back to that step.
 
     Args:
         out: the run's folder.
@@ -289,35 +341,19 @@ def prepare_out(out: Path, settings: dict, lock: FolderLock, log: Callable[[str]
         lock: the folder's lock (`FolderLock(out, ...)`), taken here; the caller releases it when the run ends.
         log: writes one progress line.
     """
-    resume, overwrite = settings["resume"], settings["overwrite"]
-    if resume and overwrite:
-        raise TrainingError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
-    if resume and not out.is_dir():
-        raise TrainingError(f"--resume: {out} does not exist, so there is no run to continue (a typo?); start a new "
-                            "run without --resume")
+    resume = settings["resume"]
+    check_flags(out, TRAINING, resume, settings["overwrite"])
     lock.acquire(log)
-    held = sorted(p.name for p in out.iterdir() if p.name not in ("config.json", LOCK_NAME))
-    if resume and not held:
-        raise TrainingError(f"--resume: {out} holds no run to continue (no log, no checkpoint); start a new run "
-                            "without --resume")
-    if held and overwrite:
-        if not (out / "config.json").is_file():
-            raise TrainingError(f"--overwrite: {out} holds {held[:5]} but no config.json (no ecellm run): not deleted")
+    overwritten = check_folder(out, TRAINING, resume, settings["overwrite"])
+    if overwritten:
         log(f"--overwrite: deleting the previous run in {out}")
-        for name in held:  # all but the lock this run holds
-            if (out / name).is_dir():
-                shutil.rmtree(out / name)
-            else:
-                (out / name).unlink()
-    elif held and not resume:
-        raise TrainingError(
-            f"{out} already holds a run ({', '.join(held[:5])}): pass --resume to continue it, --overwrite to delete "
-            "it and start over, or choose another --out"
-        )
+        clear(out, overwritten, log)
     if not resume:
-        write_json(out / "config.json", settings)
+        write_json(out / CONFIG, settings)
         return None
-    check_same_settings(out / "config.json", settings)
+    saved = read_json(out / CONFIG, TrainingError)
+    check_settings(out / CONFIG, {k: v for k, v in saved.items() if not k.endswith("_fingerprint")}, settings,
+                   TRAINING)
     checkpoint, damaged = latest_checkpoint(out)
     for damage in damaged:
         log(f"--resume: skipping a newer checkpoint, {damage}")
@@ -325,48 +361,40 @@ def prepare_out(out: Path, settings: dict, lock: FolderLock, log: Callable[[str]
         raise TrainingError(f"--resume: no readable checkpoint in {out / 'checkpoints'}: {'; '.join(damaged)}")
     if checkpoint is None:
         log(f"--resume: no checkpoint in {out / 'checkpoints'} yet, starting the run from step 0")
-    trim_log(out / "log.jsonl", int(checkpoint.name.split("_")[1]) if checkpoint else 0)
-    return checkpoint.name if checkpoint else None
+        trim_log(out, 0, validated=True)
+        return None
+    state = TrainerState.read(checkpoint / TRAINER_JSON)
+    trim_log(out, state.step, validated=not state.validation_due)
+    return checkpoint.name
 
 
-def check_data(out: Path, fingerprints: dict[str, dict], resume_step: int | None, allow_change: bool,
-               log: Callable[[str], None]) -> None:
-    """Record the data a run reads in its config.json, or on a resume check it is the data the run started on.
+def check_inputs(out: Path, inputs: dict[str, dict[str, dict]], resume_step: int | None, allowed: dict[str, bool],
+                 log: Callable[[str], None]) -> None:
+    """Record the files a run reads (data, base weights) in its config.json, or on a resume check they are the ones
+    the run started on.
 
     Args:
         out: the run's folder (its config.json written by `prepare_out`).
-        fingerprints: file -> {"bytes", "records", "sha256"} of the train and validation files
-            (`ecellm.data.Records.fingerprints`).
+        inputs: `DATA_FINGERPRINT` and/or `MODEL_FINGERPRINT` -> file -> fingerprint.
         resume_step: the step a resume continues from (0 before any checkpoint); None for a new run.
-        allow_change: on a resume, continue on changed data: the change is logged (and written to log.jsonl as a
-            "data_change" record) and the new fingerprints recorded.
+        allowed: the same keys -> whether the run's flag allows a change (--allow-data-change,
+            --allow-model-change); an allowed change is logged and written to log.jsonl as a "data_change" or
+            "model_change" record, and the new fingerprints recorded.
         log: writes one progress line.
     Raises:
-        TrainingError: a resume on changed data without `allow_change`, naming the file and what changed.
+        RunFolderError: a resume on changed files that is not allowed, naming each file and what changed.
     """
-    settings = read_json(out / "config.json", TrainingError)
-    saved = settings.get(DATA_FINGERPRINT)
-    if resume_step is not None and saved is None:
-        log(f"--resume: {out / 'config.json'} records no data fingerprint (a run of an older version): the data "
-            "cannot be checked; recording it now")
-    elif resume_step is not None:
-        changes = [f"{file}: {_in_words(saved.get(file))} -> {_in_words(fingerprints.get(file))}"
-                   for file in sorted(set(saved) | set(fingerprints)) if saved.get(file) != fingerprints.get(file)]
-        if changes and not allow_change:
-            raise TrainingError(
-                f"--resume: the data changed since the run started, so it would train on a mix of two datasets: "
-                f"{'; '.join(changes)}. Restore the data, start a new run, or pass --allow-data-change to continue "
-                "on the new data (the change is logged)"
-            )
-        if not changes:
-            return
-        log(f"--allow-data-change: continuing from step {resume_step} on changed data: {'; '.join(changes)}")
-        with open(out / "log.jsonl", "a") as f:
-            f.write(strict_json({"type": "data_change", "step": resume_step, "changes": changes}) + "\n")
-    write_json(out / "config.json", {**settings, DATA_FINGERPRINT: fingerprints})
-
-
-def _in_words(fingerprint: dict | None) -> str:
-    if fingerprint is None:
-        return "absent"
-    return f"{fingerprint['records']} records, {fingerprint['bytes']} bytes, sha256 {fingerprint['sha256'][:12]}"
+    settings = read_json(out / CONFIG, TrainingError)
+    for key, fingerprints in inputs.items():
+        saved, what = settings.get(key), key.removesuffix("_fingerprint")
+        if resume_step is None:
+            continue
+        if saved is None:
+            log(f"--resume: {out / CONFIG} records no {what} fingerprint: the {what} files cannot be checked; "
+                "recording them now")
+            continue
+        flag = f"--allow-{what}-change"
+        changes = check_unchanged(f"the {what} files", saved, fingerprints, flag, allowed[key], TRAINING, log)
+        if changes:
+            append_log(out, {"type": f"{what}_change", "step": resume_step, "changes": changes})
+    write_json(out / CONFIG, {**settings, **inputs})

@@ -37,31 +37,39 @@ Answers, as the reference: the text after the template's response marker in prom
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .data import SETTINGS, Records, load_records, parse_response
-from .errors import EcellmError
-from .files import read_json
-from .flags import DTYPE_ALIASES, DTYPES, parse_dtype, parse_flags, positive_int
+from .configs import PAPER_SAMPLING, EvalConfig  # noqa: F401 (public here too)
+from .data import Records, load_records, parse_response
+from .errors import EcellmError, exit_on_error
+from .files import open_to_append, read_json, write_text_atomically
+from .flags import parse_dtype, parse_flags
 from .generate import generate_text
 from .lock import FolderLock
 from .metrics import ModelEncoder, score
 from .models import template_for
 from .prompts import ONE_SHOT, build_prompt, derive_setting, one_shot_instruction  # noqa: F401 (public here too)
-from .tasks import TASK_BY_NAME, TASKS, resolve_task
-
-PAPER_SAMPLING = {"temperature": 0.15, "top_p": 0.95}
+from .runs import (  # noqa: F401 (RESUMABLE_CHANGES: public here too)
+    RESUMABLE_CHANGES,
+    FolderKind,
+    check_flags,
+    check_folder,
+    check_settings,
+    check_unchanged,
+    clear,
+    fingerprint_files,
+    held,
+    weight_files,
+)
+from .tasks import SETTINGS, TASK_BY_NAME, TASKS, resolve_task
 
 
 class EvalError(EcellmError, ValueError):
@@ -100,12 +108,12 @@ def load_qpr_labels(path: str | Path) -> list[list[str]]:
     Args:
         path: the JSON file, a list of lists of "E" / "S" / "C" / "I".
     """
-    labels = read_json(path)
+    labels = read_json(path, EvalError)
     if not isinstance(labels, list):
-        raise ValueError(f"{path}: expected a JSON list of label lists, got {type(labels).__name__}")
+        raise EvalError(f"{path}: expected a JSON list of label lists, got {type(labels).__name__}")
     for i, entry in enumerate(labels):
         if not isinstance(entry, list) or not all(label in ("E", "S", "C", "I") for label in entry):
-            raise ValueError(f"{path}: entry {i} is {entry!r}, expected a list of ESCI labels such as ['E', 'S']")
+            raise EvalError(f"{path}: entry {i} is {entry!r}, expected a list of ESCI labels such as ['E', 'S']")
     return labels
 
 
@@ -231,55 +239,55 @@ def markdown_table(results: Sequence[dict]) -> str:
 
 
 # --- the output folder ----------------------------------------------------------------------------------------
-# An evaluation's files in --out. evaluation.json (its settings and records) is written first, generations.jsonl
-# grows by one flushed batch at a time, results.md and then results.json (the mark of a finished evaluation) last.
+# An evaluation's files in --out. evaluation.json (its settings, records and weights) is written first,
+# generations.jsonl grows by one flushed batch at a time, results.md and then results.json (the mark of a finished
+# evaluation) last. The rules for reusing the folder are `ecellm.runs`'.
 EVALUATION, GENERATIONS, RESULTS, TABLE = "evaluation.json", "generations.jsonl", "results.json", "results.md"
-RESUMABLE_CHANGES = {"out", "resume", "overwrite"}  # EvalConfig fields a resumed evaluation may change
+EVALUATING = FolderKind(job="evaluation", marker=EVALUATION, files=(EVALUATION, GENERATIONS, RESULTS, TABLE))
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file renamed over it: a reader sees the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _log(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def check_out(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse an `out` that holds another evaluation unless `resume` (continue it) or `overwrite` (delete it), and a
-    `resume` with nothing to continue. Nothing is written."""
-    if resume and overwrite:
-        raise EvalError("--resume continues the evaluation in --out and --overwrite deletes it: pass one of them")
-    held = [name for name in (EVALUATION, GENERATIONS, RESULTS, TABLE) if (out / name).exists()]
-    if resume and not (out / EVALUATION).is_file():
-        raise EvalError(f"--resume: {out} holds no evaluation to continue (no {EVALUATION}); start one without "
-                        "--resume")
-    if held and not (resume or overwrite):
-        raise EvalError(f"{out} already holds an evaluation ({', '.join(held)}): pass --resume to continue it, "
-                        "--overwrite to delete it and start over, or choose another --out")
+    `resume` with nothing to continue (`ecellm.runs.check_folder`). Nothing is written."""
+    check_folder(out, EVALUATING, resume, overwrite)
 
 
-def evaluation_header(config: EvalConfig, records: Sequence[dict], prompts: Sequence[str]) -> dict:
-    """What evaluation.json records: the settings (but for `RESUMABLE_CHANGES`) and a hash of the records' prompts
-    and references, which a resumed evaluation must match."""
+def evaluation_header(config: EvalConfig, records: Sequence[dict], prompts: Sequence[str],
+                      weights: dict[str, dict]) -> dict:
+    """What evaluation.json records, which a resumed evaluation must match: the settings (but for
+    `RESUMABLE_CHANGES`), a hash of the records' prompts and references, and the fingerprints of the weights
+    (`ecellm.runs.fingerprint_files` of the model's and the adapter's safetensors files)."""
     digest = hashlib.sha256()
     for record, prompt in zip(records, prompts):
         digest.update(json.dumps([record["task"], record["setting"], prompt, record["output"]]).encode())
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
-    return {"settings": settings, "n_records": len(records), "records_sha256": digest.hexdigest()}
+    return {"settings": settings, "n_records": len(records), "records_sha256": digest.hexdigest(), "weights": weights}
 
 
-def read_done(out: Path, header: dict, records: Sequence[dict], prompts: Sequence[str]) -> dict[int, str]:
-    """The generations a resumed evaluation already made (record index -> generation), after checking that it is
-    the same evaluation: the same settings, records and prompts. A last line cut short by a kill is dropped."""
+def check_same_evaluation(out: Path, header: dict, allow_model_change: bool) -> None:
+    """Refuse to resume the evaluation in `out` under other settings, records or weights (weights: unless
+    `allow_model_change`, then logged and the new fingerprints recorded in evaluation.json)."""
     saved = read_json(out / EVALUATION, EvalError)
-    changed = [f"{key}: {saved['settings'].get(key)!r} -> {value!r}" for key, value in header["settings"].items()
-               if saved["settings"].get(key) != value]
-    if changed:
-        raise EvalError(f"--resume with settings other than {out / EVALUATION} records would mix two evaluations; "
-                        f"differing: {'; '.join(changed)}")
+    check_settings(out / EVALUATION, saved["settings"], header["settings"], EVALUATING)
     if (saved["n_records"], saved["records_sha256"]) != (header["n_records"], header["records_sha256"]):
         raise EvalError(f"--resume: the records differ from the {saved['n_records']} the evaluation in {out} started "
                         f"on (now {header['n_records']}; the data changed?): start a new evaluation")
+    if "weights" not in saved:
+        _log(f"--resume: {out / EVALUATION} records no fingerprint of the weights: they cannot be checked; recording "
+             "them now")
+    elif not check_unchanged("the model's or adapter's weights", saved["weights"], header["weights"],
+                             "--allow-model-change", allow_model_change, EVALUATING, _log):
+        return
+    write_text_atomically(out / EVALUATION, json.dumps({**saved, "weights": header["weights"]}, indent=2) + "\n")
+
+
+def read_done(out: Path, records: Sequence[dict], prompts: Sequence[str]) -> dict[int, str]:
+    """The generations a resumed evaluation already made (record index -> generation), each checked to be this
+    evaluation's record. A last line cut short by a kill is dropped."""
     done, file = {}, out / GENERATIONS
     lines = file.read_text(encoding="utf-8").split("\n") if file.is_file() else []
     for n, line in enumerate(lines[:-1], 1):  # the text after the last newline is a line cut short (or nothing)
@@ -293,21 +301,24 @@ def read_done(out: Path, header: dict, records: Sequence[dict], prompts: Sequenc
             raise EvalError(f"{file}: line {n} (record {i}) is not this evaluation's record {i}: other prompt or "
                             "reference")
         done[i] = gen["generation"]
-    _write_atomically(file, "".join(line + "\n" for line in lines[:-1]))
+    write_text_atomically(file, "".join(line + "\n" for line in lines[:-1]))
     return done
 
 
-def start_or_resume(out: Path, header: dict, records: Sequence[dict], prompts: Sequence[str],
-                    resume: bool) -> dict[int, str]:
-    """Start the evaluation in `out` (evaluation.json written, an old evaluation's files deleted: `--overwrite`), or
-    resume it (`read_done`). Returns the generations already made, by record index."""
+def start_or_resume(out: Path, header: dict, records: Sequence[dict], prompts: Sequence[str], resume: bool,
+                    allow_model_change: bool = False) -> dict[int, str]:
+    """Start the evaluation in `out` (an old evaluation's files deleted: `--overwrite`; evaluation.json written), or
+    resume it (`check_same_evaluation`, `read_done`). Returns the generations already made, by record index."""
     if resume:
-        done = read_done(out, header, records, prompts)
-        print(f"--resume: {len(done)} of {len(records)} generations already in {out / GENERATIONS}", file=sys.stderr)
+        check_same_evaluation(out, header, allow_model_change)
+        done = read_done(out, records, prompts)
+        _log(f"--resume: {len(done)} of {len(records)} generations already in {out / GENERATIONS}")
         return done
-    for name in (EVALUATION, GENERATIONS, RESULTS, TABLE):
-        (out / name).unlink(missing_ok=True)
-    _write_atomically(out / EVALUATION, json.dumps(header, indent=2) + "\n")
+    found = held(out, EVALUATING)
+    if found:
+        _log(f"--overwrite: deleting the previous evaluation in {out}")
+        clear(out, found, _log)
+    write_text_atomically(out / EVALUATION, json.dumps(header, indent=2) + "\n")
     return {}
 
 
@@ -323,10 +334,11 @@ def write_results(out: Path, evaluation: dict, config: dict) -> dict[str, Path]:
         name -> path written.
     """
     paths = {"generations": out / GENERATIONS, "markdown": out / TABLE, "json": out / RESULTS}
-    _write_atomically(paths["generations"],
-                      "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in evaluation["generations"]))
-    _write_atomically(paths["markdown"], markdown_table(evaluation["results"]))
-    _write_atomically(paths["json"], json.dumps({"config": config, "results": evaluation["results"]}, indent=2) + "\n")
+    write_text_atomically(paths["generations"],
+                          "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in evaluation["generations"]))
+    write_text_atomically(paths["markdown"], markdown_table(evaluation["results"]))
+    write_text_atomically(paths["json"],
+                          json.dumps({"config": config, "results": evaluation["results"]}, indent=2) + "\n")
     return paths
 
 
@@ -356,68 +368,11 @@ def select_records(records: Sequence[dict], settings: Sequence[str] | None, demo
     return out
 
 
-def _task(name: str) -> str:
-    """An argparse type: a task name or abbreviation, as the data names it."""
-    try:
-        return resolve_task(name)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+def _model_dir(model: str) -> Path:
+    """The checkpoint directory of a `--model` value (`models.default.resolve_model`)."""
+    from .models.default import resolve_model
 
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@dataclass(kw_only=True)
-class EvalConfig:
-    """Every setting of an evaluation run; each field is a command-line flag (`ecellm eval --help`)."""
-
-    model: str = field(metadata={"help": "checkpoint directory (config.json + safetensors), or a real model's name "
-                                         "from ecellm.models.default.MODELS (e.g. smollm2)"})
-    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer directory (default: --model)"})
-    adapter: str | None = field(default=None, metadata={"help": "LoRA adapter directory (PEFT format), merged in"})
-    data: list[str] = field(metadata={"help": "ECInstruct test file(s), JSON array or JSON Lines"})
-    split: str = field(default="test", metadata={"help": "records of this split"})
-    tasks: list[str] | None = field(default=None, metadata={
-        "type": _task, "help": "task names or abbreviations (default: all in the data)"})
-    setting: list[str] | None = field(default=None, metadata={
-        "choices": SETTINGS, "metavar": "SETTING",
-        "help": f"settings (default: those in the data); one of {', '.join(SETTINGS)}"})
-    demos: list[str] | None = field(default=None, metadata={"help": "training file(s) giving 1-shot demonstrations"})
-    qpr_labels: str | None = field(default=None, metadata={
-        "help": "the reference code's data_label/label.json (QPR option labels)"})
-    limit: int | None = field(default=None, metadata={
-        "type": positive_int, "help": "at most this many records per task and setting"})
-    out: str = field(metadata={"help": "output directory"})
-    template: str | None = field(default=None, metadata={
-        "choices": ("alpaca", "mistral"), "help": "prompt template (default: mistral for Mistral, else alpaca)"})
-    batch_size: int = field(default=8, metadata={"type": positive_int})
-    max_new_tokens: int = field(default=100, metadata={"type": positive_int})
-    sample: bool = field(default=False, metadata={
-        "help": "the reference's sampling, temperature 0.15, top-p 0.95 (the default with --adapter)"})
-    greedy: bool = field(default=False, metadata={"help": "greedy decoding (the default without --adapter)"})
-    temperature: float | None = field(default=None, metadata={"help": "sampling temperature (overrides --sample's)"})
-    top_p: float | None = field(default=None, metadata={"help": "nucleus mass (overrides --sample's)"})
-    seed: int = field(default=0, metadata={"help": "sampling seed"})
-    paper_compat: bool = field(default=False, metadata={"help": "score with the reference evaluation's defects"})
-    bertscore_model: str | None = field(default=None, metadata={
-        "help": "checkpoint whose embeddings score AG (default: the evaluated model)"})
-    dtype: str = field(default="fp32", metadata={"choices": (*DTYPES, *DTYPE_ALIASES)})
-    device: str = field(default_factory=_default_device)
-    resume: bool = field(default=False, metadata={
-        "help": "continue the evaluation in --out from the generations it holds (same settings and records)"})
-    overwrite: bool = field(default=False, metadata={"help": "delete the evaluation in --out and start over"})
-
-    def __post_init__(self):
-        if self.sample and self.greedy:
-            raise ValueError("--sample and --greedy exclude each other")
-
-    def decoding(self) -> tuple[float, float]:
-        """(temperature, top_p): the reference's choice (module docstring) unless flags say otherwise."""
-        sample = self.sample or (self.adapter is not None and not self.greedy)
-        sampling = PAPER_SAMPLING if sample else {"temperature": 0.0, "top_p": 1.0}
-        temperature = sampling["temperature"] if self.temperature is None else self.temperature
-        return temperature, sampling["top_p"] if self.top_p is None else self.top_p
+    return resolve_model(model)
 
 
 def _load_model(path: str, tokenizer_path: str | None, dtype: torch.dtype, device: str):
@@ -485,24 +440,22 @@ def run(config: EvalConfig) -> dict:
     tokenizer and adapter. The folder is locked for the evaluation's life (`ecellm.lock.FolderLock`).
     """
     out = Path(config.out)
-    if config.resume and not out.is_dir():
-        raise EvalError(f"--resume: {out} does not exist, so there is no evaluation to continue (a typo?)")
-    try:  # bad input (records, a setting that cannot be built, labels) is a ValueError; told as an EvalError
-        records = _load_records(config)
-        qpr_labels = load_qpr_labels(config.qpr_labels) if config.qpr_labels else None
-    except ValueError as e:
-        raise EvalError(str(e)) from e
+    check_flags(out, EVALUATING, config.resume, config.overwrite)
+    records = _load_records(config)
+    qpr_labels = load_qpr_labels(config.qpr_labels) if config.qpr_labels else None
     lock = FolderLock(out, "evaluation")
-    lock.acquire(lambda message: print(message, file=sys.stderr))
+    lock.acquire(_log)
     try:
         check_out(out, config.resume, config.overwrite)
         model, tokenizer, encoder = _load_models(config)
         template = template_for(model.config.model_type, config.template)
         prompts = [build_prompt(r, template) for r in records]
-        done = start_or_resume(out, evaluation_header(config, records, prompts), records, prompts, config.resume)
+        weights = fingerprint_files(weight_files(_model_dir(config.model), config.adapter))
+        header = evaluation_header(config, records, prompts, weights)
+        done = start_or_resume(out, header, records, prompts, config.resume, config.allow_model_change)
         temperature, top_p = config.decoding()
         start = time.time()
-        with open(out / GENERATIONS, "a", encoding="utf-8") as f:
+        with open_to_append(out / GENERATIONS) as f:
 
             def append(batch: list[dict]) -> None:
                 f.write("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in batch))
@@ -527,9 +480,7 @@ def run(config: EvalConfig) -> dict:
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m ecellm.eval") -> dict:
     """Run the command line (see `python -m ecellm.eval --help`); returns what `evaluate` returned. An expected
-    error ends in one line and exit status 1 (`ecellm.cli.exit_on_error`)."""
-    from .cli import exit_on_error
-
+    error ends in one line and exit status 1 (`ecellm.errors.exit_on_error`)."""
     config = parse_flags(EvalConfig, argv, prog=prog, description=__doc__.split("\n")[0])
     return exit_on_error(prog, lambda: run(config))
 

@@ -1,14 +1,59 @@
-"""Small file helpers shared by the modules that write checkpoints and read JSON files."""
+"""Small file helpers: JSON read and written with errors naming the file, and the one way ecellm writes a file or a
+folder it owns: fresh, under a temporary name, then renamed into place.
+
+A rename replaces a directory entry, never what a symbolic link there points to; still, a symbolic link where ecellm
+expects its own file is refused (`LinkRefused`, naming it), so a folder cannot be turned into a way to overwrite
+another file.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .errors import EcellmError
+
+
+class LinkRefused(EcellmError, RuntimeError):
+    """A symbolic link where ecellm writes a file or a folder of its own."""
+
+
+def refuse_link(path: str | Path) -> Path:
+    """`path` as a Path, or `LinkRefused` naming it when it is a symbolic link (a dangling one included)."""
+    path = Path(path)
+    if path.is_symlink():
+        raise LinkRefused(f"{path} is a symbolic link (to {os.readlink(path)}) where ecellm writes its own file: "
+                          "refused; remove the link or choose another folder")
+    return path
+
+
+def write_text_atomically(path: str | Path, text: str) -> Path:
+    """Write `text` (UTF-8) to a fresh temporary file beside `path`, then rename it to `path`: a reader sees the old
+    file or the new one, never half of one, and an existing `path` is replaced, not written through.
+
+    Args:
+        path: the file to create or replace; a symbolic link there is refused (`LinkRefused`).
+        text: its new content.
+    Returns:
+        `path` as a Path.
+    """
+    path = refuse_link(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0o600; ecellm's files are as readable as any other
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def write_dir_atomically(final: str | Path, write: Callable[[Path], None]) -> Path:
@@ -17,12 +62,12 @@ def write_dir_atomically(final: str | Path, write: Callable[[Path], None]) -> Pa
     removed on an exception); an existing `final` is replaced, and stays in place until the new one is complete.
 
     Args:
-        final: the directory to create or replace.
+        final: the directory to create or replace; a symbolic link there is refused (`LinkRefused`).
         write: fills the directory it is given.
     Returns:
         `final` as a Path.
     """
-    final = Path(final)
+    final = refuse_link(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
@@ -63,7 +108,8 @@ def strict_json(record: dict, indent: int | None = None) -> str:
 
 
 def write_json(path: str | Path, value: Any, strict: bool = False) -> None:
-    """Write `value` to the file `path` as indented UTF-8 JSON with a final newline.
+    """Write `value` to the file `path` as indented UTF-8 JSON with a final newline, atomically
+    (`write_text_atomically`).
 
     Args:
         path: the file.
@@ -71,4 +117,16 @@ def write_json(path: str | Path, value: Any, strict: bool = False) -> None:
         strict: write strict JSON (see `strict_json`) rather than Python's NaN / Infinity extension.
     """
     text = strict_json(value, indent=2) if strict else json.dumps(value, indent=2)
-    Path(path).write_text(text + "\n", encoding="utf-8")
+    write_text_atomically(path, text + "\n")
+
+
+def open_to_append(path: str | Path):
+    """`path` opened to append UTF-8 text (created if absent), refusing a symbolic link there (`LinkRefused`)."""
+    path = refuse_link(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if Path(path).is_symlink():  # made between the check and the open
+            refuse_link(path)
+        raise e
+    return os.fdopen(fd, "a", encoding="utf-8")

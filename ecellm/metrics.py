@@ -37,7 +37,8 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,28 @@ from .tasks import TASK_BY_ABBR, task_abbr, task_info  # noqa: F401 (task_abbr: 
 # ESCI label -> gain, as the reference QPR evaluation maps them.
 QPR_GAINS = {"E": 1.0, "S": 0.1, "C": 0.01, "I": 0.0}
 
-Encoder = Callable[[list[str]], list[torch.Tensor]]
+
+
+class TokenEncoder(Protocol):
+    """What AG's BERTScore needs from an encoder (the hook that chooses it): ``ModelEncoder`` (the evaluated model's
+    own final hidden states, where no other encoder is at hand) and ``ecellm.models.encoders.BertTokenEncoder`` (a
+    real BERT, all-MiniLM-L6-v2 by ``minilm_encoder()``) implement it.
+
+    A plain ``texts -> embeddings`` callable also serves (no special rows, no idf, named by its ``__name__``).
+
+    Attributes:
+        name: how results name the encoder (``score``'s ``"encoder"`` field), e.g. ``"all-MiniLM-L6-v2/L6"``.
+        special_ids: token ids whose rows are matched against but weigh 0 (BERT's [CLS] and [SEP]).
+    """
+
+    name: str
+    special_ids: frozenset[int]
+
+    def tokenize(self, text: str) -> list[int]:
+        """The token ids of ``text``, one per row that ``__call__`` returns for it."""
+
+    def __call__(self, texts: list[str]) -> list[torch.Tensor]:
+        """One (T_i, D) tensor of token embeddings per text."""
 
 
 def score(
@@ -59,7 +81,7 @@ def score(
     ood: bool | None = None,
     paper_compat: bool = False,
     ave_parser: str = "json",
-    encoder: Encoder | None = None,
+    encoder: TokenEncoder | None = None,
     idf: bool = False,
 ) -> dict:
     """Score one task's predictions as the paper does.
@@ -76,13 +98,13 @@ def score(
         paper_compat: reproduce the reference evaluation's defects (see the module docstring).
         ave_parser: AVE only: ``"json"`` (evaluate.py) or ``"t5"`` (evaluate_T5.py, for Flan-T5, whose vocabulary
             has no braces; see ``parse_ave_t5``).
-        encoder: AG only, required there: token-embedding encoder for BERTScore (see ``bertscore``,
-            ``ModelEncoder``).
+        encoder: AG only, required there: the BERTScore ``TokenEncoder``, e.g.
+            ``ecellm.models.encoders.minilm_encoder()`` or ``ModelEncoder(model, tokenizer)``.
         idf: AG only: weight BERTScore tokens by idf over the references (off by default, as in the paper).
 
     Returns:
         dict with ``task`` (abbreviation), ``metric`` (the key of the primary figure), the primary and secondary
-        figures, ``n`` and ``n_failed``.
+        figures, ``n`` and ``n_failed`` (AG also ``encoder``: the BERTScore encoder's name).
     Raises:
         ValueError: unknown task, lists of different lengths or empty lists.
     """
@@ -469,19 +491,23 @@ def score_ave(
 
 
 # --------------------------------------------------------------------------------------------- answer generation
-def score_ag(predictions: Sequence[str], references: Sequence[str], encoder: Encoder, *, idf: bool = False) -> dict:
-    """AG: mean BERTScore F (primary), P and R, and mean ROUGE-L F.
+def score_ag(
+    predictions: Sequence[str], references: Sequence[str], encoder: TokenEncoder, *, idf: bool = False
+) -> dict:
+    """AG: mean BERTScore F (primary), P and R, and mean ROUGE-L F; ``encoder`` names the BERTScore encoder.
 
     The paper's F_BERT used roberta-large (``bert_score``, English, no baseline rescaling); ``encoder`` is a
-    different model, so absolute values differ from the paper's and only compare between runs with the same
-    encoder. The paper's second score, BLEURT, is not computed. Nothing is parsed; ``n_failed`` counts empty and
-    whitespace-only outputs, which score 0 on every figure (an encoder may still give whitespace a token). Text
-    that is not valid Unicode (lone surrogates, e.g. from a JSON file) is encoded with those characters as ``?``.
+    different model (all-MiniLM-L6-v2's last layer (6) by ``ecellm.models.encoders.minilm_encoder``, or the evaluated
+    model's own states by ``ModelEncoder``), so absolute values differ from the paper's and only compare between
+    runs with the same encoder, which the result names. The paper's second score, BLEURT, is not computed.
+    Nothing is parsed; ``n_failed`` counts empty and whitespace-only outputs, which score 0 on every figure (an
+    encoder may still give whitespace a token). Text that is not valid Unicode (lone surrogates, e.g. from a JSON
+    file) is encoded with those characters as ``?``.
 
     Args:
         predictions: generated answers.
         references: gold answers.
-        encoder: token-embedding encoder (see ``bertscore``).
+        encoder: a ``TokenEncoder`` (see ``bertscore``).
         idf: idf-weight the BERTScore tokens (needs ``encoder.tokenize``).
     """
     for i, r in enumerate(references):
@@ -498,6 +524,7 @@ def score_ag(predictions: Sequence[str], references: Sequence[str], encoder: Enc
 
     return {
         "metric": "f_bert",
+        "encoder": getattr(encoder, "name", getattr(encoder, "__name__", type(encoder).__name__)),
         "f_bert": mean(bs["f"]),
         "p_bert": mean(bs["p"]),
         "r_bert": mean(bs["r"]),
@@ -508,21 +535,22 @@ def score_ag(predictions: Sequence[str], references: Sequence[str], encoder: Enc
 
 
 def bertscore(
-    predictions: Sequence[str], references: Sequence[str], encoder: Encoder, *, idf: bool = False
+    predictions: Sequence[str], references: Sequence[str], encoder: TokenEncoder, *, idf: bool = False
 ) -> dict[str, list[float]]:
     """BERTScore (Zhang et al., 2020) of each prediction against its reference, over any token encoder.
 
     Token embeddings are L2-normalised; each reference token is matched greedily to its most similar prediction
-    token (recall) and each prediction token to its most similar reference token (precision); F = 2PR / (P + R).
-    With ``idf`` each token is weighted by log((M + 1) / (df + 1)), df = the number of the M references containing
-    it (as ``bert_score`` does; a token in no reference weighs log(M + 1)). No baseline rescaling. A text with no
-    tokens scores 0.
+    token (recall) and each prediction token to its most similar reference token (precision); P and R are weighted
+    means over the tokens, F = 2PR / (P + R). Rows whose token is in ``encoder.special_ids`` are matched against but
+    weigh 0 (bert_score does so for [CLS] and [SEP]); the others weigh 1, or with ``idf`` log((M + 1) / (df + 1)),
+    df = the number of the M references containing the token (as bert_score; a token in no reference weighs
+    log(M + 1)). No baseline rescaling. A text whose tokens all weigh 0 scores 0.
 
     Args:
         predictions: candidate texts.
         references: reference texts, aligned with ``predictions``.
-        encoder: ``encoder(texts) -> [Tensor (T_i, D)]``, one row per token (special tokens left out); for ``idf``
-            it must also have ``encoder.tokenize(text) -> list`` of T_i token ids, aligned with the rows.
+        encoder: a ``TokenEncoder`` (embeddings and token ids, row for row), or a plain ``texts -> embeddings``
+            callable (no special rows; no ``idf``).
         idf: weight tokens by inverse document frequency over ``references`` (off by default, as in the paper).
 
     Returns:
@@ -532,32 +560,31 @@ def bertscore(
     if len(pred_emb) != len(predictions) or len(ref_emb) != len(references):
         raise ValueError(f"encoder returned {len(pred_emb)} and {len(ref_emb)} embeddings for "
                          f"{len(predictions)} predictions and {len(references)} references")
-    if idf:
+    special = getattr(encoder, "special_ids", frozenset())
+    if idf or special:
         if not hasattr(encoder, "tokenize"):
-            raise ValueError("idf=True needs an encoder with a tokenize(text) method")
-        pred_tok = [encoder.tokenize(t) for t in predictions]
-        ref_tok = [encoder.tokenize(t) for t in references]
-        df = Counter(tok for toks in ref_tok for tok in set(toks))
+            raise ValueError("idf=True or special_ids need an encoder with a tokenize(text) method")
+        pred_tok, ref_tok = [encoder.tokenize(t) for t in predictions], [encoder.tokenize(t) for t in references]
+    else:  # every row weighs 1: the tokens are not needed
+        pred_tok, ref_tok = [[None] * e.shape[0] for e in pred_emb], [[None] * e.shape[0] for e in ref_emb]
+    df = Counter(tok for toks in ref_tok for tok in set(toks)) if idf else None
+
+    def weights(toks: list, emb: torch.Tensor) -> torch.Tensor:
+        if len(toks) != emb.shape[0]:
+            raise ValueError(f"encoder.tokenize gave {len(toks)} tokens for {emb.shape[0]} embedding rows")
         m = len(references)
+        return torch.tensor([0.0 if t in special else math.log((m + 1) / (df[t] + 1)) if idf else 1.0
+                             for t in toks])
 
-        def weights(toks: list, emb: torch.Tensor) -> torch.Tensor:
-            if len(toks) != emb.shape[0]:
-                raise ValueError(f"encoder.tokenize gave {len(toks)} tokens for {emb.shape[0]} embedding rows")
-            return torch.tensor([math.log((m + 1) / (df[t] + 1)) for t in toks])
-
-        pred_w = [weights(t, e) for t, e in zip(pred_tok, pred_emb)]
-        ref_w = [weights(t, e) for t, e in zip(ref_tok, ref_emb)]
-    else:
-        pred_w = [torch.ones(e.shape[0]) for e in pred_emb]
-        ref_w = [torch.ones(e.shape[0]) for e in ref_emb]
     out = {"p": [], "r": [], "f": []}
-    for c, r, wc, wr in zip(pred_emb, ref_emb, pred_w, ref_w):
-        if c.shape[0] == 0 or r.shape[0] == 0:
+    for c, r, tc, tr in zip(pred_emb, ref_emb, pred_tok, ref_tok):
+        wc, wr = weights(tc, c), weights(tr, r)  # (Tc,), (Tr,)
+        if not (wc.sum() > 0 and wr.sum() > 0):
             p = rec = 0.0
         else:
             sim = F.normalize(c.float(), dim=-1) @ F.normalize(r.float(), dim=-1).T  # (Tc, Tr)
-            p = _div(float((sim.max(dim=1).values * wc).sum()), float(wc.sum()))
-            rec = _div(float((sim.max(dim=0).values * wr).sum()), float(wr.sum()))
+            p = float((sim.max(dim=1).values * wc).sum() / wc.sum())
+            rec = float((sim.max(dim=0).values * wr).sum() / wr.sum())
         out["p"].append(p)
         out["r"].append(rec)
         out["f"].append(_f1(p, rec))
@@ -593,9 +620,10 @@ class ModelEncoder:
 
     Decoder models give ``model.hidden_states`` (causal: a token's embedding sees only the tokens before it);
     encoder-decoder models (T5) give their encoder's output ``model.encode`` (bidirectional). Each text is encoded
-    with the family's BOS (when it has one) and without EOS; the BOS row is left out of the returned embeddings,
-    like BERTScore leaves out ``<s>`` / ``</s>``. These embeddings are not roberta-large's 17th layer, which the
-    paper used: F_BERT values differ from the paper's and compare only between runs with the same encoder.
+    with the family's BOS (when it has one) and without EOS; the BOS row is left out of the returned embeddings
+    (so no row is special). These embeddings are not roberta-large's 17th layer, which the paper used, and the
+    untuned model's own states hardly tell a good answer from a constant one (docs/evaluation.md): prefer
+    ``ecellm.models.encoders.minilm_encoder()``; this encoder stays for the comparison where no other is at hand.
 
     Args:
         model: an ecellm model exposing ``hidden_states(input_ids, attention_mask) -> (B, T, H)`` (decoders) or
@@ -603,9 +631,13 @@ class ModelEncoder:
         tokenizer: its ecellm tokenizer (``encode``, ``bos_id``, ``pad_id``).
         batch_size: texts per forward pass.
         max_length: texts are cut to this many tokens (BOS included).
+        name: how results name the encoder.
     """
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 16, max_length: int = 512):
+    special_ids: frozenset[int] = frozenset()
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 16, max_length: int = 512,
+                 name: str = "evaluated-model"):
         self.embed = getattr(model, "hidden_states", None) or getattr(model, "encode", None)
         if self.embed is None:
             raise TypeError(f"{type(model).__name__} has neither hidden_states(input_ids, attention_mask) nor "
@@ -613,6 +645,7 @@ class ModelEncoder:
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.max_length = batch_size, max_length
         self.bos = tokenizer.bos_id is not None
+        self.name = name
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` that get an embedding row (no BOS), cut to ``max_length``.

@@ -3,70 +3,61 @@
     python -m ecellm.train --model DIR --data DIR --out runs/x                    # one process
     torchrun --nproc_per_node=8 -m ecellm.train --model DIR --data DIR ...        # FSDP2 over 8 ranks
 
-Distributed runs shard every transformer block and then the root with FSDP2 (`fully_shard`) over a 1-D device mesh:
-nccl on GPUs, gloo on CPU. In bf16, base weights are stored and computed in bf16 while LoRA weights, gradient
-reduction and optimizer state stay fp32. The loss is averaged per example by default (each example's mean over its
-answer tokens, then the mean over the step's examples, as the reference's micro-batch-1 training weighs them) or
-over all answer tokens (`--loss-average token`); either way the normaliser is summed over micro-batches and ranks,
-so N ranks make the same update as one process with the same global batch. `--pack N` concatenates the step's
-examples into rows of up to N tokens, each example attending only to itself: the same loss and gradients, less
-padding.
-
-Checkpoints (`out/checkpoints/step_N/`) hold the adapter in PEFT format, the optimizer's tensors in safetensors and
-the step, scheduler and RNG states in JSON (nothing is unpickled); they are written to a temporary directory and
-renamed, so an interrupted write leaves the previous one usable. `--resume` continues exactly where the newest complete
-checkpoint stopped, under the same settings. SIGTERM and Ctrl-C save a checkpoint and exit; `--minutes M` ends the run
-after the step that passes M minutes, validated, checkpointed and with its adapter written. A new run refuses an
-`--out` that holds another run unless `--overwrite` is given, and one run at a time holds `--out` (a lock,
-`ecellm.lock`). `config.json` records the data files' fingerprints: a resume on changed data is refused unless
-`--allow-data-change`. A step whose loss or gradient norm is not finite is skipped and logged; weights that are not
-finite are never checkpointed. `--init-adapter DIR` starts LoRA from a saved adapter. The folder's files and rules
-live in `ecellm.checkpoints`; this module is the loop.
-
 The run reads top to bottom in `_train`, as stages over one `Run` (settings, ranks, model, data, optimizer, progress):
 
-    check_config -> prepare_out (lock) -> setup_model -> setup_data -> check_data -> [restore_lora_weights]
-    -> setup_optimizer -> [restore_trainer_state] -> fit (train_step, validate, save_checkpoint, until the last step
-    or a signal) -> finish (final adapter, summary.json) -> the lock released
+    check_config -> prepare_out (lock) -> setup_model -> setup_data -> check_inputs -> [restore_lora_weights]
+    -> setup_optimizer -> [restore_trainer_state] -> fit (run_step, then after_step: save_checkpoint, validate;
+    until the last step, a signal or the time limit) -> finish (final adapter, summary.json) -> the lock released
 
-`train()` seeds torch with `config.seed`, installs SIGTERM/SIGINT handlers for the loop and restores them, and
-destroys the process group if it created one.
+The loss is averaged per example by default (as the reference's micro-batch-1 training weighs them) or over all
+answer tokens (`--loss-average token`), its normaliser summed over micro-batches and ranks: N ranks (FSDP2,
+`ecellm.distributed`) make the same update as one process with the same global batch. `--pack N` concatenates
+examples into rows of up to N tokens, each attending only to itself. A step whose loss or gradient norm is not
+finite is skipped and logged. The folder's files and rules (checkpoints, `--resume`, `--overwrite`, the lock, the
+fingerprints of data and weights) live in `ecellm.checkpoints` and `ecellm.runs`; docs/training.md tells them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-import os
 import random
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import lora, nf4, peft_format
+from . import lora, nf4
 from .checkpoints import (
+    DATA_FINGERPRINT,
+    MODEL_FINGERPRINT,
+    TrainerState,
     TrainingError,
-    check_data,
+    append_log,
+    check_inputs,
     checkpoint_dir,
+    copy_lora_weights,
     full_tensor,
     latest_checkpoint,
+    load_initial_adapter,
     load_optimizer_state,
     optimizer_state,
+    param_groups,
     prepare_out,
     read_checkpoint,
+    rewrite_trainer_state,
     rng_state,
     set_rng_state,
     write_adapter,
     write_checkpoint,
 )
+from .configs import TrainConfig
 from .data import (
     LOSS_AVERAGES,
     LengthGroupedBatchSampler,
@@ -79,208 +70,23 @@ from .data import (
     pack_examples,
     sample_per_task,
 )
-from .files import strict_json, write_json
+from .distributed import (  # noqa: F401 (setup_distributed and the model placement: public here too)
+    DistContext,
+    compile_blocks,
+    distributed,
+    enable_activation_checkpointing,
+    setup_distributed,
+    shard,
+    transformer_blocks,
+)
+from .errors import exit_on_error
+from .files import write_json
 from .flags import parse_dtype, parse_flags
 from .lock import FolderLock
 from .models import load_pretrained, template_for
 from .models.default import resolve_model
+from .runs import fingerprint_files, weight_files
 from .tokenizer import Tokenizer
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a run; the defaults are the reference code's recipe (README: "Differences from the reference
-    code"). Each field is a command-line flag."""
-
-    model: str = ""  # checkpoint directory or a real model's name (models.default.MODELS); empty: SmolLM2
-    data: str = ""  # a directory with train.json and validation.json, as ECInstruct ships them
-    out: str = "runs/ecellm"
-    tasks: str = ""  # comma-separated task names or abbreviations (AVE, PRP, ...); empty: all 10
-    setting: str = "IND_Diverse_Instruction"
-    max_per_task: int = 10000  # the paper caps each task's training records at 10K
-    max_val_examples: int = 0  # 0: the whole validation set
-    template: str = ""  # "alpaca" or "mistral"; empty: mistral for Mistral models, alpaca otherwise
-    max_len: int = 2048
-    lora_r: int = 16
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.1
-    lora_targets: str = ""  # comma-separated module names; empty: the paper's targets for the family
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    epochs: int = 3
-    global_batch: int = 128  # examples per optimizer step, over all ranks and micro-batches
-    micro_batch: int = 1  # examples per forward pass on one rank (not used with pack_tokens)
-    pack_tokens: int = field(default=0, metadata={"aliases": ["--pack"]})  # concatenate examples into rows of up to
-    # N tokens, one row per forward (0: off)
-    loss_average: str = "example"  # "example": each example weighs the same (the paper); "token": each answer token
-    max_steps: int = 0  # stop after this many optimizer steps (0: train all epochs)
-    minutes: float = 0.0  # stop after the first step that ends this many minutes into training (0: no limit); the
-    # run then validates and writes its adapter as at its end (the learning rate follows the planned steps)
-    init_adapter: str = ""  # start LoRA from this adapter directory (PEFT format, same r, alpha and targets)
-    dtype: str = "bf16"  # "bf16" or "fp32" ("fp32" for CPUs)
-    grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
-    activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile each transformer block (`compile_blocks`); the first step compiles
-    quantize: str = ""  # "nf4": the frozen base linears in 4 bits (QLoRA, ecellm/nf4.py), one process only; "": off
-    group_by_length: bool = False  # batch examples of similar length together (less padding; the paper: random)
-    eval_every: int = 0  # evaluate every N steps (0: at the end of each epoch)
-    checkpoint_every: int = 50  # checkpoint every N steps (and at each epoch end)
-    keep_checkpoints: int = 2  # how many of the latest checkpoints to keep (0: all)
-    seed: int = 42
-    resume: bool = False  # continue the run in --out from its newest complete checkpoint (same settings)
-    overwrite: bool = False  # delete the run already in --out and start over
-    allow_data_change: bool = False  # let --resume continue on data files other than the run started on (logged)
-    dist_timeout_s: int = 300  # how long ranks wait for each other before the run ends naming the silent rank
-
-
-# --- distributed set-up -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DistContext:
-    """This process's place in the run: its rank among `world` processes, its device, and the groups it talks on."""
-
-    rank: int
-    world: int
-    device: torch.device
-    mesh: object | None  # the 1-D device mesh when launched by torchrun
-    owns_group: bool = False  # the process group was created here (and is destroyed at the end of the run)
-    probe: object | None = None  # a spare gloo group, to find the ranks that stopped answering
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the process that writes files and logs."""
-        return self.rank == 0
-
-    def all_reduce_sum(self, *values: float) -> list[float]:
-        """Sum scalars over ranks (fp64)."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.mesh is not None:
-            dist.all_reduce(t)
-        return t.tolist()
-
-    def barrier(self) -> None:
-        if self.mesh is not None:
-            dist.barrier()
-
-    def from_main(self, fn):
-        """`fn()` run on the main rank; its result, or its error, reaches every rank (none waits on a failed one)."""
-        result, error = None, None
-        if self.is_main:
-            try:
-                result = fn()
-            except Exception as e:  # re-raised below, once the other ranks have been told
-                error = e
-        if self.mesh is not None:
-            box = [result, None if error is None else f"{type(error).__name__}: {error}"]
-            dist.broadcast_object_list(box, src=0)
-            result, message = box
-            if message and not self.is_main:
-                raise TrainingError(f"rank 0 failed: {message}")
-        if error is not None:
-            raise error
-        return result
-
-    def silent_ranks(self) -> list[int]:
-        """After a failed collective: the other ranks that do not send a message within the timeout (on `probe`)."""
-        others = [r for r in range(self.world) if r != self.rank]
-        hello, sends, silent = torch.ones(1), {}, []
-        for r in others:  # every send first: a live rank's answer then never waits on a silent third rank
-            try:
-                sends[r] = dist.isend(hello, r, group=self.probe)
-            except RuntimeError:
-                silent.append(r)
-        for r, send in sends.items():
-            try:
-                dist.recv(torch.zeros(1), r, group=self.probe)
-                send.wait()
-            except RuntimeError:
-                silent.append(r)
-        return sorted(silent)
-
-
-def setup_distributed(timeout_s: int) -> DistContext:
-    """Join the process group when launched by torchrun (nccl on GPUs, gloo on CPU); else a single process.
-
-    Args:
-        timeout_s: how long a collective waits for the other ranks before it fails.
-    """
-    cuda = torch.cuda.is_available()
-    if "WORLD_SIZE" not in os.environ:
-        return DistContext(0, 1, torch.device("cuda" if cuda else "cpu"), None)
-    from torch.distributed.device_mesh import init_device_mesh
-
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    owns_group = not dist.is_initialized()
-    if owns_group:
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
-    world = dist.get_world_size()
-    mesh = init_device_mesh(device.type, (world,))
-    probe = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-    return DistContext(dist.get_rank(), world, device, mesh, owns_group, probe)
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks (decoder `layers`, T5 encoder/decoder `block`): FSDP units and checkpointing units."""
-    return [
-        block
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("layers", "block")
-        for block in module
-    ]
-
-
-def compile_blocks(blocks: list[nn.Module], device: torch.device) -> None:
-    """`torch.compile` each block's forward (torchtune's per-block compile), with dynamic shapes: packed rows and
-    padded micro-batches change length from step to step, and one compilation serves every length.
-
-    Call before `enable_activation_checkpointing` and `shard`: the checkpoint then reruns the compiled forward (the
-    same kernels and dropout masks), and FSDP2's hooks stay outside the compiled code. The blocks share their code,
-    so they share compiled graphs (block 0 gets its own: its input needs no gradient) once their layer index, an
-    integer attribute dynamo would otherwise specialise on, is left unspecialised. On the CPU, LoRA dropout's random
-    numbers come from torch's generator (`fallback_random`: inductor's own are ~4x slower there), the comparison and
-    the multiply fused around them.
-
-    Args:
-        blocks: from `transformer_blocks`.
-        device: where the blocks will run.
-    """
-    torch._dynamo.config.allow_unspec_int_on_nn_module = True
-    options = {"fallback_random": True} if device.type == "cpu" else None
-    for block in blocks:
-        block.forward = torch.compile(block.forward, dynamic=True, options=options)
-
-
-def enable_activation_checkpointing(blocks: list[nn.Module]) -> None:
-    """Recompute each block's activations in the backward pass instead of storing them."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in blocks:
-        forward = block.forward
-        block.forward = lambda *args, _f=forward, **kw: checkpoint(_f, *args, use_reentrant=False, **kw)
-
-
-def shard(model: nn.Module, dist_ctx: DistContext, dtype: torch.dtype) -> nn.Module:
-    """FSDP2: shard each transformer block, then the root, over the device mesh.
-
-    Compute runs in `dtype` (FSDP2 casts every parameter of a unit, LoRA's included, to it); gradients are reduced
-    and kept in fp32 for the fp32 LoRA weights and optimizer state. T5 is sharded as one unit at the root: its
-    stacks use block 0's relative-position table and every decoder block's cross-attention projections outside those
-    blocks' own forward, where a per-block unit would not have gathered them.
-    """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    blocks = [] if model.config.model_type == "t5" else transformer_blocks(model)
-    for block in blocks:
-        fully_shard(block, mesh=dist_ctx.mesh, mp_policy=mp)
-    fully_shard(model, mesh=dist_ctx.mesh, mp_policy=mp)
-    return model
-
 
 # --- data ---------------------------------------------------------------------------------------------------------
 
@@ -298,7 +104,7 @@ def load_examples(
     """Read, select, sample and tokenize one split; reports what was truncated or dropped. Returns the examples and
     the fingerprint of the file read (`ecellm.data.Records.fingerprints`)."""
     stem = {"train": "train", "val": "validation"}[split]
-    tasks = [t for t in config.tasks.split(",") if t] or None
+    tasks = config.tasks
     records = load_records(_data_file(config.data, stem), split=split, setting=config.setting, tasks=tasks)
     fingerprint = records.fingerprints
     if split == "train" and config.max_per_task:
@@ -383,6 +189,7 @@ class Run:
     train_examples: list[dict] = field(default_factory=list)
     val_examples: list[dict] = field(default_factory=list)
     data_fingerprint: dict[str, dict] = field(default_factory=dict)  # file -> size, records, sha256 (both splits)
+    model_fingerprint: dict[str, dict] = field(default_factory=dict)  # base weights' file -> size, sha256 (main rank)
     sampler: LengthGroupedBatchSampler | None = None  # this rank's share of each step
     steps_per_epoch: int = 0
     total_steps: int = 0
@@ -394,6 +201,9 @@ class Run:
     best_step: int | None = None
     tokens_seen: int = 0  # input tokens of all steps, over all ranks
     last_loss: float = math.nan  # the training loss of the latest step applied (not skipped)
+    validation_due: bool = False  # the current step's validation has not ended (a checkpoint written before it)
+    checkpointed_step: int | None = None  # the step of this process's latest checkpoint, and the RNG states in it
+    checkpoint_rngs: list[dict] = field(default_factory=list)
     epoch_order: list[list[int]] = field(default_factory=list)  # this rank's examples of each step of `ordered_epoch`
     ordered_epoch: int | None = None
     started: float = 0.0  # `time.perf_counter()` when the loop started, and `tokens_seen` then
@@ -441,8 +251,8 @@ def check_config(config: TrainConfig, world: int) -> None:
                             "peft: adapter_config.json + adapter_model.safetensors)")
     if config.pack_tokens < 0:
         raise TrainingError(f"pack_tokens must be >= 0 (0: no packing), got {config.pack_tokens}")
-    if config.quantize not in ("", "nf4"):
-        raise TrainingError(f"quantize must be 'nf4' or '' (off), got {config.quantize!r}")
+    if config.quantize not in (None, "nf4"):
+        raise TrainingError(f"quantize must be 'nf4' or None (off), got {config.quantize!r}")
     if config.quantize and world > 1:
         raise TrainingError(f"quantize nf4 runs in one process, this run has {world}: FSDP2 shards Parameters and the "
                             "4-bit weights are buffers, so every rank would hold the whole base; drop --quantize or "
@@ -461,49 +271,21 @@ def setup_model(config: TrainConfig, dist_ctx: DistContext) -> Run:
     from the same LoRA initialisation."""
     torch.manual_seed(config.seed)
     model_dir = str(resolve_model(config.model))  # a checkpoint directory, a real model's name, or the default
-    try:  # a model or tokenizer that does not load or fit, LoRA targets the model lacks: told as a TrainingError
-        model, tokenizer = load_pretrained(model_dir, dtype=parse_dtype(config.dtype), device="cpu")
-        targets = [t for t in config.lora_targets.split(",") if t] or None
-        lora.inject(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, targets=targets)
-    except ValueError as e:
-        raise TrainingError(str(e)) from e
+    model, tokenizer = load_pretrained(model_dir, dtype=parse_dtype(config.dtype), device="cpu")
+    lora.inject(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                targets=config.lora_targets)
     if config.init_adapter:
-        load_initial_adapter(model, config)
+        load_initial_adapter(model, Path(config.init_adapter), config.lora_r, config.lora_alpha)
     n_trainable, n_total = lora.count_parameters(model)
     run = Run(config, dist_ctx, model_dir, model, tokenizer, n_trainable)
+    if dist_ctx.is_main:
+        run.model_fingerprint = fingerprint_files(weight_files(model_dir))
     run.log(f"{model.config.model_type} from {model_dir}: {n_trainable:,} trainable of {n_total:,} parameters "
             f"({100 * n_trainable / n_total:.2f}%)" + (f", LoRA from {config.init_adapter}" if config.init_adapter
                                                        else ""))
     if config.quantize:
         run.log(nf4.quantize_model(model).summary())
     return run
-
-
-def load_initial_adapter(model: nn.Module, config: TrainConfig) -> None:
-    """Copy the LoRA weights of `config.init_adapter` into the freshly injected layers, to train further from them.
-    The adapter must have been trained with the same r, alpha and target modules; everything is checked first, so a
-    refused adapter leaves the model as it was."""
-    path = Path(config.init_adapter)
-    saved_config = peft_format.read_adapter_config(path)
-    if saved_config["lora_alpha"] != config.lora_alpha or saved_config["r"] != config.lora_r:
-        raise TrainingError(
-            f"init_adapter: {path / peft_format.ADAPTER_CONFIG} has r={saved_config['r']}, lora_alpha="
-            f"{saved_config['lora_alpha']}; this run has r={config.lora_r}, lora_alpha={config.lora_alpha} "
-            "(train with the adapter's values)"
-        )
-    saved = peft_format.read_adapter_weights(path)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-    wrong = [f"{n} {tuple(saved[n].shape)} vs {tuple(p.shape)}" for n, p in params.items()
-             if n in saved and saved[n].shape != p.shape]
-    if missing or extra or wrong:
-        raise TrainingError(
-            f"init_adapter: {path / peft_format.ADAPTER_WEIGHTS} does not fit this run's LoRA layers (other targets or "
-            f"model): missing {missing[:4]}, unexpected {extra[:4]}, other shapes {wrong[:4]}"
-        )
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(saved[name])
 
 
 def setup_data(run: Run) -> None:
@@ -525,21 +307,15 @@ def setup_data(run: Run) -> None:
         run.total_steps = min(run.total_steps, config.max_steps)
 
 
-def restore_lora_weights(run: Run, checkpoint: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def restore_lora_weights(run: Run, checkpoint: Path) -> tuple[TrainerState, dict[str, torch.Tensor]]:
     """Copy a checkpoint's LoRA weights into the model (before sharding). Returns the checkpoint's trainer state and
     optimizer tensors, for `restore_trainer_state` once the optimizer exists."""
     trainer_state, optim_tensors, saved = read_checkpoint(checkpoint)
-    params = {n: p for n, p in run.model.named_parameters() if p.requires_grad}
-    wrong = sorted(set(saved) ^ set(params)) + [n for n in saved if n in params and saved[n].shape != params[n].shape]
-    if wrong or len(trainer_state["rng"]) != run.dist_ctx.world:
-        raise TrainingError(
-            f"{checkpoint} does not fit this run (it was written with other LoRA settings or "
-            f"{len(trainer_state['rng'])} ranks, this run has {run.dist_ctx.world}): differing LoRA tensors {wrong[:6]}"
-        )
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            params[name].copy_(tensor)
-    run.log(f"resuming from {checkpoint} (step {trainer_state['step']})")
+    if len(trainer_state.rng) != run.dist_ctx.world:
+        raise TrainingError(f"{checkpoint} does not fit this run (written by {len(trainer_state.rng)} ranks, this "
+                            f"run has {run.dist_ctx.world})")
+    copy_lora_weights(run.model, saved, checkpoint)
+    run.log(f"resuming from {checkpoint} (step {trainer_state.step})")
     return trainer_state, optim_tensors
 
 
@@ -553,7 +329,10 @@ def setup_optimizer(run: Run) -> None:
     if config.activation_checkpointing:
         enable_activation_checkpointing(transformer_blocks(model))
     if run.dist_ctx.mesh is not None:
-        shard(model, run.dist_ctx, parse_dtype(config.dtype))
+        # T5 is one unit at the root: its stacks use block 0's relative-position table and every decoder block's
+        # cross-attention projections outside those blocks' own forward, where a per-block unit would not gather them.
+        blocks = [] if model.config.model_type == "t5" else transformer_blocks(model)
+        shard(model, blocks, run.dist_ctx, parse_dtype(config.dtype))
     else:
         model.to(run.dist_ctx.device)
     # The sharded parameters, by name, taken now: FSDP2 swaps in unsharded ones between forward and backward.
@@ -563,16 +342,15 @@ def setup_optimizer(run: Run) -> None:
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda s: cosine_with_warmup(s, warmup, total))
 
 
-def restore_trainer_state(run: Run, trainer_state: dict, optim_tensors: dict[str, torch.Tensor]) -> None:
+def restore_trainer_state(run: Run, state: TrainerState, optim_tensors: dict[str, torch.Tensor]) -> None:
     """Put a checkpoint's optimizer, scheduler, progress and this rank's RNG states back (see `save_checkpoint`)."""
-    load_optimizer_state(run.trainable, run.optimizer, optim_tensors, trainer_state["param_groups"])
-    run.scheduler.load_state_dict(trainer_state["scheduler"])
-    run.step, run.best_step = trainer_state["step"], trainer_state["best_step"]
-    run.best_val = math.inf if trainer_state["best_val"] is None else trainer_state["best_val"]
-    run.tokens_seen = trainer_state["tokens_seen"]
-    last_loss = trainer_state.get("last_loss")  # absent from checkpoints of older versions
-    run.last_loss = math.nan if last_loss is None else last_loss
-    set_rng_state(trainer_state["rng"][run.dist_ctx.rank])
+    load_optimizer_state(run.trainable, run.optimizer, optim_tensors, state.param_groups)
+    run.scheduler.load_state_dict(state.scheduler)
+    run.step, run.best_step, run.tokens_seen = state.step, state.best_step, state.tokens_seen
+    run.best_val = math.inf if state.best_val is None else state.best_val
+    run.last_loss = math.nan if state.last_loss is None else state.last_loss
+    run.validation_due = state.validation_due
+    set_rng_state(state.rng[run.dist_ctx.rank])
 
 
 # --- one step, validation, the log ----------------------------------------------------------------------------------
@@ -651,15 +429,25 @@ def train_step(run: Run) -> dict:
             **({"skipped": skipped} if skipped else {})}
 
 
+def signalled(run: Run) -> bool:
+    """Whether any rank received a stop signal. Collective."""
+    return run.dist_ctx.all_reduce_sum(float(_Stop.received is not None))[0] > 0
+
+
 @torch.no_grad()
-def validation_loss(run: Run) -> float:
-    """The loss on the validation examples, averaged like the training loss, over all ranks. Collective."""
+def validation_loss(run: Run) -> float | None:
+    """The loss on the validation examples, averaged like the training loss, over all ranks; None when a stop signal
+    came first (checked before each forward pass, so a signal is answered within one). Collective."""
     dist_ctx, model = run.dist_ctx, run.model
     model.eval()
     mine = list(range(dist_ctx.rank, len(run.val_examples), dist_ctx.world))
     batches = micro_batches(run.val_examples, mine, run.config.micro_batch, run.config.pack_tokens, run.seq2seq)
     total_loss = total_weight = 0.0
+    stopped = False
     for i in range(forward_passes(dist_ctx, len(batches))):  # the same number on every rank (FSDP needs it)
+        if signalled(run):
+            stopped = True
+            break
         if i < len(batches):
             total_loss += loss_sum(model, device_batch(run, batches[i])).item()
             total_weight += sum(ex["loss_weight"] for ex in batches[i])
@@ -668,13 +456,18 @@ def validation_loss(run: Run) -> float:
     if dist_ctx.mesh is not None:
         model.reshard()  # no backward follows to free the root's gathered parameters
     model.train()
+    if stopped:
+        return None
     total_loss, total_weight = dist_ctx.all_reduce_sum(total_loss, total_weight)
     return total_loss / max(total_weight, 1.0)
 
 
-def validate(run: Run, epoch: int) -> None:
-    """Log the validation loss; a new best keeps its adapter in `out/best_adapter`. Collective."""
+def validate(run: Run) -> bool:
+    """Log the validation loss of the current step; a new best keeps its adapter in `out/best_adapter`. Returns
+    False when a stop signal ended the validation first (nothing written). Collective."""
     val = validation_loss(run)
+    if val is None:
+        return False
     improved = val < run.best_val
     weights = lora_weights(run.trainable) if improved else None
     if improved:
@@ -682,15 +475,16 @@ def validate(run: Run, epoch: int) -> None:
         if run.dist_ctx.is_main:
             write_adapter(run.model, run.model_dir, run.out / "best_adapter", weights)
     run.dist_ctx.barrier()
+    epoch = (run.step - 1) // run.steps_per_epoch + 1
     write_log(run, {"type": "eval", "step": run.step, "epoch": epoch, "val_loss": val, "best_val_loss": run.best_val})
     run.log(f"step {run.step}: validation loss {val:.4f}" + (" (best so far, adapter kept)" if improved else ""))
+    return True
 
 
 def write_log(run: Run, record: dict) -> None:
     """Append one record to `out/log.jsonl` (main rank only)."""
     if run.dist_ctx.is_main:
-        with open(run.out / "log.jsonl", "a") as f:
-            f.write(strict_json(record) + "\n")
+        append_log(run.out, record)
 
 
 # --- checkpointing ------------------------------------------------------------------------------------------------
@@ -701,46 +495,53 @@ def lora_weights(trainable: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     return {name: full_tensor(p) for name, p in trainable.items()}
 
 
-def gather_rng_states(dist_ctx: DistContext) -> list[dict[str, list]]:
-    """Every rank's RNG states (`rng_state`), in rank order. Collective."""
-    if dist_ctx.mesh is None:
-        return [rng_state()]
-    states = [None] * dist_ctx.world
-    dist.all_gather_object(states, rng_state())
-    return states
+def trainer_state(run: Run, rngs: list[dict]) -> TrainerState:
+    """The run's `TrainerState` now, with every rank's RNG states `rngs`."""
+    return TrainerState(
+        step=run.step, scheduler=run.scheduler.state_dict(), param_groups=param_groups(run.optimizer),
+        rng=rngs, best_val=run.best_val, best_step=run.best_step, tokens_seen=run.tokens_seen,
+        last_loss=run.last_loss, validation_due=run.validation_due,
+    )
 
 
 def save_checkpoint(run: Run) -> Path:
     """Checkpoint the run at its current step (`ecellm.checkpoints.write_checkpoint`); collective (every rank calls
     it, the main rank writes). Returns the checkpoint directory.
 
-    It holds the adapter, AdamW's tensors and the trainer state: step, scheduler, optimizer hyper-parameters, every
-    rank's RNG states, best validation loss and step, tokens seen, the latest training loss. Older checkpoints beyond
-    `keep_checkpoints` are deleted. Weights that are not finite are never written: the run ends with a
-    `TrainingError` naming the last good checkpoint (which pruning therefore never removes)."""
+    It holds the adapter, AdamW's tensors and the `TrainerState`. Older checkpoints beyond `keep_checkpoints` are
+    deleted. Weights that are not finite are never written: the run ends with a `TrainingError` naming the last
+    good checkpoint (which pruning therefore never removes)."""
     weights = lora_weights(run.trainable)
     bad = [name for name, t in weights.items() if not torch.isfinite(t).all()]
     if bad:  # every rank holds the full weights: all raise together
         last, _ = latest_checkpoint(run.out)
         raise TrainingError(f"step {run.step}: the LoRA weights are no longer finite ({', '.join(bad[:3])}); no "
                             f"checkpoint written. Last good checkpoint: {last or 'none yet'}")
-    optim_tensors, optim_groups = optimizer_state(run.trainable, run.optimizer)
-    rngs = gather_rng_states(run.dist_ctx)
+    optim_tensors = optimizer_state(run.trainable, run.optimizer)
+    run.checkpoint_rngs = run.dist_ctx.gather(rng_state())
     if run.dist_ctx.is_main:
-        trainer = {"step": run.step, "scheduler": run.scheduler.state_dict(), "param_groups": optim_groups,
-                   "rng": rngs, "best_val": run.best_val, "best_step": run.best_step, "tokens_seen": run.tokens_seen,
-                   "last_loss": run.last_loss}
-        write_checkpoint(run.out, run.model, run.model_dir, weights, optim_tensors, trainer,
-                         run.config.keep_checkpoints)
+        write_checkpoint(run.out, run.model, run.model_dir, weights, optim_tensors,
+                         trainer_state(run, run.checkpoint_rngs), run.config.keep_checkpoints)
     run.dist_ctx.barrier()
+    run.checkpointed_step = run.step
     return checkpoint_dir(run.out, run.step)
+
+
+def note_validated(run: Run) -> None:
+    """The current step's validation ended: a checkpoint written before it at this step records so (and the best
+    validation loss), so a resume does not validate again. Collective."""
+    run.validation_due = False
+    if run.checkpointed_step == run.step and run.dist_ctx.is_main:
+        rewrite_trainer_state(checkpoint_dir(run.out, run.step), trainer_state(run, run.checkpoint_rngs))
+    run.dist_ctx.barrier()
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
 
 
 class _Stop:
-    """Set by SIGTERM or SIGINT (Ctrl-C); checked between steps. A second Ctrl-C stops at once, without saving."""
+    """Set by SIGTERM or SIGINT (Ctrl-C); checked after each step and before each validation forward pass. A second
+    Ctrl-C stops at once, without saving."""
 
     received: str | None = None  # the signal's name
 
@@ -776,11 +577,49 @@ def note_step_time(run: Run, seconds: float) -> None:
         run.log(f"--compile: the first step took {run.first_step_s:.1f}s, {run.compile_s:.1f}s of it compiling")
 
 
-def fit(run: Run) -> str | None:
-    """The training loop: optimizer steps until the last one, a stop signal or the time limit, validating and
-    checkpointing on schedule (and when the time is up). SIGTERM and SIGINT are handled here and their previous
-    handlers restored after. Returns what stopped the run early (a signal's name or `OUT_OF_TIME`), if anything."""
+def run_step(run: Run, bar: tqdm) -> None:
+    """One optimizer step, logged and shown on the progress bar."""
+    started = time.perf_counter()
+    record = train_step(run)
+    note_step_time(run, time.perf_counter() - started)
+    write_log(run, record)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+    bar.update(1)
+
+
+def after_step(run: Run) -> str | None:
+    """What follows a step: the checkpoint (on schedule, at an epoch's end, or before stopping), then the step's
+    validation (on schedule, or when the time is up). The checkpoint comes first, so a stop signal during the
+    validation ends it within a forward pass with the step on disk; the checkpoint records that its validation is
+    due, and a resume runs it first. Returns what stops the run (`stop_requested`), if anything. Collective."""
     config = run.config
+    epoch_end = run.step % run.steps_per_epoch == 0 or run.step == run.total_steps
+    stopped_by = stop_requested(run)
+    run.validation_due = ((config.eval_every and run.step % config.eval_every == 0)
+                          or (not config.eval_every and epoch_end) or stopped_by == OUT_OF_TIME)
+    if stopped_by or epoch_end or (config.checkpoint_every and run.step % config.checkpoint_every == 0):
+        save_checkpoint(run)
+    if run.validation_due and stopped_by in (None, OUT_OF_TIME):
+        stopped_by = validate_or_stop(run) or stopped_by
+    return stopped_by
+
+
+def validate_or_stop(run: Run) -> str | None:
+    """Run the current step's validation; on a stop signal during it, make sure the step is checkpointed (its
+    validation still due) and return the signal's name. Collective."""
+    if validate(run):
+        note_validated(run)
+        return None
+    if run.checkpointed_step != run.step:
+        save_checkpoint(run)
+    return _Stop.received or "a signal to another rank"
+
+
+def fit(run: Run) -> str | None:
+    """The training loop: optimizer steps until the last one, a stop signal or the time limit, checkpointing and
+    validating on schedule (`after_step`). A resume whose checkpoint was written before its step's validation runs
+    that validation first. SIGTERM and SIGINT are handled here and their previous handlers restored after. Returns
+    what stopped the run early (a signal's name or `OUT_OF_TIME`), if anything."""
     previous_handlers = {s: signal.signal(s, _Stop.handler) for s in STOP_SIGNALS}
     _Stop.received, stopped_by = None, None
     run.model.train()
@@ -788,31 +627,36 @@ def fit(run: Run) -> str | None:
                dynamic_ncols=True)
     run.started, run.tokens_at_start = time.perf_counter(), run.tokens_seen
     try:
+        if run.validation_due:
+            run.checkpointed_step, run.checkpoint_rngs = run.step, run.dist_ctx.gather(rng_state())
+            stopped_by = validate_or_stop(run)
         while run.step < run.total_steps and not stopped_by:
-            step_started = time.perf_counter()
-            record = train_step(run)
-            note_step_time(run, time.perf_counter() - step_started)
-            write_log(run, record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                            tok_s=f"{record['tokens_per_s']:.0f}")
-            bar.update(1)
-            epoch_end = run.step % run.steps_per_epoch == 0 or run.step == run.total_steps
-            stopped_by = stop_requested(run)
-            if (config.eval_every and run.step % config.eval_every == 0) or (not config.eval_every and epoch_end) \
-                    or stopped_by == OUT_OF_TIME:
-                validate(run, record["epoch"])
-            if stopped_by or epoch_end or (config.checkpoint_every and run.step % config.checkpoint_every == 0):
-                save_checkpoint(run)
+            run_step(run, bar)
+            stopped_by = after_step(run)
     finally:
         bar.close()
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
     if stopped_by == OUT_OF_TIME:
-        run.log(f"time limit of {config.minutes:g} minutes reached after step {run.step} of {run.total_steps}: "
+        run.log(f"time limit of {run.config.minutes:g} minutes reached after step {run.step} of {run.total_steps}: "
                 "checkpoint saved (--resume with a larger --minutes continues)")
     elif stopped_by:
         run.log(f"{stopped_by}: checkpoint saved at step {run.step}; resume with --resume")
     return stopped_by
+
+
+def zero_lr_warning(run: Run) -> str | None:
+    """A warning when every step of the run (its log, resumed parts included) had learning rate 0, so the adapter
+    never changed: with the reference's warm-up, a run of very few steps (`--max-steps 1`) takes only its first
+    step, whose learning rate is 0."""
+    lrs = [record["lr"] for record in map(json.loads, (run.out / "log.jsonl").read_text().splitlines())
+           if record.get("type") == "step"] if run.dist_ctx.is_main else []
+    if not lrs or any(lr != 0 for lr in lrs):
+        return None
+    warmup = math.ceil(run.config.warmup_ratio * run.total_steps)
+    return (f"every one of the run's {len(lrs)} steps had learning rate 0, so the adapter did not change (lr "
+            f"{run.config.lr:g}; the warm-up's first step has learning rate 0, and this run warms up over {warmup} of "
+            f"{run.total_steps} steps): train for more steps to change it")
 
 
 def finish(run: Run, stopped_by: str | None) -> dict:
@@ -821,36 +665,23 @@ def finish(run: Run, stopped_by: str | None) -> dict:
     if run.dist_ctx.is_main and stopped_by in (None, OUT_OF_TIME):
         write_adapter(run.model, run.model_dir, run.out / "adapter", weights)
     elapsed, speed = run.speed()
+    warning = run.dist_ctx.from_main(lambda: zero_lr_warning(run))
     summary = {
-        "steps": run.step,
-        "total_steps": run.total_steps,
-        "epochs": run.step / run.steps_per_epoch,
-        "final_train_loss": run.last_loss,
-        "best_val_loss": run.best_val,
-        "best_step": run.best_step,
-        "world_size": run.dist_ctx.world,
-        "elapsed_s": elapsed,
-        "tokens_per_s": speed,
-        "trainable_parameters": run.n_trainable,
-        "first_step_s": run.first_step_s,
-        "compile_s": run.compile_s,
-        "stopped_by": stopped_by,
-        "adapter": str(run.out / "adapter"),
-        "best_adapter": str(run.out / "best_adapter"),
+        "steps": run.step, "total_steps": run.total_steps, "epochs": run.step / run.steps_per_epoch,
+        "final_train_loss": run.last_loss, "best_val_loss": run.best_val, "best_step": run.best_step,
+        "world_size": run.dist_ctx.world, "elapsed_s": elapsed, "tokens_per_s": speed,
+        "trainable_parameters": run.n_trainable, "first_step_s": run.first_step_s, "compile_s": run.compile_s,
+        "stopped_by": stopped_by, "adapter": str(run.out / "adapter"), "best_adapter": str(run.out / "best_adapter"),
+        "warnings": [warning] if warning else [],
     }
     if run.dist_ctx.is_main:
         write_json(run.out / "summary.json", summary, strict=True)
-        run.log(
-            f"done: {run.step}/{run.total_steps} steps in {elapsed:.0f}s ({speed:.0f} tokens/s), final train loss "
-            f"{run.last_loss:.4f}, best validation loss {run.best_val:.4f} at step {run.best_step}"
-        )
+        if warning:
+            log(f"warning: {warning}")
+        log(f"done: {run.step}/{run.total_steps} steps in {elapsed:.0f}s ({speed:.0f} tokens/s), final train loss "
+            f"{run.last_loss:.4f}, best validation loss {run.best_val:.4f} at step {run.best_step}")
     run.dist_ctx.barrier()
     return summary
-
-
-def _communication_failed(error: RuntimeError) -> bool:
-    """Whether a collective failed: timed out, or a peer's connection closed (gloo names itself in its errors)."""
-    return isinstance(error, dist.DistError) or "gloo" in str(error)
 
 
 def train(config: TrainConfig) -> dict:
@@ -858,32 +689,17 @@ def train(config: TrainConfig) -> dict:
 
     Joins the process group when launched by torchrun and leaves it at the end if it created it; a collective that
     fails (a rank frozen for `dist_timeout_s`, or lost with its node) ends the run with an error naming the ranks that
-    stopped answering. Global state it changes: torch's random generator is seeded with `config.seed` (and, on a
-    resume, python's, numpy's and torch's generators get the checkpoint's states); SIGTERM's and SIGINT's handlers
-    are replaced during the loop and restored after.
+    stopped answering (`ecellm.distributed.distributed`). Global state it changes: torch's random generator is seeded
+    with `config.seed` (and, on a resume, python's, numpy's and torch's generators get the checkpoint's states);
+    SIGTERM's and SIGINT's handlers are replaced during the loop and restored after.
 
     Args:
         config: the run's settings (see `TrainConfig`).
     Returns:
-        dict with steps, epochs, losses, best validation loss and its step, timing and output paths.
+        dict with steps, epochs, losses, best validation loss and its step, timing, output paths and warnings.
     """
-    dist_ctx = setup_distributed(config.dist_timeout_s)
-    try:
+    with distributed(config.dist_timeout_s) as dist_ctx:
         return _train(config, dist_ctx)
-    except RuntimeError as e:
-        if dist_ctx.mesh is None or not _communication_failed(e):
-            raise
-        silent = dist_ctx.silent_ranks()
-        if not silent:
-            raise
-        raise TrainingError(
-            f"rank {dist_ctx.rank}: rank(s) {', '.join(map(str, silent))} stopped answering (no reply within "
-            f"dist_timeout_s={config.dist_timeout_s}s: frozen, or lost with their node); the run ends. "
-            f"Cause: {str(e).splitlines()[0]}"
-        ) from e
-    finally:
-        if dist_ctx.owns_group:
-            dist.destroy_process_group()
 
 
 def _train(config: TrainConfig, dist_ctx: DistContext) -> dict:
@@ -895,8 +711,9 @@ def _train(config: TrainConfig, dist_ctx: DistContext) -> dict:
         run = setup_model(config, dist_ctx)
         setup_data(run)
         resume_step = int(resume_from.split("_")[1]) if resume_from else 0 if config.resume else None
-        dist_ctx.from_main(lambda: check_data(run.out, run.data_fingerprint, resume_step, config.allow_data_change,
-                                              log))
+        inputs = {DATA_FINGERPRINT: run.data_fingerprint, MODEL_FINGERPRINT: run.model_fingerprint}
+        allowed = {DATA_FINGERPRINT: config.allow_data_change, MODEL_FINGERPRINT: config.allow_model_change}
+        dist_ctx.from_main(lambda: check_inputs(run.out, inputs, resume_step, allowed, log))
         # Resume: LoRA weights go in before sharding; optimizer, scheduler and RNG states once the optimizer exists.
         resumed = restore_lora_weights(run, run.out / "checkpoints" / resume_from) if resume_from else None
         setup_optimizer(run)
@@ -918,9 +735,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The command line: an expected error ends in one line and exit status 1 (`ecellm.cli.exit_on_error`)."""
-    from .cli import exit_on_error
-
+    """The command line: an expected error ends in one line and exit status 1 (`ecellm.errors.exit_on_error`)."""
     config = parse_args(argv)
     exit_on_error("ecellm.train", lambda: train(config))
 

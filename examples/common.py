@@ -17,13 +17,13 @@ from pathlib import Path
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ecellm import models
 from ecellm.data import parse_response
 from ecellm.eval import build_prompt, references
 from ecellm.files import write_json
 from ecellm.generate import generate_text
 from ecellm.lora import load_adapter, merge
 from ecellm.metrics import ModelEncoder, score
-from ecellm import models
 from ecellm.models.config import read_config_file
 from ecellm.models.default import resolve_model
 from ecellm.synthetic import write_dataset

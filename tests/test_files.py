@@ -1,8 +1,8 @@
-"""ecellm.files: a folder written all at once, JSON read with errors that name the file."""
+"""ecellm.files: a folder written all at once, JSON read with errors that name the file, symbolic links refused."""
 
 import pytest
 
-from ecellm.files import read_json, write_dir_atomically, write_json
+from ecellm.files import LinkRefused, open_to_append, read_json, write_dir_atomically, write_json
 from ecellm.models.config import ConfigError
 
 
@@ -49,3 +49,15 @@ def test_strict_json_writes_non_finite_numbers_as_null(tmp_path):
     assert "NaN" not in (tmp_path / "summary.json").read_text()
     with pytest.raises(ValueError, match="not JSON compliant"):
         write_json(tmp_path / "nested.json", {"losses": [float("nan")]}, strict=True)
+
+
+def test_appending_refuses_a_symbolic_link(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "log.jsonl").symlink_to(victim)
+    with pytest.raises(LinkRefused, match=r"log.jsonl is a symbolic link"):
+        open_to_append(tmp_path / "log.jsonl")
+    with open_to_append(tmp_path / "new.jsonl") as f:
+        f.write("{}\n")
+    assert victim.read_text() == "keep me" and (tmp_path / "new.jsonl").read_text() == "{}\n"
+

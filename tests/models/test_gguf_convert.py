@@ -255,7 +255,8 @@ def test_a_file_put_into_the_output_folder_during_a_conversion_is_kept(tmp_path,
         return weights(*args)
 
     monkeypatch.setattr(gc, "_weights", user_writes_meanwhile)
-    with pytest.raises(FileExistsError, match=rf"{out} is not empty \(it holds notes.txt\); choose a new folder"):
+    with pytest.raises(FileExistsError, match=rf"{out} exists and is not empty \(it holds notes.txt\); choose a "
+                                              "new directory"):
         convert_gguf(path, out)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
 
@@ -271,8 +272,8 @@ def test_a_file_of_the_same_name_appearing_meanwhile_is_never_replaced(tmp_path,
         return save(*args, **kwargs)
 
     monkeypatch.setattr(gc, "save_file", user_writes_config)
-    with pytest.raises(FileExistsError, match=rf"{out / 'config.json'} appeared during the conversion; it is left "
-                                              "as it was"):
+    with pytest.raises(FileExistsError, match=rf"{out / 'config.json'} appeared while the conversion was written; "
+                                              "it is left as it was"):
         convert_gguf(path, out)
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
     assert (out / "config.json").read_text() == "the user's"

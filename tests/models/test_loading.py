@@ -138,7 +138,7 @@ def test_invalid_t5_config_values(tmp_path, change, message):
 )
 def test_a_config_asking_for_more_than_its_weights_hold_is_refused_before_building(tiny, change, message,
                                                                                    monkeypatch):
-    import ecellm.models as models
+    from ecellm import models
 
     (tiny / "config.json").write_text(json.dumps(TINY | change))
     monkeypatch.setattr(models, "from_config", lambda *a, **k: pytest.fail("built the model"))
