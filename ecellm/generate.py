@@ -132,6 +132,28 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     return batch["input_ids"], batch["attention_mask"]
 
 
+def length_batches(lengths: Sequence[int], batch_size: int, groups: Sequence[int] | None = None) -> list[list[int]]:
+    """Indices of items (prompts) in batches of at most `batch_size`, in order of length, so that a batch pads little.
+
+    Args:
+        lengths: each item's length in tokens.
+        batch_size: most items per batch.
+        groups: an orderable key per item (e.g. its answer budget) that a batch never mixes: the items are ordered
+            by (key, length) and each key's items are cut into batches of their own. None: one group.
+    Returns:
+        the batches, each a list of item indices; batch b starts at position sum(len(b') for b' before b) of the
+        order, which is what seeds its sampling (a batch generates the same text whatever ran before it).
+    """
+    keys = [0] * len(lengths) if groups is None else list(groups)
+    order = sorted(range(len(lengths)), key=lambda i: (keys[i], lengths[i]))
+    batches: list[list[int]] = []
+    for i in order:
+        if not batches or len(batches[-1]) == batch_size or keys[batches[-1][0]] != keys[i]:
+            batches.append([])
+        batches[-1].append(i)
+    return batches
+
+
 def generate_text(
     model: nn.Module,
     tokenizer,
@@ -152,7 +174,8 @@ def generate_text(
         model: an ecellm model.
         tokenizer: an `ecellm.tokenizer` tokenizer (`encode`, `decode`, `pad_id`, `eos_id`).
         prompts: the prompt strings.
-        batch_size: prompts per batch; prompts are grouped by length to waste little padding.
+        batch_size: prompts per batch; prompts are grouped by length to waste little padding (`length_batches`).
+        seed: seeds sampling; the batch starting at position p of the length order is seeded with seed + p.
         progress: show a tqdm bar.
     Returns:
         one completion per prompt, in the order given.
@@ -161,12 +184,10 @@ def generate_text(
 
     device = next(model.parameters()).device
     encoded = [tokenizer.encode(p) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     eos = _id_list(tokenizer.eos_id, getattr(model.config, "eos_token_id", None))
     results: list[str] = [""] * len(prompts)
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc="generate", disable=not progress, unit="batch"):
-        rows = order[start : start + batch_size]
+    batches = length_batches([len(e) for e in encoded], batch_size)
+    for b, rows in enumerate(tqdm(batches, desc="generate", disable=not progress, unit="batch")):
         ids, mask = left_pad([encoded[i] for i in rows], tokenizer.pad_id)
         new = generate(
             model,
@@ -176,7 +197,7 @@ def generate_text(
             eos_token_id=eos,
             temperature=temperature,
             top_p=top_p,
-            seed=None if seed is None else seed + start,
+            seed=None if seed is None else seed + b * batch_size,
             vocab_limit=tokenizer.vocab_size,
         )
         for row, tokens in zip(rows, new):

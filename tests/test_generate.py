@@ -24,3 +24,22 @@ def test_padding_rows_of_the_embedding_are_never_generated(tmp_path):
     assert all(i < n_ids for i in generate(model, ids, max_new_tokens=4, vocab_limit=n_ids)[0])
     [text] = generate_text(model, tokenizer, ["Is this a match?"], max_new_tokens=4)  # decodes: no error
     assert isinstance(text, str)
+
+
+def test_length_batches_sort_by_length_and_never_mix_groups():
+    from ecellm.generate import length_batches
+
+    lengths = [5, 1, 4, 2, 3, 9, 7]
+    assert length_batches(lengths, 3) == [[1, 3, 4], [2, 0, 6], [5]]
+    # groups (e.g. answer budgets): ordered by group, then length; a batch holds one group only
+    assert length_batches(lengths, 3, groups=[8, 4, 8, 4, 8, 4, 4]) == [[1, 3, 6], [5], [4, 2, 0]]
+    assert length_batches([], 4) == []
+
+
+def test_generate_text_batches_by_length_and_answers_in_prompt_order(tmp_path):
+    """Prompts of different lengths, batched by length with left padding, get the continuation each gets alone."""
+    path = make_tiny_checkpoint(tmp_path / "model")
+    model, tokenizer = from_pretrained(path), load_tokenizer(path)
+    prompts = ["Is this a match? yes or no", "A", "Which item comes next in the list of purchases?", "Buy"]
+    alone = [generate_text(model, tokenizer, [p], max_new_tokens=5)[0] for p in prompts]
+    assert generate_text(model, tokenizer, prompts, max_new_tokens=5, batch_size=3) == alone
