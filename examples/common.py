@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from ecellm.eval import evaluate
 from ecellm.files import write_json
+from ecellm.generate import generation_dtype
 from ecellm.lora import load_adapter, merge
 from ecellm.models import from_pretrained
 from ecellm.tasks import task_abbr
@@ -86,6 +87,12 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None):
     if adapter:
         model = merge(load_adapter(model, adapter))
     return model.eval(), tokenizer
+
+
+def for_generation(model, device):
+    """`model` moved to `device` (this rank's: a CUDA rank's own GPU) in the dtype generation runs best in there
+    (`ecellm.generate.generation_dtype`: bfloat16 on a GPU or a CPU with native bfloat16, else float32)."""
+    return model.to(device=device, dtype=generation_dtype(device)).eval()
 
 
 def by_task(records: Sequence[dict]) -> dict[str, list[dict]]:

@@ -46,7 +46,7 @@ from ecellm.tasks import TASKS, task_info
 from ecellm.models.default import MODELS, resolve_model
 from ecellm.train import TrainConfig, setup_distributed
 
-from common import (by_task, default_out, evaluate_sets, launcher, load_model, machine, template_for,
+from common import (by_task, default_out, evaluate_sets, for_generation, launcher, load_model, machine, template_for,
                     training_losses, write_curve, write_results)
 from phases import parse_phases, train_phases, write_sr_phase_data
 from scoring import BOOTSTRAP_RESAMPLES, answer_budgets, compare, data_file, generation_lines, task_table
@@ -251,6 +251,7 @@ def main() -> None:
 
     # One encoder for AG's F_BERT before and after: the untuned model's hidden states.
     base, tokenizer = load_model(config.model)
+    base = for_generation(base, d.device)  # a CUDA rank generates on its GPU, in bfloat16
     encoder = ModelEncoder(base, tokenizer, batch_size=args.batch_size)
     budgets = answer_budgets(train_records, tokenizer)
     timings = {"setup": time.perf_counter() - start}
@@ -266,7 +267,7 @@ def main() -> None:
     done = train_phases(config, phases, config.minutes)
     timings["training"], clock = time.perf_counter() - clock, time.perf_counter()
     adapter = done["adapter"]
-    tuned, _ = load_model(config.model, adapter)
+    tuned = for_generation(load_model(config.model, adapter)[0], d.device)
     after = evaluate_sets(tuned, tokenizer, tests, template, budgets, encoder=encoder,
                           batch_size=args.batch_size, desc="after tuning")
     timings["after"] = time.perf_counter() - clock

@@ -52,7 +52,7 @@ from ecellm.tasks import task_abbr
 from ecellm.models.default import MODELS, resolve_model
 from ecellm.train import TrainConfig, setup_distributed
 
-from common import (by_task, default_out, evaluate_sets, launcher, load_model, machine, template_for,
+from common import (by_task, default_out, evaluate_sets, for_generation, launcher, load_model, machine, template_for,
                     training_losses, write_curve, write_results)
 from phases import train_phases, training_minutes
 from scoring import BOOTSTRAP_RESAMPLES, answer_budgets, compare, generation_lines, task_table
@@ -275,6 +275,7 @@ def main() -> None:
     config = dataclasses.replace(config, model=str(resolve_model(config.model)))  # a folder, a name or the default
     template = template_for(config.model)
     base, tokenizer = load_model(config.model)
+    base = for_generation(base, d.device)  # a CUDA rank generates on its GPU, in bfloat16
 
     n_test = {key: args.n_test if key == "tasks" else args.n_test_extra for key in SETTINGS}
     # Every rank builds the same records (deterministic, a few seconds); rank 0 writes what training reads.
@@ -304,7 +305,7 @@ def main() -> None:
     clock = time.perf_counter()
     done = train_phases(config, [(data, out / "run", None)], cap)
     timings["training"], clock = time.perf_counter() - clock, time.perf_counter()
-    tuned, _ = load_model(config.model, done["adapter"])
+    tuned = for_generation(load_model(config.model, done["adapter"])[0], d.device)
     after = evaluate_sets(tuned, tokenizer, tests, template, budgets, encoder=encoder,
                           batch_size=args.batch_size, desc="after tuning")
     timings["evaluation"] += time.perf_counter() - clock

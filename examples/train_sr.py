@@ -44,7 +44,7 @@ from ecellm.synthetic import write_dataset
 from ecellm.models.default import MODELS, resolve_model
 from ecellm.train import TrainConfig, setup_distributed
 
-from common import (default_out, evaluate_sets, launcher, load_model, machine, template_for,
+from common import (default_out, evaluate_sets, for_generation, launcher, load_model, machine, template_for,
                     training_losses, write_curve, write_results)
 from phases import parse_phases, train_phases, training_minutes, write_sr_phase_data
 
@@ -62,9 +62,11 @@ DEMO = dict(
 SR_ANSWER_TOKENS = 8  # an SR answer is one option letter
 
 
-def hr_at_1(model_dir: str, adapter: str | None, records: list[dict], template: str) -> dict:
-    """HR@1 and invalid share on `records` (generation shared over the ranks, scored on every rank)."""
+def hr_at_1(model_dir: str, adapter: str | None, records: list[dict], template: str, device) -> dict:
+    """HR@1 and invalid share on `records` (generation shared over the ranks, each on its device; scored on every
+    rank)."""
     model, tokenizer = load_model(model_dir, adapter)
+    model = for_generation(model, device)
     return evaluate_sets(model, tokenizer, {"SR": records}, template, SR_ANSWER_TOKENS, desc="HR@1")["SR"]["SR"]
 
 
@@ -186,7 +188,7 @@ def main() -> None:
     template = template_for(base.model)
 
     def score_adapter(adapter: str | None) -> dict:
-        return hr_at_1(base.model, adapter, records, template)
+        return hr_at_1(base.model, adapter, records, template, d.device)
 
     clock = time.perf_counter()
     before = score_adapter(args.init_adapter or None)
