@@ -10,9 +10,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["ecellm", "ecellm.*"]),
     entry_points={"console_scripts": ["ecellm = ecellm.cli:main"]},
-    # torch is deliberately not pinned exactly: install the build that fits your machine first.
+    # torch is deliberately not pinned exactly: install the build that fits your machine first. 2.6 is the
+    # first release with what training uses: torch.nn.utils.get_total_norm, FSDP2's torch.distributed.fsdp.fully_shard.
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",
         "safetensors>=0.4",
         "sentencepiece>=0.1.99",
         "tokenizers>=0.15",
@@ -36,6 +37,8 @@ setup(
             "pandas>=2.0",
             "pyarrow>=14",
             "bitsandbytes>=0.50",  # the NF4 oracle (tests/test_nf4.py); its CPU wheel, no GPU needed
+            "bert-score>=0.3.13",  # the F_BERT oracle (tests/models/test_bert.py)
+            "ruff>=0.6",  # the linter .ci/run runs (rules in ruff.toml)
         ],
     },
 )

@@ -19,6 +19,12 @@ newline is a byte token that never merges), the masked length is still the promp
 merged token is masked and the answer's first newline is never a target. A record too long for `max_len` loses
 the end of its `input` text, never its answer (the reference cut the end of the joined text, answer and EOS
 included). T5 follows finetune_T5.py line 153-174: the prompt + EOS is the encoder input, the answer + EOS the target.
+
+Control tokens: a record's text (instruction, input, options, answer) is data, often written by strangers. By
+default a special-token string in it (`</s>`, `<|im_end|>`) is encoded as the text it is, so a record cannot end
+its prompt or answer early; the template's own markup is encoded as markup (`prompt_segments`,
+`Tokenizer.encode_parts`). `controls_in_text=True` gives the reference code's tokenization, where such strings in a
+`tokenizer.json` model's data become control ids. With no such string in a record both give the same ids.
 """
 
 import hashlib
@@ -32,17 +38,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .labels import IGNORE_INDEX  # -100: positions without loss
-from .tasks import TASK_BY_ABBR, TASK_BY_NAME, TASKS, TaskInfo, resolve_task  # noqa: F401 (also public here)
 from .errors import EcellmError
+from .labels import IGNORE_INDEX  # -100: positions without loss
+from .tasks import SETTINGS, TASK_BY_ABBR, TASK_BY_NAME, TASKS, TaskInfo, resolve_task  # noqa: F401 (public here)
 
-
-# --- settings and splits (the tasks are in ecellm.tasks) ------------------------------------------------
-SETTINGS = (
-    "IND_Diverse_Instruction", "OOD_Diverse_Instruction", "IND_Single_Instruction", "OOD_Single_Instruction",
-    "IND_Unseen_Instruction", "OOD_Unseen_Instruction", "IND_Diverse_Instruction_1-shot",
-    "OOD_Diverse_Instruction_1-shot",
-)
+# --- splits (the tasks and settings are in ecellm.tasks) ----------------------------------------------------
 SPLITS = ("train", "val", "test")
 
 
@@ -57,15 +57,18 @@ TEMPLATES = {
 }
 
 
-def _prompt_parts(record: dict, template: str) -> tuple[str, str, str]:
-    """(head, input, tail) with head + input + tail == format_prompt(record, template)."""
+def prompt_segments(record: dict, template: str = "alpaca") -> list[str]:
+    """The prompt of a record as markup and record text in turn: [markup, instruction, markup, input, markup] or,
+    with options, [markup, instruction, markup, input, markup, options, markup]; joined, `format_prompt`'s text.
+    `Tokenizer.encode_parts` takes it: the template's markup may hold control tokens, the record's text never does."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; expected one of {sorted(TEMPLATES)}")
     t = TEMPLATES[template]
-    head = f"{t['start']}### Instruction:\n{record['instruction']}\n\n### Input:\n"
+    head = [f"{t['start']}### Instruction:\n", record["instruction"], "\n\n### Input:\n", record["input"]]
     options = record.get("options")
-    tail = f"\n\n### Options:\n{options}\n\n" if options else "\n\n"
-    return head, record["input"], tail + t["end"]
+    if options:
+        return head + ["\n\n### Options:\n", options, "\n\n" + t["end"]]
+    return head + ["\n\n" + t["end"]]
 
 
 def format_prompt(record: dict, template: str = "alpaca") -> str:
@@ -78,7 +81,7 @@ def format_prompt(record: dict, template: str = "alpaca") -> str:
     Returns:
         the prompt, ending with the response marker and its newline.
     """
-    return "".join(_prompt_parts(record, template))
+    return "".join(prompt_segments(record, template))
 
 
 def parse_response(text: str, template: str = "alpaca") -> str:
@@ -326,32 +329,42 @@ class BuildReport:
                 f"{len(self.dropped)} dropped as too long")
 
 
-def _fit_prompt(ids: list[int], budget: int, record: dict, tokenizer, template: str,
-                eos: bool) -> list[int] | None:
+def _encode(tokenizer, batch: list[list[str]], bos: bool | None, eos: bool | None,
+            controls_in_text: bool) -> list[list[int]]:
+    """The ids of each list of `prompt_segments` (markup and record text in turn): special-token strings in the
+    markup become control ids, those in the record's text only with `controls_in_text`."""
+    if controls_in_text:
+        return tokenizer.encode_batch(["".join(parts) for parts in batch], bos=bos, eos=eos)
+    return tokenizer.encode_parts_batch(batch, bos=bos, eos=eos)
+
+
+def _fit_prompt(ids: list[int], budget: int, record: dict, tokenizer, template: str, eos: bool,
+                controls_in_text: bool) -> list[int] | None:
     """Cut a prompt's token ids to `budget` by removing the end of its `input` text, keeping the head
     (BOS, preamble, instruction, "### Input:") and the tail (options, response marker, EOS); None if the head
     and tail alone exceed the budget."""
     if len(ids) <= budget:
         return ids
-    head, _, tail = _prompt_parts(record, template)
-    n_head = len(tokenizer.encode(head, eos=False))
-    n_tail = len(tokenizer.encode(tail, bos=False, eos=eos))
+    segments = prompt_segments(record, template)  # head: segments[:3], input: segments[3], tail: segments[4:]
+    n_head = len(_encode(tokenizer, [segments[:3]], None, False, controls_in_text)[0])
+    n_tail = len(_encode(tokenizer, [segments[4:]], False, eos, controls_in_text)[0])
     keep = budget - n_head - n_tail
     if keep < 0:
         return None
     return ids[:n_head + keep] + ids[len(ids) - n_tail:]
 
 
-def _causal_example(record, full_ids, n_prompt, tokenizer, template, max_len) -> dict | None:
+def _causal_example(record, full_ids, n_prompt, tokenizer, template, max_len, controls_in_text) -> dict | None:
     prompt_ids, answer_ids = full_ids[:n_prompt], full_ids[n_prompt:] + [tokenizer.eos_id]
-    fitted = _fit_prompt(prompt_ids, max_len - len(answer_ids), record, tokenizer, template, eos=False)
+    fitted = _fit_prompt(prompt_ids, max_len - len(answer_ids), record, tokenizer, template, False, controls_in_text)
     if fitted is None:
         return None
     return {"input_ids": fitted + answer_ids, "labels": [IGNORE_INDEX] * len(fitted) + answer_ids,
             "n_cut": len(prompt_ids) - len(fitted)}
 
 
-def build_example(record: dict, tokenizer, template: str = "alpaca", max_len: int = 2048) -> dict | None:
+def build_example(record: dict, tokenizer, template: str = "alpaca", max_len: int = 2048, *,
+                  controls_in_text: bool = False) -> dict | None:
     """One decoder-only training example, tokenized and masked as the reference code does.
 
     `encode(prompt + answer)` followed by EOS; the first `len(encode(prompt))` labels are -100 (see the module
@@ -363,61 +376,70 @@ def build_example(record: dict, tokenizer, template: str = "alpaca", max_len: in
         template: "alpaca" or "mistral".
         max_len: the longest sequence allowed. A longer example loses the end of its `input` text (the answer
             is never cut); if even the rest of the prompt plus the answer do not fit, the record is dropped.
+        controls_in_text: False (the default): a special-token string in the record's text (`</s>`, `<|im_end|>`
+            in a review) is encoded as text, so data cannot end a prompt or an answer early; the template's own
+            markup still gives control tokens (`Tokenizer.encode_parts`). True: such strings become control ids, as
+            the reference code's tokenizer call made them.
     Returns:
         {"input_ids": list (L,), "labels": list (L,) with -100 on the prompt, "n_cut": prompt tokens removed},
         or None when the record is dropped.
     """
-    prompt = format_prompt(record, template)
-    full_ids = tokenizer.encode(prompt + record["output"], eos=False)
-    n_prompt = len(tokenizer.encode(prompt, eos=False))
-    return _causal_example(record, full_ids, n_prompt, tokenizer, template, max_len)
+    segments = prompt_segments(record, template)
+    full_ids, prompt_ids = _encode(tokenizer, [segments + [record["output"]], segments], None, False,
+                                   controls_in_text)
+    return _causal_example(record, full_ids, len(prompt_ids), tokenizer, template, max_len, controls_in_text)
 
 
-def _seq2seq_example(record, source_ids, target_ids, tokenizer, template, max_source_len,
-                     max_target_len) -> dict | None:
+def _seq2seq_example(record, source_ids, target_ids, tokenizer, template, max_source_len, max_target_len,
+                     controls_in_text) -> dict | None:
     target_ids = target_ids + [tokenizer.eos_id]
     if len(target_ids) > max_target_len:
         return None
-    fitted = _fit_prompt(source_ids, max_source_len, record, tokenizer, template, eos=True)
+    fitted = _fit_prompt(source_ids, max_source_len, record, tokenizer, template, True, controls_in_text)
     if fitted is None:
         return None
     return {"input_ids": fitted, "labels": target_ids, "n_cut": len(source_ids) - len(fitted)}
 
 
 def build_seq2seq_example(record: dict, tokenizer, template: str = "alpaca", max_source_len: int = 2048,
-                          max_target_len: int = 2048) -> dict | None:
+                          max_target_len: int = 2048, *, controls_in_text: bool = False) -> dict | None:
     """One encoder-decoder (T5) example: the prompt is the encoder input, the answer the target.
 
     Args:
-        record, tokenizer, template: as `build_example`.
+        record, tokenizer, template, controls_in_text: as `build_example`.
         max_source_len: the longest encoder input (prompt + EOS); a longer one loses the end of its `input` text.
         max_target_len: the longest target (answer + EOS); a longer answer drops the record (never cut). The
             reference's one cutoff_len, 2048, limits the target too (finetune_T5.py line 171, where it cuts).
     Returns:
         {"input_ids": list (S,) ending with EOS, "labels": list (L,) = answer + EOS, "n_cut": int}, or None.
     """
-    source_ids = tokenizer.encode(format_prompt(record, template), bos=False, eos=True)
-    target_ids = tokenizer.encode(record["output"], bos=False, eos=False)
-    return _seq2seq_example(record, source_ids, target_ids, tokenizer, template, max_source_len, max_target_len)
+    [source_ids] = _encode(tokenizer, [prompt_segments(record, template)], False, True, controls_in_text)
+    [target_ids] = _encode(tokenizer, [["", record["output"]]], False, False, controls_in_text)
+    return _seq2seq_example(record, source_ids, target_ids, tokenizer, template, max_source_len, max_target_len,
+                            controls_in_text)
 
 
 def build_examples(records: list[dict], tokenizer, template: str = "alpaca", max_len: int = 2048, *,
-                   seq2seq: bool = False, max_target_len: int = 2048) -> tuple[list[dict], BuildReport]:
+                   seq2seq: bool = False, max_target_len: int = 2048,
+                   controls_in_text: bool = False) -> tuple[list[dict], BuildReport]:
     """`build_example` (or `build_seq2seq_example` with seq2seq=True, max_len then being the source limit) over
     many records, tokenizing in batches. Returns the kept examples in record order and a `BuildReport` that
-    counts every truncated and dropped record."""
-    texts = [format_prompt(r, template) for r in records]
-    prompts = tokenizer.encode_batch(texts, bos=False if seq2seq else None, eos=seq2seq)
+    counts every truncated and dropped record. `controls_in_text` as `build_example`: by default a record's text
+    never yields a control token."""
+    segments = [prompt_segments(r, template) for r in records]
+    prompts = _encode(tokenizer, segments, False if seq2seq else None, seq2seq, controls_in_text)
     if seq2seq:
-        targets = tokenizer.encode_batch([r["output"] for r in records], bos=False, eos=False)
+        targets = _encode(tokenizer, [["", r["output"]] for r in records], False, False, controls_in_text)
     else:
-        targets = tokenizer.encode_batch([t + r["output"] for t, r in zip(texts, records)], eos=False)
+        targets = _encode(tokenizer, [p + [r["output"]] for p, r in zip(segments, records)], None, False,
+                          controls_in_text)
     examples, dropped, n_truncated, tokens_cut = [], [], 0, 0
     for i, (record, prompt_ids, target_ids) in enumerate(zip(records, prompts, targets)):
         if seq2seq:
-            ex = _seq2seq_example(record, prompt_ids, target_ids, tokenizer, template, max_len, max_target_len)
+            ex = _seq2seq_example(record, prompt_ids, target_ids, tokenizer, template, max_len, max_target_len,
+                                  controls_in_text)
         else:
-            ex = _causal_example(record, target_ids, len(prompt_ids), tokenizer, template, max_len)
+            ex = _causal_example(record, target_ids, len(prompt_ids), tokenizer, template, max_len, controls_in_text)
         if ex is None:
             dropped.append(i)
             continue

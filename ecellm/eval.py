@@ -37,7 +37,6 @@ Answers, as the reference: the text after the template's response marker in prom
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -48,24 +47,24 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .data import SETTINGS, Records, load_records, parse_response
-from .errors import EcellmError
+from .configs import PAPER_SAMPLING, EvalConfig  # noqa: F401 (public here too)
+from .data import Records, load_records, parse_response
+from .errors import EcellmError, exit_on_error
 from .files import read_json
-from .flags import DTYPE_ALIASES, DTYPES, parse_dtype, parse_flags, positive_int
+from .flags import parse_dtype, parse_flags
 from .generate import generate_text, length_batches
 from .lock import FolderLock
 from .metrics import ModelEncoder, score
+from .models import template_for
 from .prompts import ONE_SHOT, build_prompt, derive_setting, one_shot_instruction  # noqa: F401 (public here too)
-from .tasks import TASK_BY_NAME, TASKS, resolve_task
+from .tasks import SETTINGS, TASK_BY_NAME, TASKS, resolve_task
 
-PAPER_SAMPLING = {"temperature": 0.15, "top_p": 0.95}
 PAPER_MAX_NEW_TOKENS = 100  # the reference's max_new_tokens (inference.py)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -428,82 +427,11 @@ def select_records(records: Sequence[dict], settings: Sequence[str] | None, demo
     return out
 
 
-def _task(name: str) -> str:
-    """An argparse type: a task name or abbreviation, as the data names it."""
-    try:
-        return resolve_task(name)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@dataclass(kw_only=True)
-class EvalConfig:
-    """Every setting of an evaluation run; each field is a command-line flag (`ecellm eval --help`)."""
-
-    model: str = field(metadata={"help": "checkpoint directory (config.json + safetensors), or a real model's name "
-                                         "from ecellm.models.default.MODELS (e.g. smollm2)"})
-    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer directory (default: --model)"})
-    adapter: str | None = field(default=None, metadata={"help": "LoRA adapter directory (PEFT format), merged in"})
-    data: list[str] = field(metadata={"help": "ECInstruct test file(s), JSON array or JSON Lines"})
-    split: str = field(default="test", metadata={"help": "records of this split"})
-    tasks: list[str] | None = field(default=None, metadata={
-        "type": _task, "help": "task names or abbreviations (default: all in the data)"})
-    setting: list[str] | None = field(default=None, metadata={
-        "choices": SETTINGS, "metavar": "SETTING",
-        "help": f"settings (default: those in the data); one of {', '.join(SETTINGS)}"})
-    demos: list[str] | None = field(default=None, metadata={"help": "training file(s) giving 1-shot demonstrations"})
-    qpr_labels: str | None = field(default=None, metadata={
-        "help": "the reference code's data_label/label.json (QPR option labels)"})
-    limit: int | None = field(default=None, metadata={
-        "type": positive_int, "help": "at most this many records per task and setting"})
-    out: str = field(metadata={"help": "output directory"})
-    template: str | None = field(default=None, metadata={
-        "choices": ("alpaca", "mistral"), "help": "prompt template (default: mistral for Mistral, else alpaca)"})
-    batch_size: int = field(default=8, metadata={"type": positive_int})
-    max_new_tokens: int = field(default=100, metadata={"type": positive_int})
-    sample: bool = field(default=False, metadata={
-        "help": "the reference's sampling, temperature 0.15, top-p 0.95 (the default with --adapter)"})
-    greedy: bool = field(default=False, metadata={"help": "greedy decoding (the default without --adapter)"})
-    temperature: float | None = field(default=None, metadata={"help": "sampling temperature (overrides --sample's)"})
-    top_p: float | None = field(default=None, metadata={"help": "nucleus mass (overrides --sample's)"})
-    seed: int = field(default=0, metadata={"help": "sampling seed"})
-    paper_compat: bool = field(default=False, metadata={"help": "score with the reference evaluation's defects"})
-    bertscore_model: str | None = field(default=None, metadata={
-        "help": "checkpoint whose embeddings score AG (default: the evaluated model)"})
-    dtype: str = field(default="fp32", metadata={"choices": (*DTYPES, *DTYPE_ALIASES)})
-    device: str = field(default_factory=_default_device)
-    resume: bool = field(default=False, metadata={
-        "help": "continue the evaluation in --out from the generations it holds (same settings and records)"})
-    overwrite: bool = field(default=False, metadata={"help": "delete the evaluation in --out and start over"})
-
-    def __post_init__(self):
-        if self.sample and self.greedy:
-            raise ValueError("--sample and --greedy exclude each other")
-
-    def decoding(self) -> tuple[float, float]:
-        """(temperature, top_p): the reference's choice (module docstring) unless flags say otherwise."""
-        sample = self.sample or (self.adapter is not None and not self.greedy)
-        sampling = PAPER_SAMPLING if sample else {"temperature": 0.0, "top_p": 1.0}
-        temperature = sampling["temperature"] if self.temperature is None else self.temperature
-        return temperature, sampling["top_p"] if self.top_p is None else self.top_p
-
-
 def _load_model(path: str, tokenizer_path: str | None, dtype: torch.dtype, device: str):
-    """(model, tokenizer) from checkpoint directories (or a real model's name, `models.default.resolve_model`),
-    checked to fit each other."""
-    from .models import from_pretrained
-    from .models.default import resolve_model
-    from .tokenizer import load_tokenizer
+    """(model, tokenizer) from a checkpoint directory or a known model's name (`ecellm.models.load_pretrained`)."""
+    from .models import load_pretrained
 
-    path = str(resolve_model(path))
-    model = from_pretrained(path, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(tokenizer_path or path)
-    tokenizer.check_fits(model.config.vocab_size, path)
-    return model, tokenizer
+    return load_pretrained(path, dtype=dtype, device=device, tokenizer=tokenizer_path)
 
 
 def check_references(records: Records) -> None:
@@ -627,7 +555,7 @@ def run(config: EvalConfig) -> dict:
         with stop_on_signals():
             check_out(out, config.resume, config.overwrite)
             model, tokenizer, encoder = _load_models(config)
-            template = config.template or ("mistral" if model.config.model_type == "mistral" else "alpaca")
+            template = template_for(model.config.model_type, config.template)
             prompts = [build_prompt(r, template) for r in records]
             done = start_or_resume(out, evaluation_header(config, records, prompts), records, prompts, config.resume)
             start = time.time()
@@ -650,9 +578,7 @@ def run(config: EvalConfig) -> dict:
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m ecellm.eval") -> dict:
     """Run the command line (see `python -m ecellm.eval --help`); returns what `evaluate` returned. An expected
-    error ends in one line and exit status 1 (`ecellm.cli.exit_on_error`)."""
-    from .cli import exit_on_error
-
+    error ends in one line and exit status 1 (`ecellm.errors.exit_on_error`)."""
     config = parse_flags(EvalConfig, argv, prog=prog, description=__doc__.split("\n")[0])
     return exit_on_error(prog, lambda: run(config))
 

@@ -12,6 +12,9 @@ Parsing follows the reference code exactly. The reference code has defects; by d
   that one right, scores 1.0); ecellm counts them as wrong answers. ``paper_compat`` drops them.
 - empty outputs: the reference crashes on an empty multiple-choice answer (``pred[0]``); ecellm counts it as
   failed in both modes, since the crash produces no number to reproduce.
+- any string scores: AVE output nested deeper than ``MAX_JSON_DEPTH`` (100) levels is failed in both modes (the
+  reference's ``json.loads`` raises RecursionError from about 1,000 and stops the evaluation); a blank AG answer
+  is failed and scores 0.
 - AVE: the reference counts every (gold, predicted) pair that matches, so a triple predicted twice, or one
   predicted triple matching several gold triples under the relaxed OOD rule, scores several hits (recall can
   exceed 1). ecellm counts the hits of a maximum one-to-one matching. ``paper_compat`` counts all pairs.
@@ -34,7 +37,8 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +48,28 @@ from .tasks import TASK_BY_ABBR, task_abbr, task_info  # noqa: F401 (task_abbr: 
 # ESCI label -> gain, as the reference QPR evaluation maps them.
 QPR_GAINS = {"E": 1.0, "S": 0.1, "C": 0.01, "I": 0.0}
 
-Encoder = Callable[[list[str]], list[torch.Tensor]]
+
+
+class TokenEncoder(Protocol):
+    """What AG's BERTScore needs from an encoder (the hook that chooses it): ``ModelEncoder`` (the evaluated model's
+    own final hidden states, where no other encoder is at hand) and ``ecellm.models.encoders.BertTokenEncoder`` (a
+    real BERT, all-MiniLM-L6-v2 by ``minilm_encoder()``) implement it.
+
+    A plain ``texts -> embeddings`` callable also serves (no special rows, no idf, named by its ``__name__``).
+
+    Attributes:
+        name: how results name the encoder (``score``'s ``"encoder"`` field), e.g. ``"all-MiniLM-L6-v2/L6"``.
+        special_ids: token ids whose rows are matched against but weigh 0 (BERT's [CLS] and [SEP]).
+    """
+
+    name: str
+    special_ids: frozenset[int]
+
+    def tokenize(self, text: str) -> list[int]:
+        """The token ids of ``text``, one per row that ``__call__`` returns for it."""
+
+    def __call__(self, texts: list[str]) -> list[torch.Tensor]:
+        """One (T_i, D) tensor of token embeddings per text."""
 
 
 def score(
@@ -56,7 +81,7 @@ def score(
     ood: bool | None = None,
     paper_compat: bool = False,
     ave_parser: str = "json",
-    encoder: Encoder | None = None,
+    encoder: TokenEncoder | None = None,
     idf: bool = False,
 ) -> dict:
     """Score one task's predictions as the paper does.
@@ -73,13 +98,13 @@ def score(
         paper_compat: reproduce the reference evaluation's defects (see the module docstring).
         ave_parser: AVE only: ``"json"`` (evaluate.py) or ``"t5"`` (evaluate_T5.py, for Flan-T5, whose vocabulary
             has no braces; see ``parse_ave_t5``).
-        encoder: AG only, required there: token-embedding encoder for BERTScore (see ``bertscore``,
-            ``ModelEncoder``).
+        encoder: AG only, required there: the BERTScore ``TokenEncoder``, e.g.
+            ``ecellm.models.encoders.minilm_encoder()`` or ``ModelEncoder(model, tokenizer)``.
         idf: AG only: weight BERTScore tokens by idf over the references (off by default, as in the paper).
 
     Returns:
         dict with ``task`` (abbreviation), ``metric`` (the key of the primary figure), the primary and secondary
-        figures, ``n`` and ``n_failed``.
+        figures, ``n`` and ``n_failed`` (AG also ``encoder``: the BERTScore encoder's name).
     Raises:
         ValueError: unknown task, lists of different lengths or empty lists.
     """
@@ -315,10 +340,7 @@ _AVE_KEYS = ("attribute", "value", "source")
 
 
 def _ave_gold(ref, i: int) -> list[dict]:
-    try:
-        items = json.loads(ref) if isinstance(ref, str) else None
-    except ValueError:
-        items = None
+    items = _parse_json(ref)[1] if isinstance(ref, str) else None
     if not isinstance(items, list) or not all(isinstance(x, dict) and all(k in x for k in _AVE_KEYS) for x in items):
         raise ValueError(f"AVE reference {i} is {ref!r}, expected a JSON list of "
                          "{\"attribute\", \"value\", \"source\"} objects")
@@ -357,16 +379,41 @@ def _max_matching(edges: list[list[int]], n_right: int) -> int:
     return sum(augment(left, set()) for left in range(len(edges)))
 
 
+# Deeper JSON than this is a failed output: Python's parser gives up near depth 1000 with a RecursionError (how near
+# depends on the call stack), and str() of a deep value, which the relaxed rule takes, recurses too.
+MAX_JSON_DEPTH = 100
+
+
+def _json_depth(value) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0, ``[]`` is 1), walked without recursion."""
+    depth, stack = 0, [(value, 0)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, (list, dict)):
+            depth = max(depth, level + 1)
+            stack.extend((child, level + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return depth
+
+
+def _parse_json(text: str) -> tuple[bool, object]:
+    """``(True, json.loads(text))``, or ``(False, None)`` when the text is not JSON or nests deeper than
+    ``MAX_JSON_DEPTH``."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return False, None
+    return (True, value) if _json_depth(value) <= MAX_JSON_DEPTH else (False, None)
+
+
 def parse_ave_json(text: str) -> list | None:
     """evaluate.py's AVE parser (line 37-47): the output as JSON, ``[]`` when that is not a list, None (failed)
-    when it is not JSON.
+    when it is not JSON or nests deeper than ``MAX_JSON_DEPTH`` (where the reference crashes or recurses).
 
     Args:
         text: a generated response.
     """
-    try:
-        items = json.loads(text)
-    except ValueError:
+    valid, items = _parse_json(text)
+    if not valid:
         return None
     return items if isinstance(items, list) else []
 
@@ -390,10 +437,7 @@ def parse_ave_t5(text: str, *, paper_compat: bool = False) -> list | None:
     for piece in text.replace("[", "").replace("]", "").split(', "attribute"'):
         if not piece.startswith('"attribute"'):
             piece = '"attribute"' + piece
-        try:
-            items.append(json.loads("{" + piece + "}"))
-        except ValueError:
-            items.append(None)
+        items.append(_parse_json("{" + piece + "}")[1])
     items = [item for item in (items[-1:] if paper_compat else items) if item is not None]
     return items or None
 
@@ -447,52 +491,66 @@ def score_ave(
 
 
 # --------------------------------------------------------------------------------------------- answer generation
-def score_ag(predictions: Sequence[str], references: Sequence[str], encoder: Encoder, *, idf: bool = False) -> dict:
-    """AG: mean BERTScore F (primary), P and R, and mean ROUGE-L F.
+def score_ag(
+    predictions: Sequence[str], references: Sequence[str], encoder: TokenEncoder, *, idf: bool = False
+) -> dict:
+    """AG: mean BERTScore F (primary), P and R, and mean ROUGE-L F; ``encoder`` names the BERTScore encoder.
 
     The paper's F_BERT used roberta-large (``bert_score``, English, no baseline rescaling); ``encoder`` is a
-    different model, so absolute values differ from the paper's and only compare between runs with the same
-    encoder. The paper's second score, BLEURT, is not computed. Nothing is parsed; ``n_failed`` counts empty
-    outputs, which score 0.
+    different model (all-MiniLM-L6-v2's last layer (6) by ``ecellm.models.encoders.minilm_encoder``, or the evaluated
+    model's own states by ``ModelEncoder``), so absolute values differ from the paper's and only compare between
+    runs with the same encoder, which the result names. The paper's second score, BLEURT, is not computed.
+    Nothing is parsed; ``n_failed`` counts empty and whitespace-only outputs, which score 0 on every figure (an
+    encoder may still give whitespace a token). Text that is not valid Unicode (lone surrogates, e.g. from a JSON
+    file) is encoded with those characters as ``?``.
 
     Args:
         predictions: generated answers.
         references: gold answers.
-        encoder: token-embedding encoder (see ``bertscore``).
+        encoder: a ``TokenEncoder`` (see ``bertscore``).
         idf: idf-weight the BERTScore tokens (needs ``encoder.tokenize``).
     """
     for i, r in enumerate(references):
         if not isinstance(r, str):
             raise ValueError(f"AG reference {i} is {r!r}, expected a string")
+    predictions = [p.encode("utf-8", "replace").decode("utf-8") for p in predictions]
+    references = [r.encode("utf-8", "replace").decode("utf-8") for r in references]
+    answered = [bool(p.strip()) for p in predictions]
     bs = bertscore(predictions, references, encoder, idf=idf)
     n = len(references)
+
+    def mean(values) -> float:
+        return _div(sum(v for v, ok in zip(values, answered) if ok), n)
+
     return {
         "metric": "f_bert",
-        "f_bert": _div(sum(bs["f"]), n),
-        "p_bert": _div(sum(bs["p"]), n),
-        "r_bert": _div(sum(bs["r"]), n),
-        "rouge_l": _div(sum(rouge_l(p, r) for p, r in zip(predictions, references)), n),
+        "encoder": getattr(encoder, "name", getattr(encoder, "__name__", type(encoder).__name__)),
+        "f_bert": mean(bs["f"]),
+        "p_bert": mean(bs["p"]),
+        "r_bert": mean(bs["r"]),
+        "rouge_l": mean(rouge_l(p, r) for p, r in zip(predictions, references)),
         "n": n,
-        "n_failed": sum(not p.strip() for p in predictions),
+        "n_failed": answered.count(False),
     }
 
 
 def bertscore(
-    predictions: Sequence[str], references: Sequence[str], encoder: Encoder, *, idf: bool = False
+    predictions: Sequence[str], references: Sequence[str], encoder: TokenEncoder, *, idf: bool = False
 ) -> dict[str, list[float]]:
     """BERTScore (Zhang et al., 2020) of each prediction against its reference, over any token encoder.
 
     Token embeddings are L2-normalised; each reference token is matched greedily to its most similar prediction
-    token (recall) and each prediction token to its most similar reference token (precision); F = 2PR / (P + R).
-    With ``idf`` each token is weighted by log((M + 1) / (df + 1)), df = the number of the M references containing
-    it (as ``bert_score`` does; a token in no reference weighs log(M + 1)). No baseline rescaling. A text with no
-    tokens scores 0.
+    token (recall) and each prediction token to its most similar reference token (precision); P and R are weighted
+    means over the tokens, F = 2PR / (P + R). Rows whose token is in ``encoder.special_ids`` are matched against but
+    weigh 0 (bert_score does so for [CLS] and [SEP]); the others weigh 1, or with ``idf`` log((M + 1) / (df + 1)),
+    df = the number of the M references containing the token (as bert_score; a token in no reference weighs
+    log(M + 1)). No baseline rescaling. A text whose tokens all weigh 0 scores 0.
 
     Args:
         predictions: candidate texts.
         references: reference texts, aligned with ``predictions``.
-        encoder: ``encoder(texts) -> [Tensor (T_i, D)]``, one row per token (special tokens left out); for ``idf``
-            it must also have ``encoder.tokenize(text) -> list`` of T_i token ids, aligned with the rows.
+        encoder: a ``TokenEncoder`` (embeddings and token ids, row for row), or a plain ``texts -> embeddings``
+            callable (no special rows; no ``idf``).
         idf: weight tokens by inverse document frequency over ``references`` (off by default, as in the paper).
 
     Returns:
@@ -502,32 +560,31 @@ def bertscore(
     if len(pred_emb) != len(predictions) or len(ref_emb) != len(references):
         raise ValueError(f"encoder returned {len(pred_emb)} and {len(ref_emb)} embeddings for "
                          f"{len(predictions)} predictions and {len(references)} references")
-    if idf:
+    special = getattr(encoder, "special_ids", frozenset())
+    if idf or special:
         if not hasattr(encoder, "tokenize"):
-            raise ValueError("idf=True needs an encoder with a tokenize(text) method")
-        pred_tok = [encoder.tokenize(t) for t in predictions]
-        ref_tok = [encoder.tokenize(t) for t in references]
-        df = Counter(tok for toks in ref_tok for tok in set(toks))
+            raise ValueError("idf=True or special_ids need an encoder with a tokenize(text) method")
+        pred_tok, ref_tok = [encoder.tokenize(t) for t in predictions], [encoder.tokenize(t) for t in references]
+    else:  # every row weighs 1: the tokens are not needed
+        pred_tok, ref_tok = [[None] * e.shape[0] for e in pred_emb], [[None] * e.shape[0] for e in ref_emb]
+    df = Counter(tok for toks in ref_tok for tok in set(toks)) if idf else None
+
+    def weights(toks: list, emb: torch.Tensor) -> torch.Tensor:
+        if len(toks) != emb.shape[0]:
+            raise ValueError(f"encoder.tokenize gave {len(toks)} tokens for {emb.shape[0]} embedding rows")
         m = len(references)
+        return torch.tensor([0.0 if t in special else math.log((m + 1) / (df[t] + 1)) if idf else 1.0
+                             for t in toks])
 
-        def weights(toks: list, emb: torch.Tensor) -> torch.Tensor:
-            if len(toks) != emb.shape[0]:
-                raise ValueError(f"encoder.tokenize gave {len(toks)} tokens for {emb.shape[0]} embedding rows")
-            return torch.tensor([math.log((m + 1) / (df[t] + 1)) for t in toks])
-
-        pred_w = [weights(t, e) for t, e in zip(pred_tok, pred_emb)]
-        ref_w = [weights(t, e) for t, e in zip(ref_tok, ref_emb)]
-    else:
-        pred_w = [torch.ones(e.shape[0]) for e in pred_emb]
-        ref_w = [torch.ones(e.shape[0]) for e in ref_emb]
     out = {"p": [], "r": [], "f": []}
-    for c, r, wc, wr in zip(pred_emb, ref_emb, pred_w, ref_w):
-        if c.shape[0] == 0 or r.shape[0] == 0:
+    for c, r, tc, tr in zip(pred_emb, ref_emb, pred_tok, ref_tok):
+        wc, wr = weights(tc, c), weights(tr, r)  # (Tc,), (Tr,)
+        if not (wc.sum() > 0 and wr.sum() > 0):
             p = rec = 0.0
         else:
             sim = F.normalize(c.float(), dim=-1) @ F.normalize(r.float(), dim=-1).T  # (Tc, Tr)
-            p = _div(float((sim.max(dim=1).values * wc).sum()), float(wc.sum()))
-            rec = _div(float((sim.max(dim=0).values * wr).sum()), float(wr.sum()))
+            p = float((sim.max(dim=1).values * wc).sum() / wc.sum())
+            rec = float((sim.max(dim=0).values * wr).sum() / wr.sum())
         out["p"].append(p)
         out["r"].append(rec)
         out["f"].append(_f1(p, rec))
@@ -563,9 +620,10 @@ class ModelEncoder:
 
     Decoder models give ``model.hidden_states`` (causal: a token's embedding sees only the tokens before it);
     encoder-decoder models (T5) give their encoder's output ``model.encode`` (bidirectional). Each text is encoded
-    with the family's BOS (when it has one) and without EOS; the BOS row is left out of the returned embeddings,
-    like BERTScore leaves out ``<s>`` / ``</s>``. These embeddings are not roberta-large's 17th layer, which the
-    paper used: F_BERT values differ from the paper's and compare only between runs with the same encoder.
+    with the family's BOS (when it has one) and without EOS; the BOS row is left out of the returned embeddings
+    (so no row is special). These embeddings are not roberta-large's 17th layer, which the paper used, and the
+    untuned model's own states hardly tell a good answer from a constant one (docs/evaluation.md): prefer
+    ``ecellm.models.encoders.minilm_encoder()``; this encoder stays for the comparison where no other is at hand.
 
     Args:
         model: an ecellm model exposing ``hidden_states(input_ids, attention_mask) -> (B, T, H)`` (decoders) or
@@ -573,9 +631,13 @@ class ModelEncoder:
         tokenizer: its ecellm tokenizer (``encode``, ``bos_id``, ``pad_id``).
         batch_size: texts per forward pass.
         max_length: texts are cut to this many tokens (BOS included).
+        name: how results name the encoder.
     """
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 16, max_length: int = 512):
+    special_ids: frozenset[int] = frozenset()
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 16, max_length: int = 512,
+                 name: str = "evaluated-model"):
         self.embed = getattr(model, "hidden_states", None) or getattr(model, "encode", None)
         if self.embed is None:
             raise TypeError(f"{type(model).__name__} has neither hidden_states(input_ids, attention_mask) nor "
@@ -583,6 +645,7 @@ class ModelEncoder:
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.max_length = batch_size, max_length
         self.bos = tokenizer.bos_id is not None
+        self.name = name
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` that get an embedding row (no BOS), cut to ``max_length``.

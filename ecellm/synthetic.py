@@ -25,12 +25,14 @@ learn the rule rather than memorize names. Test records come from the same gener
     python -m ecellm.synthetic --out data/synthetic --n-per-task 1000 --n-eval-per-task 100 --seed 0
 """
 
-import argparse
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
+from .configs import task_name
 from .data import SPLITS
+from .flags import option, parse_flags, positive_int
 from .tasks import TASK_BY_ABBR, TASKS, task_info
 
 SPLIT_FILES = {"train": "train", "val": "validation", "test": "test"}
@@ -300,7 +302,8 @@ def generate_records(task: str, n: int, split: str = "train", seed: int = 0, *, 
             with other seeds but one `names_seed` never share a held-out name with each other's training records.
         sr_history_len: SR purchase-history length (>= 1); the prompt grows by one item per step.
         sr_full_items: SR items as the dataset writes them ("<title>. <cat 1>. <cat 2>. <brand>.") instead of
-            "<title>" (short prompts: about 250 GPT-2 tokens for the alpaca prompt with 2 history items, +17 per extra item).
+            "<title>" (short prompts: about 250 GPT-2 tokens for the alpaca prompt with 2 history items, +17 per
+            extra item).
         sr_options: SR options per record, 2 to 20 (the dataset: 20); fewer keep a random subset of the distractors,
             for easier records (a curriculum). The same arguments with 20 give the same records as before the knob.
     Returns:
@@ -367,22 +370,31 @@ def write_dataset(out_dir: str | Path, n_per_task: int, n_eval_per_task: int, se
     return paths
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Write a synthetic ECInstruct dataset (train/validation/test).")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--n-per-task", type=int, default=1000, help="training records per task")
-    parser.add_argument("--n-eval-per-task", type=int, default=100, help="validation and test records per task")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tasks", nargs="+", help="task names or abbreviations (default: all 10)")
-    parser.add_argument("--format", choices=("json", "jsonl"), default="json")
-    parser.add_argument("--sr-history-len", type=int, default=2, help="SR purchase-history length")
-    parser.add_argument("--sr-full-items", action="store_true",
-                        help="SR items as '<title>. <category 1>. <category 2>. <brand>.' (longer prompts)")
-    parser.add_argument("--sr-options", type=int, default=20, help="SR options per record (2-20; the dataset: 20)")
-    args = parser.parse_args(argv)
-    paths = write_dataset(args.out, args.n_per_task, args.n_eval_per_task, args.seed, tasks=args.tasks,
-                          fmt=args.format, sr_history_len=args.sr_history_len, sr_full_items=args.sr_full_items,
-                          sr_options=args.sr_options)
+@dataclass(kw_only=True)
+class SyntheticConfig:
+    """Write a synthetic ECInstruct dataset (train/validation/test); each field is a flag of
+    `python -m ecellm.synthetic`."""
+
+    out: str = option(help="output directory")
+    n_per_task: int = option(1000, help="training records per task")
+    n_eval_per_task: int = option(100, help="validation and test records per task")
+    seed: int = option(0, help="random seed (the same seed and flags write the same bytes)")
+    tasks: list[str] | None = option(None, type=task_name, split_commas=True, metavar="TASK",
+                                     help="task names or abbreviations (SR PM, or SR,PM); default: all 10")
+    format: str = option("json", choices=("json", "jsonl"), help="JSON array or JSON Lines files")
+    sr_history_len: int = option(2, type=positive_int, help="SR purchase-history length")
+    sr_full_items: bool = option(False, help="SR items as '<title>. <category 1>. <category 2>. <brand>.' (longer "
+                                             "prompts)")
+    sr_options: int = option(20, type=positive_int, help="SR options per record (2-20; the dataset: 20)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m ecellm.synthetic --out DIR ...`: write the dataset and print its files."""
+    config = parse_flags(SyntheticConfig, argv, prog="python -m ecellm.synthetic",
+                         description=SyntheticConfig.__doc__.split(";")[0])
+    paths = write_dataset(config.out, config.n_per_task, config.n_eval_per_task, config.seed, tasks=config.tasks,
+                          fmt=config.format, sr_history_len=config.sr_history_len, sr_full_items=config.sr_full_items,
+                          sr_options=config.sr_options)
     for split, path in paths.items():
         print(f"{split}: {path}")
 

@@ -178,6 +178,12 @@ TASKS = (
     ),
 )
 
+# The evaluation settings (in-domain or out-of-domain, times the instruction kinds); `setting` field of a record.
+SETTINGS = (
+    "IND_Diverse_Instruction", "OOD_Diverse_Instruction", "IND_Single_Instruction", "OOD_Single_Instruction",
+    "IND_Unseen_Instruction", "OOD_Unseen_Instruction", "IND_Diverse_Instruction_1-shot",
+    "OOD_Diverse_Instruction_1-shot",
+)
 TASK_BY_ABBR = {t.abbr: t for t in TASKS}
 TASK_BY_NAME = {t.name: t for t in TASKS}
 

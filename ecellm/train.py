@@ -67,6 +67,7 @@ from .checkpoints import (
     write_adapter,
     write_checkpoint,
 )
+from .configs import TrainConfig
 from .data import (
     LOSS_AVERAGES,
     LengthGroupedBatchSampler,
@@ -79,59 +80,13 @@ from .data import (
     pack_examples,
     sample_per_task,
 )
+from .errors import exit_on_error
 from .files import strict_json, write_json
 from .flags import parse_dtype, parse_flags
 from .lock import FolderLock
-from .models import from_pretrained
-from .tokenizer import Tokenizer, load_tokenizer
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a run; the defaults are the reference code's recipe (README: "Differences from the reference
-    code"). Each field is a command-line flag."""
-
-    model: str = ""  # checkpoint directory or a real model's name (models.default.MODELS); empty: SmolLM2
-    data: str = ""  # a directory with train.json and validation.json, as ECInstruct ships them
-    out: str = "runs/ecellm"
-    tasks: str = ""  # comma-separated task names or abbreviations (AVE, PRP, ...); empty: all 10
-    setting: str = "IND_Diverse_Instruction"
-    max_per_task: int = 10000  # the paper caps each task's training records at 10K
-    max_val_examples: int = 0  # 0: the whole validation set
-    template: str = ""  # "alpaca" or "mistral"; empty: mistral for Mistral models, alpaca otherwise
-    max_len: int = 2048
-    lora_r: int = 16
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.1
-    lora_targets: str = ""  # comma-separated module names; empty: the paper's targets for the family
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    epochs: int = 3
-    global_batch: int = 128  # examples per optimizer step, over all ranks and micro-batches
-    micro_batch: int = 1  # examples per forward pass on one rank (not used with pack_tokens)
-    pack_tokens: int = field(default=0, metadata={"aliases": ["--pack"]})  # concatenate examples into rows of up to
-    # N tokens, one row per forward (0: off)
-    loss_average: str = "example"  # "example": each example weighs the same (the paper); "token": each answer token
-    max_steps: int = 0  # stop after this many optimizer steps (0: train all epochs)
-    minutes: float = 0.0  # stop after the first step that ends this many minutes into training (0: no limit); the
-    # run then validates and writes its adapter as at its end (the learning rate follows the planned steps)
-    init_adapter: str = ""  # start LoRA from this adapter directory (PEFT format, same r, alpha and targets)
-    dtype: str = "bf16"  # "bf16" or "fp32" ("fp32" for CPUs)
-    grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
-    activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile each transformer block (`compile_blocks`); the first step compiles
-    quantize: str = ""  # "nf4": the frozen base linears in 4 bits (QLoRA, ecellm/nf4.py), one process only; "": off
-    group_by_length: bool = False  # batch examples of similar length together (less padding; the paper: random)
-    eval_every: int = 0  # evaluate every N steps (0: at the end of each epoch)
-    checkpoint_every: int = 50  # checkpoint every N steps (and at each epoch end)
-    keep_checkpoints: int = 2  # how many of the latest checkpoints to keep (0: all)
-    seed: int = 42
-    resume: bool = False  # continue the run in --out from its newest complete checkpoint (same settings)
-    overwrite: bool = False  # delete the run already in --out and start over
-    allow_data_change: bool = False  # let --resume continue on data files other than the run started on (logged)
-    dist_timeout_s: int = 300  # how long ranks wait for each other before the run ends naming the silent rank
-
+from .models import load_pretrained, template_for
+from .models.default import resolve_model
+from .tokenizer import Tokenizer
 
 # --- distributed set-up -------------------------------------------------------------------------------------------
 
@@ -297,7 +252,7 @@ def load_examples(
     """Read, select, sample and tokenize one split; reports what was truncated or dropped. Returns the examples and
     the fingerprint of the file read (`ecellm.data.Records.fingerprints`)."""
     stem = {"train": "train", "val": "validation"}[split]
-    tasks = [t for t in config.tasks.split(",") if t] or None
+    tasks = config.tasks
     records = load_records(_data_file(config.data, stem), split=split, setting=config.setting, tasks=tasks)
     fingerprint = records.fingerprints
     if split == "train" and config.max_per_task:
@@ -440,8 +395,8 @@ def check_config(config: TrainConfig, world: int) -> None:
                             "peft: adapter_config.json + adapter_model.safetensors)")
     if config.pack_tokens < 0:
         raise TrainingError(f"pack_tokens must be >= 0 (0: no packing), got {config.pack_tokens}")
-    if config.quantize not in ("", "nf4"):
-        raise TrainingError(f"quantize must be 'nf4' or '' (off), got {config.quantize!r}")
+    if config.quantize not in (None, "nf4"):
+        raise TrainingError(f"quantize must be 'nf4' or None (off), got {config.quantize!r}")
     if config.quantize and world > 1:
         raise TrainingError(f"quantize nf4 runs in one process, this run has {world}: FSDP2 shards Parameters and the "
                             "4-bit weights are buffers, so every rank would hold the whole base; drop --quantize or "
@@ -459,15 +414,11 @@ def setup_model(config: TrainConfig, dist_ctx: DistContext) -> Run:
     """Load the base model and its tokenizer, and add LoRA. Seeds torch with `config.seed` first: every rank starts
     from the same LoRA initialisation."""
     torch.manual_seed(config.seed)
-    from .models.default import resolve_model  # here: fetching a model by name needs the optional gguf package
-
     model_dir = str(resolve_model(config.model))  # a checkpoint directory, a real model's name, or the default
     try:  # a model or tokenizer that does not load or fit, LoRA targets the model lacks: told as a TrainingError
-        tokenizer = load_tokenizer(model_dir)
-        model = from_pretrained(model_dir, dtype=parse_dtype(config.dtype), device="cpu")
-        tokenizer.check_fits(model.config.vocab_size, model_dir)
-        targets = [t for t in config.lora_targets.split(",") if t] or None
-        lora.inject(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, targets=targets)
+        model, tokenizer = load_pretrained(model_dir, dtype=parse_dtype(config.dtype), device="cpu")
+        lora.inject(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                    targets=config.lora_targets)
     except ValueError as e:
         raise TrainingError(str(e)) from e
     if config.init_adapter:
@@ -513,7 +464,7 @@ def setup_data(run: Run) -> None:
     """Tokenize both splits and lay out the steps: this rank's sampler, the steps per epoch and in all."""
     config, dist_ctx = run.config, run.dist_ctx
     family = run.model.config.model_type
-    template = config.template or ("mistral" if family == "mistral" else "alpaca")
+    template = template_for(family, config.template)
     run.train_examples, train_files = load_examples(config, run.tokenizer, template, run.seq2seq, "train", run.log)
     run.val_examples, val_files = load_examples(config, run.tokenizer, template, run.seq2seq, "val", run.log)
     run.data_fingerprint = {**train_files, **val_files}
@@ -921,9 +872,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The command line: an expected error ends in one line and exit status 1 (`ecellm.cli.exit_on_error`)."""
-    from .cli import exit_on_error
-
+    """The command line: an expected error ends in one line and exit status 1 (`ecellm.errors.exit_on_error`)."""
     config = parse_args(argv)
     exit_on_error("ecellm.train", lambda: train(config))
 

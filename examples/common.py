@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from ecellm import models
 from ecellm.eval import evaluate
 from ecellm.files import write_json
 from ecellm.generate import generation_dtype
 from ecellm.lora import load_adapter, merge
-from ecellm.models import from_pretrained
+from ecellm.models.config import read_config_file
+from ecellm.models.default import resolve_model
 from ecellm.tasks import task_abbr
-from ecellm.tokenizer import load_tokenizer
 
 
 # --- provenance -----------------------------------------------------------------------------------------------
@@ -69,21 +70,19 @@ def write_results(out: Path, results: dict, markdown: str) -> None:
 
 # --- the model and its evaluation ------------------------------------------------------------------------------------
 def template_for(model_dir: str | Path) -> str:
-    """The prompt template of a checkpoint: "mistral" for Mistral models, "alpaca" otherwise (as `ecellm.train`)."""
-    family = json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
-    return "mistral" if family == "mistral" else "alpaca"
+    """The prompt template of a checkpoint directory (or a known model's name), as `ecellm.train` chooses it
+    (`ecellm.models.template_for`)."""
+    return models.template_for(read_config_file(resolve_model(model_dir)).get("model_type"))
 
 
 def load_model(model_dir: str | Path, adapter: str | Path | None = None):
     """(model, tokenizer) in eval mode, fp32 on the CPU, with `adapter` (a PEFT-format directory) merged in.
 
     Args:
-        model_dir: checkpoint directory.
+        model_dir: checkpoint directory, or a known model's name.
         adapter: LoRA adapter directory, or None for the model alone.
     """
-    tokenizer = load_tokenizer(model_dir)
-    model = from_pretrained(model_dir)
-    tokenizer.check_fits(model.config.vocab_size, str(model_dir))
+    model, tokenizer = models.load_pretrained(model_dir)
     if adapter:
         model = merge(load_adapter(model, adapter))
     return model.eval(), tokenizer

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ecellm import lora
+from ecellm.errors import EcellmError
 from ecellm.models import CheckpointError
 
 
@@ -104,13 +105,47 @@ def test_target_matching(targets, chosen):
 def test_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"\['fc3'\].*'fc1', 'fc2'"):
         lora.inject(MLP(), targets=["fc1", "fc3"])  # a typo is not silently ignored
-    with pytest.raises(ValueError, match="no default LoRA targets for MLP"):
+    with pytest.raises(lora.LoRAError, match=r"no default LoRA targets for MLP .*Linear modules: \['fc1', 'fc2'\]"):
         lora.inject(MLP())
     mlp = lora.inject(MLP(), targets=["fc1"])
     with pytest.raises(ValueError, match="already has LoRA layers.*'fc1'"):
         lora.inject(mlp, targets=["fc2"])
     with pytest.raises(ValueError, match="rank r must be positive"):
         lora.inject(MLP(), r=0, targets=["fc1"])
+
+
+class Encoder(nn.Module):
+    """A user's model around torch's own transformer layer."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(d, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(x))
+
+
+@pytest.mark.parametrize("model, targets, message", [
+    (nn.TransformerEncoderLayer(16, 2, 32), ["self_attn.out_proj"],
+     r"cannot wrap 'self_attn.out_proj': nn.MultiheadAttention multiplies by out_proj.weight itself"),
+    (nn.MultiheadAttention(16, 2), ".*", r"cannot wrap 'out_proj': nn.MultiheadAttention .* never run"),
+    (Encoder(), ["head", "out_proj"], r"cannot wrap 'layer.self_attn.out_proj'"),
+    (Encoder(), ["linear1"], r"cannot wrap 'layer.linear1': nn.TransformerEncoderLayer's inference fast path"),
+])
+def test_inject_refuses_linears_their_owner_never_calls(model, targets, message):
+    """Before, these were wrapped and their LoRA branch silently never ran (gradients None, output unchanged)."""
+    with pytest.raises(lora.LoRAError, match=message):
+        lora.inject(model, r=2, targets=targets)
+    assert lora.lora_layers(model) == {} and all(p.requires_grad for p in model.parameters())  # left as it was
+
+
+def test_the_called_linears_of_torchs_transformer_layer_train():
+    """What inject still takes inside torch's transformer layer: linears its training forward calls."""
+    torch.manual_seed(0)
+    model = lora.inject(Encoder().train(), r=2, targets=["head"])
+    model(torch.randn(2, 5, 16)).sum().backward()
+    assert model.head.lora_B.grad is not None and model.head.lora_B.grad.abs().sum() > 0
 
 
 def test_default_targets_use_config_model_type_and_phi_aliases():
@@ -468,3 +503,61 @@ def test_inject_refuses_targets_that_match_the_module_itself():
     with pytest.raises(ValueError, match=r"targets '\.\*' match the Linear itself; .*LoRALinear\(linear, r, alpha\)"):
         lora.inject(linear, r=2, targets=".*")
     assert lora.lora_layers(linear) == {} and all(p.requires_grad for p in linear.parameters())  # left as it was
+
+
+def test_lora_package_imports_one_way():
+    """Each module of ecellm/lora imports only the modules listed before it (in-function imports included): no
+    circle such as the old lora <-> nf4 <-> peft_format."""
+    import ast
+    from pathlib import Path
+
+    order = ["targets", "layer", "nf4", "merged", "peft_format"]
+    package = Path(lora.__file__).parent
+    assert sorted(p.stem for p in package.glob("*.py")) == sorted(order + ["__init__"])
+    for position, module in enumerate(order):
+        tree = ast.parse((package / f"{module}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1
+                     and node.module is None for alias in node.names}
+        assert imported <= set(order[:position]), (module, imported)
+
+
+def test_public_names_of_the_package_and_its_old_homes():
+    from ecellm import nf4, peft_format
+
+    assert {"inject", "merge", "unmerge", "save_adapter", "load_adapter", "save_merged", "LoRAError"} <= set(dir(lora))
+    assert lora.inject is lora.layer.inject and lora.save_adapter is lora.peft_format.save_adapter
+    assert nf4.quantize_model is lora.nf4.quantize_model and peft_format.load_adapter is lora.load_adapter
+    assert issubclass(lora.LoRAError, EcellmError) and issubclass(lora.LoRAError, ValueError)
+
+
+@pytest.mark.parametrize("pattern, why", [
+    ("([a-z_.0-9]+)+$", "nested quantifiers backtrack exponentially"),  # hung the loader for hours
+    ("(fc|f)*1", "holds another quantifier or an alternation"),
+    ("(", r"not a regular expression \(missing \), unterminated subpattern"),  # was an re.error traceback
+    (r"(fc)\1", "a backreference"),
+    (r".*.*.*.*\.fc1", "4 repeating quantifiers in a row, at most 3"),
+    ("x" * 70000, "70000 characters, the limit is 65536"),
+])
+def test_adapter_target_pattern_that_cannot_be_matched_in_bounded_time_is_refused(tmp_path, pattern, why):
+    _write_adapter(tmp_path / "adapter", GOOD, target_modules=pattern)
+    model = MLP()
+    with pytest.raises(lora.LoRAError, match=rf"adapter_config.json: target_modules pattern .* refused: .*{why}"):
+        lora.load_adapter(model, tmp_path / "adapter")
+    assert lora.lora_layers(model) == {}
+    with pytest.raises(lora.LoRAError, match=rf"^inject: target_modules pattern .* refused: .*{why}"):
+        lora.inject(MLP(), targets=pattern)
+
+
+def test_adapter_target_patterns_as_peft_users_write_them_load(tmp_path):
+    for i, pattern in enumerate([r".*\.?fc1", r"(?:blocks\.\d+\.)?fc1", r".*fc1|.*zz", r"f.{0,2}1(?=$)"]):
+        _write_adapter(tmp_path / str(i), GOOD, target_modules=pattern)
+        assert list(lora.lora_layers(lora.load_adapter(MLP(), tmp_path / str(i)))) == ["fc1"]
+
+
+def test_matching_a_target_pattern_stops_at_its_time_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr(lora.targets, "MATCH_BUDGET_S", -1.0)  # every match is over budget
+    _write_adapter(tmp_path / "adapter", GOOD, target_modules="fc1")
+    with pytest.raises(lora.LoRAError, match=r"adapter_config.json: target_modules pattern 'fc1' refused: matching "
+                                             r"it took over -1 s \(at 'fc1'\); use a list of module names"):
+        lora.load_adapter(MLP(), tmp_path / "adapter")

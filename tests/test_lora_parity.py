@@ -18,6 +18,8 @@ from ecellm.models import from_pretrained
 from tests.models.hf_tiny import save_tiny_decoder
 
 # tiny checkpoint -> ecellm family name (decoders from tests/models/hf_tiny.py, T5s from save_tiny_t5 below)
+# fp32 logits summed in another order: flan-t5's largest gap is 1.04e-5 on torch 2.13 (LoRA's own effect is > 1e-3)
+LOGIT_ATOL = 2e-5
 CASES = {"llama-untied": "llama", "llama-tied-gqa": "llama", "llama-headdim-bias": "llama",
          "mistral-window": "mistral", "qwen2-tied": "qwen2", "qwen3-headdim": "qwen3", "phi-partial": "phi",
          "flan-t5": "t5", "t5-original": "t5"}
@@ -109,7 +111,7 @@ def test_logits_and_trainable_count_match_peft(case):
     with torch.no_grad():
         expected = reference(**inputs).logits
         assert not torch.allclose(expected, hf_model(base, family)(**inputs).logits, atol=1e-3)  # LoRA acts
-        torch.testing.assert_close(ours(**inputs), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(**inputs), expected, rtol=1e-5, atol=LOGIT_ATOL)
     trainable, total = reference.get_nb_trainable_parameters()
     assert lora.count_parameters(ours) == (trainable, total)
 
@@ -123,7 +125,7 @@ def test_adapter_saved_by_us_loads_in_peft(case, tmp_path):
     assert config["target_modules"] == sorted({n.rpartition(".")[2] for n in lora.lora_layers(ours)})
     loaded = PeftModel.from_pretrained(hf_model(base, family), tmp_path / "adapter").eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**inputs).logits, ours(**inputs), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded(**inputs).logits, ours(**inputs), rtol=1e-5, atol=LOGIT_ATOL)
 
 
 def test_adapter_saved_by_peft_loads_in_ours(case, tmp_path):
@@ -135,7 +137,7 @@ def test_adapter_saved_by_peft_loads_in_ours(case, tmp_path):
         n for n, m in reference.base_model.model.named_modules() if hasattr(m, "lora_A")
     )
     with torch.no_grad():
-        torch.testing.assert_close(ours(**inputs), reference(**inputs).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(**inputs), reference(**inputs).logits, rtol=1e-5, atol=LOGIT_ATOL)
 
 
 def merged_tolerance(case):

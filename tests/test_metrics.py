@@ -360,6 +360,7 @@ def test_ave_t5_parser_on_brace_less_outputs(setting):
 class OneHotEncoder:
     """Each word is a one-hot vector, no context: cosine 1 for the same word, 0 otherwise."""
 
+    name, special_ids = "one-hot", frozenset()
     vocab = ["a", "b", "c", "d", "e"]
 
     def tokenize(self, text):
@@ -372,6 +373,8 @@ class OneHotEncoder:
 
 class ToyContextEncoder:
     """Seeded random word vectors plus a little of the sentence mean, so a word's embedding depends on context."""
+
+    name, special_ids = "toy-context", frozenset()
 
     def tokenize(self, text):
         return text.lower().split()
@@ -399,8 +402,25 @@ def test_bertscore_idf_hand_worked():
     s = bertscore(["a b d", "c"], ["a b", "a c"], OneHotEncoder(), idf=True)
     assert s["p"] == approx([0.2695772896908149, 1.0])  # log1.5 / (log1.5 + log3)
     assert s["r"] == approx([1.0, 1.0])                 # a weighs 0, b found
-    with pytest.raises(ValueError, match="tokenize"):
-        bertscore(["a"], ["a"], lambda texts: OneHotEncoder()(texts), idf=True)
+
+
+class _SpecialOneHot(OneHotEncoder):
+    """OneHotEncoder where "B" is a special token (like [CLS]) that shares b's vector."""
+
+    special_ids = frozenset({"B"})
+
+    def __call__(self, texts):
+        return super().__call__([t.lower() for t in texts])
+
+
+def test_bertscore_special_rows_are_matched_but_weigh_nothing():
+    # "a b" vs "a B": b finds its partner in the special row B (P = 1); B weighs 0 in recall, a is found (R = 1).
+    s = bertscore(["a b", "B", "a B"], ["a B", "a", "B"], _SpecialOneHot())
+    assert s["p"] == approx([1.0, 0.0, 0.0]) and s["r"] == approx([1.0, 0.0, 0.0])
+    assert s["f"] == approx([1.0, 0.0, 0.0])  # only special rows: no token to score, 0 as bert_score
+    with pytest.raises(ValueError, match="encoder.tokenize gave 2 tokens for 1 embedding rows"):
+        short = type("Short", (_SpecialOneHot,), {"__call__": lambda self, texts: [torch.eye(5)[:1]]})
+        bertscore(["a b"], ["a"], short())
 
 
 def test_bertscore_identical_is_one_and_paraphrase_beats_unrelated():
@@ -421,8 +441,8 @@ def test_rouge_l_hand_worked():
 def test_score_ag():
     preds, refs = ["a b d", ""], ["a b c", "a"]
     r = score("AG", preds, refs, encoder=OneHotEncoder())
-    assert r == approx({"task": "AG", "metric": "f_bert", "f_bert": 1 / 3, "p_bert": 1 / 3, "r_bert": 1 / 3,
-                        "rouge_l": 1 / 3, "n": 2, "n_failed": 1})
+    assert r == approx({"task": "AG", "metric": "f_bert", "encoder": "one-hot", "f_bert": 1 / 3, "p_bert": 1 / 3,
+                        "r_bert": 1 / 3, "rouge_l": 1 / 3, "n": 2, "n_failed": 1})
     with pytest.raises(ValueError, match="needs an encoder"):
         score("AG", preds, refs)
 
@@ -489,3 +509,95 @@ def test_model_encoder_on_ecellm_models(config, tokenizer_dir, bos):
 def test_score_of_empty_lists_is_an_error(task):
     with pytest.raises(ValueError, match=rf"{task}: no predictions to score"):
         score(task, [], [], encoder=lambda texts: [])
+
+
+# ------------------------------------------------------------------------------------------ hostile model output
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+HOSTILE = [
+    "", " ", "\t\n\r ", "\x00", "\x00yes\x1b[31m", "\u200b\ufeff", "\ud800 lone surrogate",
+    "[" * 1000, "[" * 100_000, "]" * 1000, "{" * 5000, '{"attribute": ' * 2000, '[{"a": ' * 3000,
+    _nested(150), '[{"attribute": "Color", "value": ' + _nested(500) + ', "source": "title"}]',
+    "9" * 5000, "[" + "9" * 5000 + "]", "1e999999", "-1e999999", "NaN", "[NaN]", "-Infinity", "null", "[null]",
+    '[{"attribute": NaN, "value": NaN, "source": NaN}]', '["attribute"]', '"attribute": "Color"', "A" * 100_000,
+    "," * 10_000, "A," * 5000, "yes " * 10_000, "Z", "é中文🙂",
+]
+
+
+def _random_strings(n: int, seed: int = 0) -> list[str]:
+    """Seeded random strings over an alphabet of JSON syntax, letters, digits, whitespace and control characters."""
+    rng = random.Random(seed)
+    alphabet = '[]{}",: \t\n\x00\x7fAByesnoNaN0123456789.-eE' + "attribute"
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 400))) for _ in range(n)]
+
+
+ONE_TRIPLE = '[{"attribute": "Color", "value": "red", "source": "title"}]'
+HOSTILE_REFS = {"PM": "yes", "PSI": "no", "AP": "yes", "PRP": "A", "SA": "B: positive", "MPC": "C", "SR": "T",
+                "QPR": {"ranking": "B,A", "labels": ["S", "E"]}, "AVE": ONE_TRIPLE, "AG": "a b c"}
+
+
+@pytest.mark.parametrize("task", sorted(HOSTILE_REFS))
+@pytest.mark.parametrize("paper_compat", [False, True])
+def test_any_string_scores(task, paper_compat):
+    """Every task's parser and scorer is total: any output scores (in [0, 1]; AG's F_BERT in [-1, 1]), counted as
+    failed or not."""
+    predictions = HOSTILE + _random_strings(200)
+    variants = [{"setting": s, "ave_parser": p} for s in ("IND_Diverse_Instruction", "OOD_Diverse_Instruction")
+                for p in ("json", "t5")] if task == "AVE" else [{}]
+    for kwargs in variants:
+        for prediction in predictions:
+            r = score(task, [prediction], [HOSTILE_REFS[task]], paper_compat=paper_compat,
+                      encoder=ToyContextEncoder() if task == "AG" else None, **kwargs)
+            assert r["n"] == 1 and r["n_failed"] in (0, 1)
+            figures = [v for k, v in r.items() if isinstance(v, float)]
+            low = -1.0 if task == "AG" else 0.0  # cosine similarities, so BERTScore lies in [-1, 1]
+            assert figures and all(low <= v <= 1.0 for v in figures), (prediction[:40], r)
+
+
+class _WordEncoder(OneHotEncoder):
+    """OneHotEncoder over characters-as-words, so a blank answer gets tokens (as many real tokenizers give it)."""
+
+    vocab = [" ", "\t", "\n", "a", "b", "c"]
+
+    def tokenize(self, text):
+        return list(text)
+
+
+@pytest.mark.parametrize("parser", ["json", "t5"])
+def test_deep_nesting_is_a_failed_ave_output(parser):
+    # 1,000 or more "[" used to raise RecursionError; nesting past MAX_JSON_DEPTH (100) is failed, not recursed.
+    for text in ["[" * 1000, _nested(5000), _nested(150), '[{"attribute": "Color", "value": ' + _nested(500)
+                 + ', "source": "title"}]', "{" * 5000]:
+        r = score("AVE", [text, "[]"], [ONE_TRIPLE, ONE_TRIPLE], ave_parser=parser, setting="OOD_Diverse_Instruction")
+        assert r["n_failed"] == 1 + (parser == "t5") and r["f1"] == 0.0
+    assert score("AVE", [_nested(100)], [ONE_TRIPLE])["n_failed"] == 0  # as deep as allowed: a list, no hit
+
+
+def test_whitespace_only_answer_is_failed_and_scores_zero():
+    # A blank answer used to be counted as failed yet score F_BERT 0.118 (its whitespace tokens matched).
+    r = score("AG", [" ", "\t\n", "a b c"], ["a b c", " a", "a b c"], encoder=_WordEncoder())
+    assert r["n_failed"] == 2
+    assert r["f_bert"] == approx(1 / 3) and r["p_bert"] == approx(1 / 3) and r["r_bert"] == approx(1 / 3)
+    assert r["rouge_l"] == approx(1 / 3)
+
+
+def test_ag_lone_surrogates_are_encoded_as_question_marks():
+    # sentencepiece refuses a lone surrogate (an str that json.loads can give back from a generations file).
+    torch.manual_seed(0)
+    config = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 16, "intermediate_size": 32,
+              "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}
+    enc = ModelEncoder(from_config(config, device="cpu").eval(), load_tokenizer(ASSETS / "llama2-spm"))
+    r = score("AG", ["a\ud800b"], ["a?b"], encoder=enc)
+    assert r["f_bert"] == approx(1.0) and r["n_failed"] == 0
+
+
+def test_a_plain_callable_still_serves_as_encoder():
+    def one_hot_words(texts):
+        return OneHotEncoder()(texts)
+
+    r = score("AG", ["a b d"], ["a b c"], encoder=one_hot_words)
+    assert r["f_bert"] == approx(2 / 3) and r["encoder"] == "one_hot_words"
+    with pytest.raises(ValueError, match="tokenize"):
+        bertscore(["a"], ["a"], one_hot_words, idf=True)

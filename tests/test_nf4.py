@@ -216,5 +216,5 @@ def test_train_refuses_quantize_with_fsdp():
     config = TrainConfig(data="d", quantize="nf4", global_batch=2)
     with pytest.raises(TrainingError, match="quantize nf4 runs in one process, this run has 2: FSDP2"):
         check_config(config, world=2)
-    with pytest.raises(TrainingError, match="quantize must be 'nf4' or '' \\(off\\), got 'int8'"):
+    with pytest.raises(TrainingError, match="quantize must be 'nf4' or None \\(off\\), got 'int8'"):
         check_config(TrainConfig(data="d", quantize="int8"), world=1)

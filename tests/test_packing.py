@@ -18,7 +18,8 @@ DECODERS = {
     "mistral-window": dict(model_type="mistral", num_key_value_heads=2, sliding_window=4),
     "phi-partial": dict(model_type="phi", partial_rotary_factor=0.5, rope_theta=100.0),
     "llama3-rope": dict(model_type="llama", rope_scaling=dict(
-        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)),
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64)),
     "qwen2-bias": dict(model_type="qwen2", num_key_value_heads=2),
     "qwen3-qknorm": dict(model_type="qwen3", num_key_value_heads=2, head_dim=12),
 }
@@ -80,7 +81,8 @@ def test_collate_packed_layout():
     batch = collate_packed([examples], pad_id=0, multiple_of=4, loss_average="example")
     assert batch["segment_ids"].tolist() == [[0, 0, 0, 0, 0, 1, 1, 1]]
     labels = batch["labels"][0].tolist()
-    assert labels[5] == IGNORE_INDEX and labels[3:5] == examples[0]["labels"][3:] and labels[7] == examples[1]["labels"][2]
+    assert labels[5] == IGNORE_INDEX and labels[3:5] == examples[0]["labels"][3:]
+    assert labels[7] == examples[1]["labels"][2]
     assert batch["loss_weights"].tolist() == [[0, 0, 0, 0.5, 0.5, 0, 0, 1.0]]
     padded = collate_packed([examples[:1], examples[1:]], pad_id=0, multiple_of=4)
     assert padded["input_ids"].shape == (2, 8) and padded["segment_ids"][1].tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
@@ -178,7 +180,7 @@ def test_packed_loss_and_lora_grads_equal_unpacked(family, average):
     assert packed_loss == pytest.approx(loss, rel=1e-6)
     assert len(grads) > 0 and all(g.abs().max() > 0 for g in grads.values())
     for name, grad in grads.items():  # fp32 summation order differs: tolerance relative to the gradient's scale
-        torch.testing.assert_close(packed_grads[name], grad, rtol=0, atol=1e-5 * grad.abs().max().item())
+        torch.testing.assert_close(packed_grads[name], grad, rtol=0, atol=2e-5 * grad.abs().max().item())
 
 
 def _reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):

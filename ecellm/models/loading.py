@@ -7,17 +7,25 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..files import read_json
 from ..errors import EcellmError
+from ..files import read_json
+from .config import ConfigError, config_file
 
 # Keys some checkpoints carry that hold no weights (rotary tables that are recomputed on the fly).
 # (Old T5 conversions also carry a cross-attention position bias that T5 never uses.)
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".EncDecAttention.relative_attention_bias.weight")
+# (BERT checkpoints written by transformers < 4.31 also carry the position index table 0, 1, ..., max_len - 1.)
+IGNORED_SUFFIXES += ("embeddings.position_ids",)
+# config.json fields that count layers, and sizes that no weight dimension is smaller than (`check_config_fits_weights`)
+LAYER_COUNTS = ("num_hidden_layers", "num_layers", "num_decoder_layers")
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "d_model", "d_ff", "d_kv", "num_heads")
 
 
 class CheckpointError(EcellmError, ValueError):
@@ -95,6 +103,61 @@ def checkpoint_files(path: str | Path, allow_pickle: bool = False) -> list[Path]
             )
         return pickles
     raise CheckpointError(f"no weights in {path}: expected model.safetensors or model.safetensors.index.json")
+
+
+def weight_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape, read from the safetensors files' headers alone (no weight is read); pickle files, which
+    have no header to read, are left out."""
+    shapes = {}
+    for file in files:
+        if file.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                shapes |= {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file, perhaps empty or truncated ({e})") from None
+    return shapes
+
+
+def _stack_depths(keys) -> dict[str, int]:
+    """Layers per stack of numbered blocks: {"model.layers": 2} for keys `model.layers.0.` .. `model.layers.1.`."""
+    depths: dict[str, int] = {}
+    for key in keys:
+        parts = key.split(".")
+        at = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        if at is not None:
+            stack = ".".join(parts[:at])
+            depths[stack] = max(depths.get(stack, 0), int(parts[at]) + 1)
+    return depths
+
+
+def check_config_fits_weights(config: dict[str, Any], path: str | Path, allow_pickle: bool = False) -> None:
+    """Refuse, before a model is built from it, a config.json whose layer counts exceed the layers its weights hold
+    or whose sizes exceed every dimension of its weights (`num_hidden_layers: 100000` would otherwise build for
+    minutes, only to fail on the first missing tensor). Only the safetensors headers are read.
+
+    Args:
+        config: the parsed config.json.
+        path: the checkpoint directory.
+        allow_pickle: as `from_pretrained` takes it (pickle weights are not checked here).
+    Raises:
+        ConfigError: naming config.json, the field, its value and what the weights hold.
+    """
+    shapes = weight_shapes(checkpoint_files(path, allow_pickle))
+    if not shapes:
+        return
+    depths = _stack_depths(shapes)
+    most_layers = max(depths.values(), default=0)
+    largest = max((d for shape in shapes.values() for d in shape), default=0)
+    for fields, bound, what in ((LAYER_COUNTS, most_layers, f"{most_layers} layers at most ("
+                                 + ", ".join(f"{stack}: {n}" for stack, n in sorted(depths.items())) + ")"),
+                                (SIZE_FIELDS, largest, f"no dimension over {largest}")):
+        for field in fields:
+            value = config.get(field)
+            if isinstance(value, int) and not isinstance(value, bool) and value > bound:
+                raise ConfigError(f"{config_file(path)}: {field} is {value} but the weights in {path} hold {what}; "
+                                  "this config.json does not describe these weights")
 
 
 def _read_tensors(file: Path):

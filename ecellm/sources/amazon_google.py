@@ -12,8 +12,8 @@ appended; manufacturer and price go through `str()` as pandas typed them; a miss
 (`json.dumps` writes `NaN` inside `input`). Then 80/10/10 with seed 1 and the diverse instructions.
 
 The notebook opens the files without an encoding, which fails on these latin-1 files under a UTF-8 locale; they
-are read as latin-1 here. Cells are typed as `pandas.read_csv` types them (`pandas_column`), because `str()` of
-a price shows it: an all-integer column gives "0", a numeric column with a gap "0.0", missing values "nan".
+are read as latin-1 here, and a copy re-saved as UTF-8 is recognised as such (`text_encoding`), giving the same
+text. Cells are typed as `pandas.read_csv` types them (`pandas_column`), because `str()` of a price shows it: an all-integer column gives "0", a numeric column with a gap "0.0", missing values "nan".
 """
 
 from __future__ import annotations
@@ -24,10 +24,17 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from .common import Built, assemble, example, read_csv, shuffled, split_80_10_10
+import numpy as np
+
+from .common import Built, SourceError, assemble, example, read_csv, shuffled, split_80_10_10, text_encoding
 
 AMAZON, GOOGLE, MAPPING = "Amazon.csv", "GoogleProducts.csv", "Amzon_GoogleProducts_perfectMapping.csv"
 FILES = (AMAZON, GOOGLE, MAPPING)
+PUBLISHED = ("the Leipzig entity-resolution benchmarks, https://dbs.uni-leipzig.de/research/projects/"
+             "benchmark-datasets-for-entity-resolution (Amazon-GoogleProducts.zip; CC-BY-4.0 as the reference "
+             "repository lists it)")
+GET = ("mkdir -p raw/amazon-google && curl -fsSLo ag.zip https://dbs.uni-leipzig.de/files/datasets/"
+       "Amazon-GoogleProducts.zip && unzip -jo ag.zip -d raw/amazon-google")
 PRODUCT_COLUMNS = ("description", "manufacturer", "price")
 ENCODING = "latin-1"
 # pandas.read_csv's default missing-value markers
@@ -35,6 +42,7 @@ NA_VALUES = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan
              "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
 INTEGER = re.compile(r"[+-]?\d+")
 FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+TOKEN = re.compile(r"[a-z0-9]+")
 
 
 def pandas_column(cells: list[str]) -> list:
@@ -50,7 +58,7 @@ def pandas_column(cells: list[str]) -> list:
 
 def read_table(path: Path, columns: tuple[str, ...]) -> list[dict]:
     """The rows of one of the three CSV files, each cell typed as pandas types it."""
-    rows = read_csv(path, columns, ENCODING)
+    rows = read_csv(path, columns, text_encoding(path, ENCODING))
     typed = {c: pandas_column([r[c] for r in rows]) for c in columns}
     return [{c: typed[c][i] for c in columns} for i in range(len(rows))]
 
@@ -108,12 +116,102 @@ def match_examples(amazon: list[dict], google: list[dict], mapping: list[dict], 
     return positives + negatives
 
 
-def build(raw: Path) -> Built:
-    """PM's train / validation / test records from the folder holding the three CSV files."""
+# --- hard negatives: look-alike products (`--negatives hard`) -----------------------------------------------------
+def title_tokens(title) -> list[str]:
+    """A title's lower-cased alphanumeric words (a missing title has none)."""
+    return TOKEN.findall(title.lower()) if isinstance(title, str) else []
+
+
+def tfidf(documents: list[list[str]], idf: dict[str, float]) -> list[dict[str, float]]:
+    """Each token list as its L2-normalised TF-IDF vector, {token: weight}."""
+    vectors = []
+    for tokens in documents:
+        weights = {t: n * idf[t] for t, n in Counter(tokens).items()}
+        norm = math.sqrt(sum(w * w for w in weights.values())) or 1.0
+        vectors.append({t: w / norm for t, w in weights.items()})
+    return vectors
+
+
+class TitleIndex:
+    """Google products ranked by the TF-IDF cosine similarity of their name to an Amazon title (blocking, as
+    entity-matching benchmarks build their candidate pairs): an inverted index from token to (rows, weights)."""
+
+    def __init__(self, amazon: list[dict], google: list[dict]):
+        amazon_tokens = [title_tokens(r["title"]) for r in amazon]
+        google_tokens = [title_tokens(r["name"]) for r in google]
+        frequency = Counter(t for tokens in amazon_tokens + google_tokens for t in set(tokens))
+        n = len(amazon_tokens) + len(google_tokens)
+        idf = {t: math.log(n / df) + 1.0 for t, df in frequency.items()}
+        postings: dict[str, list[tuple[int, float]]] = {}
+        for row, vector in enumerate(tfidf(google_tokens, idf)):
+            for t, w in vector.items():
+                postings.setdefault(t, []).append((row, w))
+        self.postings = {t: (np.array([r for r, _ in p]), np.array([w for _, w in p])) for t, p in postings.items()}
+        self.amazon_vectors, self.n_google = tfidf(amazon_tokens, idf), len(google)
+
+    def ranked(self, amazon_row: int) -> np.ndarray:
+        """Google row numbers, most similar title first (ties: file order); rows sharing no word are left out."""
+        scores = np.zeros(self.n_google)  # (n_google,)
+        for t, w in self.amazon_vectors[amazon_row].items():
+            rows, weights = self.postings.get(t, (np.array([], dtype=int), np.array([])))
+            scores[rows] += w * weights
+        order = np.argsort(-scores, kind="stable")
+        return order[scores[order] > 0]
+
+
+def hard_negatives(positives: list[dict], amazon: list[dict], google: list[dict], mapping: list[dict],
+                   known: set[str], skipped: Counter) -> list[dict]:
+    """For each positive `example`, its Amazon product against the most similar Google product by title that is not
+    one of its matches (`TitleIndex`) and not a pair already in `known` (inputs; updated), output "no"."""
+    index = TitleIndex(amazon, google)
+    row_of = {json.dumps(product(a, "title")): i for i, a in enumerate(amazon)}
+    matches: dict[str, set[str]] = {}
+    for m in mapping:
+        matches.setdefault(m["idAmazon"], set()).add(m["idGoogleBase"])
+    out = []
+    for positive in positives:
+        first = json.loads(positive["input"])["product 1"]
+        row = row_of[json.dumps(first)]
+        for g in index.ranked(row):
+            if google[g]["id"] in matches.get(amazon[row]["id"], ()):
+                continue
+            text = pair_text(first, product(google[g], "name"))
+            if text not in known:
+                known.add(text)
+                out.append(example(text, "no"))
+                break
+        else:
+            skipped["matched product without a look-alike"] += 1
+    return out
+
+
+def build(raw: Path, negatives: str = "random") -> Built:
+    """PM's train / validation / test records from the folder holding the three CSV files.
+
+    Args:
+        raw: the folder.
+        negatives: "random": ECInstruct's records, exactly. "hard": the same, and each split's matched pairs also
+            get a hard negative each (`hard_negatives`) in train and validation; the test file stays ECInstruct's,
+            and "test_hard" holds the test matches with their hard negatives (1:1).
+    """
+    if negatives not in ("random", "hard"):
+        raise SourceError(f"negatives {negatives!r}: expected 'random' or 'hard'")
     raw = Path(raw)
     amazon = read_table(raw / AMAZON, ("id", "title", *PRODUCT_COLUMNS))
     google = read_table(raw / GOOGLE, ("id", "name", *PRODUCT_COLUMNS))
     mapping = read_table(raw / MAPPING, ("idAmazon", "idGoogleBase"))
     skipped = Counter()
-    train, validation, test = split_80_10_10(match_examples(amazon, google, mapping, skipped))
-    return Built(assemble("PM", train, validation, test), skipped)
+    examples = match_examples(amazon, google, mapping, skipped)
+    train, validation, test = split_80_10_10(examples)
+    if negatives == "random":
+        return Built(assemble("PM", train, validation, test, raw=raw), skipped)
+    known = {e["input"] for e in examples}
+
+    def hard(part: list[dict]) -> list[dict]:
+        return hard_negatives([e for e in part if e["output"] == "yes"], amazon, google, mapping, known, skipped)
+
+    train, validation = train + hard(train), validation + hard(validation)
+    test_matches = [e for e in test if e["output"] == "yes"]
+    splits = assemble("PM", train, validation, test, raw=raw)
+    splits["test_hard"] = assemble("PM", train, validation, test_matches + hard(test_matches), raw=raw)["test"]
+    return Built(splits, skipped)

@@ -18,7 +18,7 @@ import json
 import math
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,38 +57,76 @@ def need_file(path: Path) -> Path:
     return path
 
 
+def text_encoding(path: Path, fallback: str) -> str:
+    """"utf-8-sig" when the file's bytes are UTF-8 (a byte-order mark is then read, not kept), else `fallback`: a file
+    that the source publishes in another encoding (Amazon-Google's latin-1) and a user re-saved as UTF-8 gives the
+    same text rather than mojibake."""
+    try:
+        need_file(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return fallback
+    return "utf-8-sig"
+
+
 def read_csv(path: Path, columns: Sequence[str], encoding: str = "utf-8") -> list[dict[str, str]]:
     """The rows of a CSV file with a header line, as dicts of text; `columns` must all be in the header.
 
+    Every row must have as many fields as the header and the file must not end inside a quoted field, so a file cut
+    short, a stray delimiter or an unterminated quote is refused rather than read as other rows. A UTF-8 file's
+    byte-order mark is read (utf-8-sig).
+
     Raises:
-        SourceError naming the file: missing, not in `encoding`, a column missing (named), no rows.
+        SourceError naming the file (and the row and line): missing, not in `encoding`, a column missing (named),
+        a row with another number of fields, unreadable CSV (a quote left open, a field over the csv module's
+        131,072 characters), no rows.
     """
     need_file(path)
+    encoding = "utf-8-sig" if encoding == "utf-8" else encoding
     try:
         with open(path, newline="", encoding=encoding) as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            missing = [c for c in columns if c not in header]
-            if missing:
-                raise SourceError(f"{path}: no column {missing[0]!r} (the header has {header})")
-            rows = list(reader)
+            reader = csv.reader(f, strict=True)
+            try:
+                header = next(reader, [])
+                missing = [c for c in columns if c not in header]
+                if missing:
+                    raise SourceError(f"{path}: no column {missing[0]!r} (the header has {header})")
+                rows = [row for row in reader if row]  # csv.reader gives [] for a blank line
+                for number, row in enumerate(rows, 1):
+                    if len(row) != len(header):
+                        raise SourceError(f"{path} row {number}: {len(row)} fields where the header has "
+                                          f"{len(header)} (a row cut short, a stray delimiter or quote?)")
+            except csv.Error as e:
+                raise SourceError(f"{path} line {reader.line_num}: not readable as CSV ({e}; a quote left "
+                                  "open?)") from e
     except UnicodeDecodeError as e:
-        raise SourceError(f"{path}: not {encoding} text ({e})") from e
+        raise SourceError(f"{path}: not {encoding.removesuffix('-sig')} text ({e})") from e
     if not rows:
         raise SourceError(f"{path}: no rows")
-    return rows
+    return [dict(zip(header, row)) for row in rows]
 
 
-def read_jsonl(path: Path, keys: Sequence[str]) -> list[dict]:
-    """The objects of a JSON Lines file; each must have `keys`.
+def expect_text(value, path: Path, where: str, key: str, empty: bool = True) -> str:
+    """`value` if it is a string (non-empty unless `empty`), else a `SourceError` naming the file, the row or line
+    (`where`) and the key or column."""
+    if not isinstance(value, str) or (not empty and not value):
+        raise SourceError(f"{path} {where}: {key!r} is {value!r}, expected {'' if empty else 'non-empty '}text")
+    return value
 
+
+def read_jsonl(path: Path, keys: Sequence[str], check: Callable[[dict, str], None] | None = None) -> list[dict]:
+    """The objects of a JSON Lines file; each must have `keys` (a byte-order mark is read).
+
+    Args:
+        path: the file.
+        keys: the keys every object must have.
+        check: called as `check(row, "line N")` on each object; raises a `SourceError` for a value of a wrong type.
     Raises:
         SourceError naming the file and the line: missing file, not UTF-8, broken JSON, a missing key, no lines.
     """
     need_file(path)
     rows = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
         raise SourceError(f"{path}: not utf-8 text ({e})") from e
     for number, line in enumerate(lines, 1):
@@ -101,6 +139,8 @@ def read_jsonl(path: Path, keys: Sequence[str]) -> list[dict]:
         missing = [k for k in keys if not isinstance(row, dict) or k not in row]
         if missing:
             raise SourceError(f"{path} line {number}: no key {missing[0]!r}")
+        if check is not None:
+            check(row, f"line {number}")
         rows.append(row)
     if not rows:
         raise SourceError(f"{path}: no rows")
@@ -140,7 +180,7 @@ def example(input_text: str, output: str, options: str | None = None) -> dict:
 
 
 def assemble(task: str, train: list[dict], validation: list[dict], test: list[dict],
-             ood: list[dict] | None = None) -> dict[str, list[dict]]:
+             ood: list[dict] | None = None, *, raw: Path) -> dict[str, list[dict]]:
     """The released files of one task from its examples (`example`), with instructions and settings.
 
     Training, validation and IND test records take instructions from the task's diverse pool, drawn as the
@@ -152,11 +192,19 @@ def assemble(task: str, train: list[dict], validation: list[dict], test: list[di
     Args:
         task: task name or abbreviation.
         train, validation, test: examples of the in-domain splits; ood: examples of the held-out part, or None.
+        raw: the raw folder they came from, for the error below.
+    Raises:
+        SourceError: a split without records (raw files too small, or filtered away), naming the folder.
     Returns:
         "train", "validation", "test" -> records (fields task, setting, split, instruction, input, options, output,
         few_shot_example).
     """
     info = task_info(task)
+    parts = {"train": train, "validation": validation, "test": test, **({"OOD test": ood} if ood is not None else {})}
+    empty = [name for name, part in parts.items() if not part]
+    if empty:
+        raise SourceError(f"{raw}: {info.abbr}'s {empty[0]} split comes out empty ({sum(map(len, parts.values()))} "
+                          "examples in all): the raw files are too small, or all their rows were left out")
     rng = random.Random(SEED)
     rng.sample(range(len(info.instructions)), k=1)  # the notebook's draw of the unseen paraphrase (5 -> 1)
 

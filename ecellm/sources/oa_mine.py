@@ -22,11 +22,28 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from .common import SEED, Built, assemble, example, read_jsonl, shuffled, split_off
+from .common import SEED, Built, SourceError, assemble, example, expect_text, read_jsonl, shuffled, split_off
 
 FILES = ("train.jsonl", "test.jsonl")
+PUBLISHED = ("github.com/wbsg-uni-mannheim/ExtractGPT, data/processed_datasets/oa-mine/ (Apache-2.0; OA-Mine's "
+             "labelled Amazon titles)")
+GET = ("mkdir -p raw/oa-mine && for f in train test; do curl -fsSLo raw/oa-mine/$f.jsonl https://raw.githubusercontent"
+       ".com/wbsg-uni-mannheim/ExtractGPT/3f96461b28bd3f0c8ac7c479d595969a9b77d0ab/data/processed_datasets/oa-mine/"
+       "$f.jsonl; done")
 KEYS = ("input", "target_scores")
 OOD_PRODUCTS = 200  # held-out attributes are added until their test products reach this many
+
+
+def check_row(path: Path):
+    """The `read_jsonl` check of one file: `input` non-empty text, `target_scores` {attribute: {value: score}}."""
+    def check(row: dict, where: str) -> None:
+        expect_text(row["input"], path, where, "input", empty=False)
+        scores = row["target_scores"]
+        if not (isinstance(scores, dict) and all(isinstance(a, str) and isinstance(values, dict)
+                                                 for a, values in scores.items())):
+            raise SourceError(f"{path} {where}: 'target_scores' is {str(scores)[:80]}, expected a dict of dicts "
+                              "{attribute: {value: score}}")
+    return check
 
 
 def held_out_attributes(test: list[dict]) -> list[str]:
@@ -66,7 +83,7 @@ def examples(rows: list[dict], keep, skipped: Counter) -> list[dict]:
 
 def build(raw: Path) -> Built:
     """AVE's train / validation / test records (IND and OOD with held-out attributes) from OA-Mine's folder."""
-    train_rows, test_rows = (read_jsonl(Path(raw) / name, KEYS) for name in FILES)
+    train_rows, test_rows = (read_jsonl(Path(raw) / name, KEYS, check_row(Path(raw) / name)) for name in FILES)
     held_out = set(held_out_attributes(test_rows))
     train_rows, validation_rows = split_off(train_rows, 0.1)
     skipped = Counter()
@@ -74,4 +91,4 @@ def build(raw: Path) -> Built:
                  for rows in (train_rows, validation_rows, test_rows)]
     ood = [extraction(row, [a for a in row["target_scores"] if a in held_out])
            for row in shuffled(test_rows) if held_out & set(row["target_scores"])]
-    return Built(assemble("AVE", *in_domain, ood), skipped)
+    return Built(assemble("AVE", *in_domain, ood, raw=Path(raw)), skipped)

@@ -24,6 +24,11 @@ from pathlib import Path
 from .common import Built, assemble, example, merge, read_csv, shuffled
 
 FILES = ("electronics/train.csv", "electronics/dev.csv", "electronics/test.csv", "grocery/test.csv")
+PUBLISHED = ("github.com/megagonlabs/SubjQA, SubjQA/{electronics,grocery}/splits/*.csv (no licence file; the reviews "
+             "are the McAuley lab's Amazon reviews, for research use)")
+GET = ("mkdir -p raw/subjqa/electronics raw/subjqa/grocery && for f in electronics/train electronics/dev "
+       "electronics/test grocery/test; do curl -fsSLo raw/subjqa/$f.csv https://raw.githubusercontent.com/megagonlabs/"
+       "SubjQA/6ea88c77802798b4a09a8218bd6bbde5b9cf4278/SubjQA/${f%/*}/splits/${f#*/}.csv; done")
 COLUMNS = ("question", "review", "human_ans_spans")
 NOT_FOUND = "ANSWERNOTFOUND"
 SIZES = (10_000, 1_000, 1_000, 1_000)  # the notebook's caps, per file of FILES
@@ -65,4 +70,4 @@ def build(raw: Path) -> Built:
     files = [read_pairs(Path(raw) / name, skipped) for name in FILES]
     ap = [answerability(pairs, size) for pairs, size in zip(files, SIZES)]
     ag = [answers(pairs, size) for pairs, size in zip(files, SIZES)]
-    return Built(merge(assemble("AP", *ap), assemble("AG", *ag)), skipped)
+    return Built(merge(assemble("AP", *ap, raw=Path(raw)), assemble("AG", *ag, raw=Path(raw))), skipped)

@@ -123,3 +123,37 @@ def test_invalid_t5_config_values(tmp_path, change, message):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=rf"{tmp_path / 'config.json'}: .*{message}"):
         from_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_hidden_layers": 100000}, r"num_hidden_layers is 100000 but the weights in .* hold 1 layers at most "
+                                        r"\(model.layers: 1\)"),
+        ({"num_hidden_layers": 2}, r"num_hidden_layers is 2 but the weights .* hold 1 layers at most \(.*\)"),
+        ({"hidden_size": 10**9, "num_attention_heads": 1, "num_key_value_heads": 1},
+         r"hidden_size is 1000000000 but the weights in .* hold no dimension over 64"),
+        ({"intermediate_size": 2**40}, r"intermediate_size is 1099511627776 but .* no dimension over 64"),
+    ],
+)
+def test_a_config_asking_for_more_than_its_weights_hold_is_refused_before_building(tiny, change, message,
+                                                                                   monkeypatch):
+    from ecellm import models
+
+    (tiny / "config.json").write_text(json.dumps(TINY | change))
+    monkeypatch.setattr(models, "from_config", lambda *a, **k: pytest.fail("built the model"))
+    with pytest.raises(ConfigError, match=rf"^{tiny / 'config.json'}: {message}; this config.json does not describe "
+                                          "these weights$"):
+        from_pretrained(tiny)
+
+
+def test_a_t5_config_with_more_decoder_layers_than_its_weights_is_refused(tmp_path):
+    from ..tiny_checkpoint import make_tiny_checkpoint
+
+    tiny = make_tiny_checkpoint(tmp_path / "t5", family="t5")
+    assert from_pretrained(tiny).config.num_decoder_layers == 2
+    config = json.loads((tiny / "config.json").read_text())
+    (tiny / "config.json").write_text(json.dumps(config | {"num_decoder_layers": 5000}))
+    with pytest.raises(ConfigError, match=r"num_decoder_layers is 5000 but the weights in .* hold 2 layers at most "
+                                          r"\(decoder.block: 2, encoder.block: 2\)"):
+        from_pretrained(tiny)

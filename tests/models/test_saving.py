@@ -40,3 +40,29 @@ def test_a_failed_transform_leaves_no_directory(tmp_path):
     with pytest.raises(RuntimeError, match="cannot merge"):
         save_pretrained(tmp_path / "ckpt", TINY, model.state_dict(), transform=fail)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_files_that_appear_in_the_directory_while_saving_are_never_removed_or_replaced(tmp_path, monkeypatch):
+    import ecellm.models.saving as saving
+
+    model, out = from_config(TINY, device="cpu"), tmp_path / "ckpt"
+    save = saving.save_file
+
+    def user_writes_meanwhile(*args, **kwargs):
+        (out / "notes.txt").write_text("mine")
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(saving, "save_file", user_writes_meanwhile)
+    save_pretrained(out, TINY, model.state_dict())  # written beside the user's file, which stays
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
+
+    def user_writes_weights_meanwhile(tensors, file, **kwargs):
+        (tmp_path / "again" / "model.safetensors").write_text("the user's")
+        return save(tensors, file, **kwargs)
+
+    monkeypatch.setattr(saving, "save_file", user_writes_weights_meanwhile)
+    with pytest.raises(FileExistsError, match=r"again/model.safetensors appeared while the checkpoint was written; it "
+                                              "is left as it was"):
+        save_pretrained(tmp_path / "again", TINY, model.state_dict())
+    assert [p.name for p in (tmp_path / "again").iterdir()] == ["model.safetensors"]
+    assert (tmp_path / "again" / "model.safetensors").read_text() == "the user's"
