@@ -126,6 +126,11 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# --bertscore-model's two words: the real sentence encoder (`ecellm.models.encoders.minilm_encoder`), and the
+# evaluated model's own hidden states (`ecellm.metrics.ModelEncoder`); any other value is a checkpoint.
+BERTSCORE_MINILM, BERTSCORE_EVALUATED_MODEL = "minilm", "model"
+
+
 @dataclass(kw_only=True)
 class EvalConfig:
     """Every setting of an evaluation run; each field is a flag of `ecellm eval`."""
@@ -155,8 +160,11 @@ class EvalConfig:
     top_p: float | None = option(None, help="nucleus mass (overrides --sample's)")
     seed: int = option(0, help="sampling seed")
     paper_compat: bool = option(False, help="score with the reference evaluation's defects")
-    bertscore_model: str | None = option(None, help="checkpoint whose embeddings score AG (default: the evaluated "
-                                                    "model)")
+    bertscore_model: str = option(BERTSCORE_MINILM, help="AG's F_BERT encoder: 'minilm' (all-MiniLM-L6-v2, layer 6, "
+                                                         "fetched and cached on first use; the default), 'model' (the "
+                                                         "evaluated model's own final hidden states, the older score "
+                                                         "kept for comparison), or a checkpoint folder or known "
+                                                         "model's name whose final hidden states score")
     dtype: str = option("fp32", type=dtype_name, choices=tuple(DTYPES), help="precision of the weights")
     device: str = option(default_factory=_default_device, help="torch device (default: cuda when available, else cpu)")
     resume: bool = option(False, help="continue the evaluation in --out from the generations it holds (same settings "
@@ -253,7 +261,8 @@ def check_eval_flags(flags: EvalConfig | argparse.Namespace) -> None:
     check_files("--demos", flags.demos)
     check_files("--qpr-labels", flags.qpr_labels)
     check_model("--model", flags.model)
-    check_model("--bertscore-model", flags.bertscore_model)
+    if flags.bertscore_model not in (BERTSCORE_MINILM, BERTSCORE_EVALUATED_MODEL):
+        check_model("--bertscore-model", flags.bertscore_model)
     check_tokenizer(flags.tokenizer)
     check_folder("--adapter", flags.adapter)
     check_out("--out", flags.out)

@@ -52,7 +52,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .configs import PAPER_SAMPLING, EvalConfig  # noqa: F401 (public here too)
+from .configs import (  # noqa: F401 (PAPER_SAMPLING: public here too)
+    BERTSCORE_EVALUATED_MODEL,
+    BERTSCORE_MINILM,
+    PAPER_SAMPLING,
+    EvalConfig,
+)
 from .data import Records, load_records, parse_response
 from .errors import EcellmError, exit_on_error
 from .files import open_to_append, read_json, write_text_atomically
@@ -60,7 +65,7 @@ from .flags import parse_dtype, parse_flags
 from .generate import generate_text, length_batches
 from .lock import FolderLock
 from .metrics import ModelEncoder, score
-from .models import template_for
+from .models import encoders, template_for
 from .prompts import ONE_SHOT, build_prompt, derive_setting, one_shot_instruction  # noqa: F401 (public here too)
 from .runs import (  # noqa: F401 (RESUMABLE_CHANGES: public here too)
     RESUMABLE_CHANGES,
@@ -486,8 +491,30 @@ def _load_records(config: EvalConfig) -> list[dict]:
     return select_records(records, config.setting, demos, config.limit)
 
 
-def _load_models(config: EvalConfig) -> tuple[torch.nn.Module, object, ModelEncoder | None]:
-    """(model with its adapter merged, tokenizer, AG's BERTScore encoder or None for the model itself); what does
+def bertscore_encoder(choice: str, model: torch.nn.Module, tokenizer, *, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu", batch_size: int = 8):
+    """AG's BERTScore encoder as `--bertscore-model` names it: "minilm" (`BERTSCORE_MINILM`, the default) the real
+    sentence encoder all-MiniLM-L6-v2 at layer 6 without IDF weighting (`ecellm.models.encoders.minilm_encoder`,
+    fetched and cached on first use); "model" (`BERTSCORE_EVALUATED_MODEL`) the final hidden states of `model`
+    itself (`ecellm.metrics.ModelEncoder`, the older score, kept for the comparison); anything else a checkpoint
+    folder or known model's name whose final hidden states score. The results name the encoder.
+
+    Args:
+        choice: the flag's value.
+        model, tokenizer: the evaluated model and its tokenizer.
+        dtype, device: how a checkpoint named by `choice` is loaded (MiniLM runs in float32 on `device`).
+        batch_size: texts per forward pass.
+    """
+    if choice == BERTSCORE_MINILM:
+        return encoders.minilm_encoder(device=device, batch_size=batch_size)
+    if choice == BERTSCORE_EVALUATED_MODEL:
+        return ModelEncoder(model, tokenizer, batch_size=batch_size)
+    bert_model, bert_tokenizer = _load_model(choice, None, dtype, device)
+    return ModelEncoder(bert_model, bert_tokenizer, batch_size=batch_size, name=choice)
+
+
+def _load_models(config: EvalConfig, scores_text: bool) -> tuple[torch.nn.Module, object, object | None]:
+    """(model with its adapter merged, tokenizer, AG's BERTScore encoder when `scores_text`, else None); what does
     not load, or does not fit, is an `EvalError`."""
     from .lora import load_adapter, merge
 
@@ -497,9 +524,9 @@ def _load_models(config: EvalConfig) -> tuple[torch.nn.Module, object, ModelEnco
         if config.adapter:
             model = merge(load_adapter(model, config.adapter)).eval()
         encoder = None
-        if config.bertscore_model:
-            bert_model, bert_tokenizer = _load_model(config.bertscore_model, None, dtype, config.device)
-            encoder = ModelEncoder(bert_model, bert_tokenizer, batch_size=config.batch_size)
+        if scores_text:
+            encoder = bertscore_encoder(config.bertscore_model, model, tokenizer, dtype=dtype, device=config.device,
+                                        batch_size=config.batch_size)
     except ValueError as e:
         raise EvalError(str(e)) from e
     return model, tokenizer, encoder
@@ -572,7 +599,8 @@ def run(config: EvalConfig) -> dict:
     try:
         with stop_on_signals():
             check_out(out, config.resume, config.overwrite)
-            model, tokenizer, encoder = _load_models(config)
+            scores_text = any(TASK_BY_NAME[resolve_task(r["task"])].answer == "text" for r in records)
+            model, tokenizer, encoder = _load_models(config, scores_text)
             template = template_for(model.config.model_type, config.template)
             prompts = [build_prompt(r, template) for r in records]
             weights = fingerprint_files(weight_files(_model_dir(config.model), config.adapter))
@@ -584,8 +612,8 @@ def run(config: EvalConfig) -> dict:
             summary = {"model": config.model, "adapter": config.adapter, "data": config.data,
                        "split": config.split, "template": template, "max_new_tokens": config.max_new_tokens,
                        "temperature": temperature, "top_p": top_p, "seed": config.seed,
-                       "paper_compat": config.paper_compat, "bertscore_encoder": config.bertscore_model or config.model,
-                       "n_records": len(records), "seconds": round(time.time() - start, 1)}
+                       "paper_compat": config.paper_compat, "n_records": len(records),
+                       "bertscore_encoder": encoder and encoder.name, "seconds": round(time.time() - start, 1)}
             paths = write_results(out, evaluation, summary)
     except EvaluationStopped as e:
         raise _stopped(out, str(e), len(records)) from None

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ecellm import models
-from ecellm.eval import evaluate
+from ecellm.eval import BERTSCORE_MINILM, bertscore_encoder, evaluate
 from ecellm.files import write_json
 from ecellm.generate import generation_dtype
 from ecellm.lora import load_adapter, merge
@@ -94,6 +94,30 @@ def for_generation(model, device):
     return model.to(device=device, dtype=generation_dtype(device)).eval()
 
 
+def add_bertscore_flag(parser) -> None:
+    """The examples' `--bertscore-model`, as `ecellm eval`'s (`ecellm.eval.bertscore_encoder`)."""
+    parser.add_argument("--bertscore-model", default=BERTSCORE_MINILM,
+                        help="AG's F_BERT encoder: 'minilm' (all-MiniLM-L6-v2, layer 6, fetched and cached on first "
+                             "use), 'model' (the untuned model's own final hidden states, the older score) or a "
+                             "checkpoint folder (default: %(default)s)")
+
+
+def ag_encoder(choice: str, base, tokenizer, device, batch_size: int, tasks: Sequence[str] | None):
+    """One encoder for AG's F_BERT before and after tuning, so the two compare (`ecellm.eval.bertscore_encoder`;
+    "model": the untuned model's states); None when AG is not among `tasks` (nothing is fetched).
+
+    Args:
+        choice: `--bertscore-model`.
+        base: the untuned model; tokenizer: its tokenizer.
+        device: where the encoder runs.
+        batch_size: texts per forward pass.
+        tasks: the task abbreviations scored (None: all).
+    """
+    if tasks is not None and "AG" not in tasks:
+        return None
+    return bertscore_encoder(choice, base, tokenizer, device=device, batch_size=batch_size)
+
+
 def by_task(records: Sequence[dict]) -> dict[str, list[dict]]:
     """Task abbreviation -> that task's records, in the order the tasks first appear."""
     groups: dict[str, list[dict]] = {}
@@ -113,7 +137,7 @@ def evaluate_sets(model, tokenizer, tests: Mapping[str, Sequence[dict]], templat
         tests: results.json key -> test records of one setting (each key its own setting).
         template: "alpaca" or "mistral".
         budgets: most new tokens per answer: one number, or one per task abbreviation.
-        encoder: AG's BERTScore encoder; default: a `ModelEncoder` of the evaluated model.
+        encoder: AG's BERTScore encoder (`ag_encoder`); default: a `ModelEncoder` of the evaluated model.
         batch_size: prompts per generation batch.
         desc: the progress bar's label.
     Returns:

@@ -17,7 +17,8 @@ command, machine and date), `generations.jsonl` (every answer), the synthetic da
 written into the repository.
 
 How the figures are read (examples/scoring.py has the baselines, the standard errors and "clearly above"):
-- AG's F_BERT embeds with the untuned model's hidden states, before and after (one encoder, so the two compare).
+- AG's F_BERT embeds with all-MiniLM-L6-v2 (layer 6), before and after (`--bertscore-model model`: the untuned
+  model's hidden states, the older score; one encoder either way, so the two compare).
 - Answers are decoded greedily, with a per-task limit on new tokens (the longest training answer + 2; 4 for the
   option tasks, which are scored on their first letter), to keep evaluation short.
 
@@ -40,14 +41,13 @@ import torch.distributed as dist
 
 from ecellm.data import load_records
 from ecellm.eval import select_records
-from ecellm.metrics import ModelEncoder
 from ecellm.synthetic import write_dataset
 from ecellm.tasks import TASKS, task_info
 from ecellm.models.default import MODELS, resolve_model
 from ecellm.train import TrainConfig, setup_distributed
 
-from common import (by_task, default_out, evaluate_sets, for_generation, launcher, load_model, machine, template_for,
-                    training_losses, write_curve, write_results)
+from common import (add_bertscore_flag, ag_encoder, by_task, default_out, evaluate_sets, for_generation, launcher,
+                    load_model, machine, template_for, training_losses, write_curve, write_results)
 from phases import parse_phases, train_phases, write_sr_phase_data
 from scoring import BOOTSTRAP_RESAMPLES, answer_budgets, compare, data_file, generation_lines, task_table
 
@@ -105,7 +105,8 @@ def results_markdown(results: dict) -> str:
         "After: ± one standard error over the test records (std / sqrt(n) of per-record scores for HR@1, accuracy, "
         f"NDCG and F_BERT; the standard deviation over {BOOTSTRAP_RESAMPLES} bootstrap resamples, seed 0, for F1 and "
         "macro F1). Clearly above: after exceeds both before and the baseline by more than 2 standard errors. "
-        f"Baselines: {baselines}. AG's F_BERT embeds with the untuned model.", "",
+        f"Baselines: {baselines}. AG's F_BERT embeds with "
+        f"{results['bertscore_encoder']}.", "",
     ])
 
 
@@ -199,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="prompts per generation batch (default: %(default)s)")
+    add_bertscore_flag(parser)
     return parser
 
 
@@ -249,10 +251,9 @@ def main() -> None:
     tests = load_test_sets(data, args.n_test, tasks)
     train_records = load_records(data_file(data, "train"), split="train", setting=SETTINGS["tasks"], tasks=tasks)
 
-    # One encoder for AG's F_BERT before and after: the untuned model's hidden states.
     base, tokenizer = load_model(config.model)
     base = for_generation(base, d.device)  # a CUDA rank generates on its GPU, in bfloat16
-    encoder = ModelEncoder(base, tokenizer, batch_size=args.batch_size)
+    encoder = ag_encoder(args.bertscore_model, base, tokenizer, d.device, args.batch_size, tasks)
     budgets = answer_budgets(train_records, tokenizer)
     timings = {"setup": time.perf_counter() - start}
     clock = time.perf_counter()
@@ -285,6 +286,7 @@ def main() -> None:
             "n_train": sum(min(len(g), config.max_per_task) for g in by_task(train_records).values()),
             "n_test_per_task": args.n_test,
             "max_new_tokens": budgets, "adapter": str(adapter), "timings_s": timings,
+            "bertscore_encoder": encoder.name if encoder else None,
             "recipe": recipe, "args": vars(args), "date": time.strftime("%Y-%m-%d"), "machine": machine(),
             "world_size": d.world, "command": shlex.join(launcher(d.world) + sys.argv),
         }

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,13 +21,42 @@ from ecellm.data import TASK_BY_NAME, TASKS, format_prompt, load_records
 from ecellm.eval import (build_prompt, derive_setting, load_qpr_labels, main, markdown_table, one_shot_instruction,
                          references)
 from ecellm.lora import inject, save_adapter
-from ecellm.models import from_config
+from ecellm.models import encoders, from_config
 from ecellm.synthetic import write_dataset
 
 LLAMA_SPM = Path(__file__).parent / "assets" / "tokenizers" / "llama2-spm" / "tokenizer.model"
 TINY = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 16, "intermediate_size": 32,
         "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 4096,
         "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
+
+
+class StandInMiniLM:
+    """all-MiniLM-L6-v2's stand-in (no download in fast tests): one fixed random vector per lower-cased word."""
+
+    name = "stand-in-minilm/L6"
+    special_ids = frozenset()
+
+    def __call__(self, texts: list[str]) -> list[torch.Tensor]:
+        vectors = []
+        for text in texts:
+            words = text.lower().split() or [""]
+            seeds = [zlib.crc32(w.encode()) for w in words]
+            vectors.append(torch.stack([torch.randn(8, generator=torch.Generator().manual_seed(s)) for s in seeds]))
+        return vectors
+
+
+@pytest.fixture(autouse=True)
+def stand_in_minilm(monkeypatch):
+    """Every evaluation here scores AG with `StandInMiniLM` where it would fetch the real encoder; returns the
+    (device, batch_size) of each call."""
+    calls = []
+
+    def minilm_encoder(layer=6, device="cpu", batch_size=64):
+        calls.append((str(device), batch_size))
+        return StandInMiniLM()
+
+    monkeypatch.setattr(encoders, "minilm_encoder", minilm_encoder)
+    return calls
 
 
 CHARACTERS = SimpleNamespace(encode=list)  # a tokenizer stand-in for batching by length: one token per character
@@ -159,6 +189,25 @@ def test_entry_point_end_to_end(tiny_dir, data_dir, tmp_path, capsys):
     assert all(TASK_BY_NAME[g["task"]].unseen_instruction in g["prompt"] for g in unseen)
     assert all("### Example Input:" in g["prompt"] for g in gens if g["setting"].endswith("1-shot"))
     assert all(g["prediction"] == g["generation"].split("### Response:")[0].strip() for g in gens)
+
+
+@pytest.mark.parametrize("choice", ["minilm", "model", "checkpoint"])
+def test_ag_is_scored_by_the_encoder_bertscore_model_names(tiny_dir, data_dir, tmp_path, stand_in_minilm, choice):
+    """--bertscore-model: MiniLM by default (fetched only when AG is evaluated), the evaluated model's own states
+    with "model", another checkpoint's by its folder; results.json names the encoder."""
+    flags = [] if choice == "minilm" else ["--bertscore-model", str(tiny_dir) if choice == "checkpoint" else "model"]
+    main(["--model", str(tiny_dir), "--data", str(data_dir / "test.json"), "--tasks", "AG", "PM",
+          "--out", str(tmp_path / "out"), "--max-new-tokens", "3", *flags])
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    name = {"minilm": "stand-in-minilm/L6", "model": "evaluated-model", "checkpoint": str(tiny_dir)}[choice]
+    assert results["config"]["bertscore_encoder"] == name
+    [ag] = [r for r in results["results"] if r["task"] == "AG"]
+    assert ag["encoder"] == name and -1.0 <= ag["f_bert"] <= 1.0
+    assert stand_in_minilm == ([("cpu", 8)] if choice == "minilm" else [])
+    main(["--model", str(tiny_dir), "--data", str(data_dir / "test.json"), "--tasks", "PM",
+          "--out", str(tmp_path / "pm"), "--max-new-tokens", "3", *flags])
+    assert json.loads((tmp_path / "pm" / "results.json").read_text())["config"]["bertscore_encoder"] is None
+    assert len(stand_in_minilm) <= 1  # no AG: no encoder fetched
 
 
 def test_entry_point_with_adapter_and_sampling(tiny_dir, data_dir, tmp_path):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -86,7 +87,7 @@ def test_train_generalist_writes_results_to_the_run_folder_only(tmp_path):
     before = repository_files()
     cmd = [sys.executable, "examples/train_generalist.py", "--model", str(model), "--n-train", "1", "--n-test", "2",
            "--max-steps", "2", "--global-batch", "4", "--minutes", "1e-6",  # the time limit ends training after step 1
-           "--sr-phases", "none", "--focus-phase", "none"]
+           "--sr-phases", "none", "--focus-phase", "none", "--bertscore-model", "model"]  # no fetch in a fast test
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "ECELLM_RUNS": str(runs)}, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -332,6 +333,19 @@ def test_standard_errors_and_verdict(scoring):
     assert not scoring.clearly_above(before=0.1, after=0.9, baseline_score=0.1, se=None)
 
 
+def test_ag_encoder_is_minilm_by_default_and_none_without_ag(generalist, monkeypatch):
+    """The examples' AG encoder: all-MiniLM-L6-v2 unless --bertscore-model says otherwise; none without AG."""
+    import common
+
+    from ecellm.models import encoders
+
+    monkeypatch.setattr(encoders, "minilm_encoder", lambda **kw: SimpleNamespace(name="stand-in-minilm", **kw))
+    args = generalist.build_parser().parse_args([])
+    encoder = common.ag_encoder(args.bertscore_model, None, None, "cpu", 4, ("PM", "AG"))
+    assert encoder.name == "stand-in-minilm" and encoder.batch_size == 4
+    assert common.ag_encoder(args.bertscore_model, None, None, "cpu", 4, ("PM", "SA")) is None
+
+
 def test_training_losses_chain_phases_and_the_curve_needs_matplotlib(generalist, tmp_path, monkeypatch):
     """Losses of runs trained one after the other line up on one time axis; without matplotlib (the `plot` extra)
     no curve is written and the caller is told so."""
@@ -378,14 +392,14 @@ def test_train_real_scores_every_real_task_in_the_run_folder_only(tmp_path):
     from .test_sources import realdata
 
     raw = realdata("")
-    tasks = ("PM", "SA", "AVE", "AP", "AG")
+    tasks = ("PM", "SA", "AVE", "AP", "AG", "SR")
     model = make_tiny_checkpoint(tmp_path / "model", tasks=tasks)
     out = tmp_path / "out"
     before = repository_files()
     cmd = [sys.executable, "examples/train_real.py", "--raw", str(raw), "--model", str(model), "--out", str(out),
-           "--n-train", "PM:4,SA:2,AVE:2,AP:2,AG:2", "--n-test", "2", "--n-test-extra", "3", "--n-test-pm", "3",
-           "--max-steps", "1",
-           "--max-len", "1024", "--minutes", "0"]
+           "--n-train", "PM:4,SA:2,AVE:2,AP:2,AG:2,SR:2", "--n-test", "2", "--n-test-extra", "3", "--n-test-pm", "3",
+           "--max-steps", "1", "--max-len", "4096", "--minutes", "0", "--pm-hard",
+           "--bertscore-model", "model"]  # no fetch in a fast test (MiniLM's wiring: test_ag_encoder_...)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert repository_files() == before, "the example wrote into the repository"
@@ -393,8 +407,12 @@ def test_train_real_scores_every_real_task_in_the_run_folder_only(tmp_path):
     assert set(results["tasks"]) == set(tasks) and results["steps"] == 1
     for abbr, t in results["tasks"].items():
         assert {"before", "after", "baseline", "metric"} <= set(t) and t["metric"] in t["after"], abbr
-    assert set(results["tables"]) == {"tasks", "unseen_instruction", "ood"}
-    assert set(results["tables"]["ood"]) == {"SA", "AVE", "AP", "AG"}  # PM's source has no held-out part
+    assert set(results["tables"]) == {"tasks", "unseen_instruction", "ood", "pm_hard"}
+    assert set(results["tables"]["ood"]) == {"SA", "AVE", "AP", "AG", "SR"}  # PM's source has no held-out part
+    assert set(results["tables"]["pm_hard"]) == {"PM"} and results["n_test"]["pm_hard"]["PM"] == 3
+    assert results["tasks"]["SR"]["metric"] == "hr@1" and results["bertscore_encoder"] == "evaluated-model"
+    hard = json.loads((out / "data" / "test_hard.json").read_text())
+    assert len(hard) == 3 and all(r["task"] == "Product_Matching" for r in hard)
     assert results["n_test"]["tasks"]["PM"] == 3 and results["n_test"]["tasks"]["SA"] == 2
     assert results["n_test"]["unseen_instruction"]["SA"] == 3 and results["n_test"]["ood"]["AVE"] == 3
     assert (Path(results["adapter"]) / "adapter_config.json").is_file() and results["minutes"] > 0
@@ -402,9 +420,10 @@ def test_train_real_scores_every_real_task_in_the_run_folder_only(tmp_path):
     assert {r["setting"] for r in test} == {"IND_Diverse_Instruction", "IND_Unseen_Instruction",
                                             "OOD_Diverse_Instruction"}
     markdown = (out / "results.md").read_text()
-    assert "Beside the paper" in markdown and "examples/train_real.py" in markdown
+    assert "Beside the paper" in markdown and "examples/train_real.py" in markdown and "look-alike" in markdown
+    assert "GPT-4 Turbo 0.387" in markdown
     generations = (out / "generations.jsonl").read_text().splitlines()
-    assert len(generations) == 2 * len(test)  # every test record answered before and after
+    assert len(generations) == 2 * (len(test) + len(hard))  # every test record answered before and after
 
 
 def test_train_real_refuses_an_unknown_task_and_a_missing_raw_folder(tmp_path):
