@@ -61,7 +61,8 @@ def test_torchrun_nccl_fsdp2_bf16_training(tmp_path, flags):
     model = make_tiny_checkpoint(tmp_path / "model", tasks=tasks)
     write_dataset(tmp_path / "data", n_per_task=32, n_eval_per_task=8, seed=0, tasks=tasks)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torch.cuda.device_count()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={torch.cuda.device_count()}",
            "-m", "ecellm.train", "--model", str(model), "--data", str(tmp_path / "data"), "--out", str(out),
            "--dtype", "bf16", "--lr", "1e-2", "--epochs", "3", "--global-batch", "8", "--micro-batch", "2",
            "--activation-checkpointing", "--max-len", "512", *flags]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..files import read_json
 from ..errors import EcellmError
+from ..files import read_json
 from .layers import RopeScaling
 
 

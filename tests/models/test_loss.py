@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ecellm.data import IGNORE_INDEX, collate, collate_packed
 from ecellm.models import causal_lm_loss, seq2seq_lm_loss
+
 from ..test_packing import DECODERS, T5, TINY, decoder_examples, t5_examples, tiny_model
 
 
