@@ -37,22 +37,27 @@ Answers, as the reference: the text after the template's response marker in prom
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
+import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from .configs import PAPER_SAMPLING, EvalConfig  # noqa: F401 (public here too)
 from .data import Records, load_records, parse_response
 from .errors import EcellmError, exit_on_error
 from .files import open_to_append, read_json, write_text_atomically
 from .flags import parse_dtype, parse_flags
-from .generate import generate_text
+from .generate import generate_text, length_batches
 from .lock import FolderLock
 from .metrics import ModelEncoder, score
 from .models import template_for
@@ -70,6 +75,9 @@ from .runs import (  # noqa: F401 (RESUMABLE_CHANGES: public here too)
     weight_files,
 )
 from .tasks import SETTINGS, TASK_BY_NAME, TASKS, resolve_task
+
+PAPER_MAX_NEW_TOKENS = 100  # the reference's max_new_tokens (inference.py)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class EvalError(EcellmError, ValueError):
@@ -127,12 +135,80 @@ def _groups(records: Sequence[dict]) -> dict[tuple[str, str], list[int]]:
     return dict(sorted(groups.items(), key=lambda kv: (task_order.index(kv[0][0]), SETTINGS.index(kv[0][1]))))
 
 
-def generation_batches(tokenizer, prompts: Sequence[str], batch_size: int) -> list[list[int]]:
-    """The prompts' indices in generation batches: sorted by token length (little padding), `batch_size` each, as
-    `ecellm.generate.generate_text` batches them. Batch b starts at position b * batch_size of that order, which
-    seeds its sampling: a batch generates the same text whether the batches before it ran in this process or not."""
-    order = sorted(range(len(prompts)), key=lambda i: len(tokenizer.encode(prompts[i])))
-    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+def answer_budgets(tasks: Sequence[str], max_new_tokens: int | Mapping[str, int]) -> dict[str, int]:
+    """Task name -> most new tokens generated for its answers.
+
+    Args:
+        tasks: the task names (any spelling `resolve_task` takes) to budget.
+        max_new_tokens: one budget for every task, or a budget per task (any spelling); a task it leaves out gets
+            the paper's `PAPER_MAX_NEW_TOKENS`.
+    """
+    if isinstance(max_new_tokens, int):
+        return {resolve_task(t): max_new_tokens for t in tasks}
+    given = {resolve_task(t): n for t, n in max_new_tokens.items()}
+    return {resolve_task(t): given.get(resolve_task(t), PAPER_MAX_NEW_TOKENS) for t in tasks}
+
+
+def read_answer(prompt: str, generation: str, template: str, model_type: str) -> str:
+    """The answer in a generation, as the reference reads it: for a decoder, the text after the template's response
+    marker in prompt + generation, stripped (`parse_response`, utils/prompter.py line 47-48); for T5 (an
+    encoder-decoder, whose output is the answer alone) the generation itself, as is (inference_T5.py line 118).
+
+    Args:
+        prompt: the prompt the generation continues.
+        generation: the decoded continuation.
+        template: "alpaca" or "mistral", the template the prompt was built with.
+        model_type: the model's `config.model_type`.
+    """
+    return generation if model_type == "t5" else parse_response(prompt + generation, template)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of ranks of the torchrun launch (0, 1 without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gathered(made: list[tuple[int, str]], world: int) -> list[tuple[int, str]]:
+    """Every rank's (record index, generation) pairs of one round, rank 0's first, on every rank."""
+    if world == 1:
+        return made
+    parts: list = [None] * world
+    dist.all_gather_object(parts, made)
+    return [pair for part in parts for pair in part]
+
+
+def _generate_all(model, tokenizer, prompts: Sequence[str], budgets: Sequence[int], *, batch_size: int,
+                  temperature: float, top_p: float, seed: int | None, done: Mapping[int, str], progress: bool,
+                  desc: str, on_batch: Callable[[list[int], list[str]], None]) -> dict[int, str]:
+    """Record index -> generation for every prompt. The prompts go in length-sorted batches of one answer budget
+    each (`length_batches`); the batches not yet `done` are dealt out to the ranks in rounds (batch k of a round to
+    the round's rank k), and after each round every rank holds every generation of it. A batch is seeded by its
+    position in the order, so its text depends neither on the number of ranks nor on the batches before it."""
+    rank, world = _rank_and_world()
+    batches = length_batches([len(tokenizer.encode(p)) for p in prompts], batch_size, budgets)
+    starts = [0, *itertools.accumulate(len(rows) for rows in batches)]
+    generations = dict(done)
+    pending = [k for k, rows in enumerate(batches) if not all(i in generations for i in rows)]
+    with tqdm(total=len(prompts), initial=len(prompts) - sum(len(batches[k]) for k in pending), desc=desc,
+              unit="record", dynamic_ncols=True, disable=not progress or rank != 0) as bar:
+        for first in range(0, len(pending), world):
+            round_ = pending[first:first + world]
+            made = []
+            if rank < len(round_):
+                rows = batches[round_[rank]]
+                texts = generate_text(model, tokenizer, [prompts[i] for i in rows], max_new_tokens=budgets[rows[0]],
+                                      batch_size=len(rows), temperature=temperature, top_p=top_p,
+                                      seed=None if seed is None else seed + starts[round_[rank]])
+                made = list(zip(rows, texts))
+            round_generations = dict(_gathered(made, world))
+            for k in round_:  # in batch order, whichever rank made it
+                texts = [round_generations[i] for i in batches[k]]
+                generations.update(zip(batches[k], texts))
+                on_batch(batches[k], texts)
+                bar.update(len(texts))
+    return generations
 
 
 def evaluate(
@@ -142,7 +218,7 @@ def evaluate(
     *,
     template: str = "alpaca",
     batch_size: int = 8,
-    max_new_tokens: int = 100,
+    max_new_tokens: int | Mapping[str, int] = PAPER_MAX_NEW_TOKENS,
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int | None = 0,
@@ -150,63 +226,61 @@ def evaluate(
     encoder=None,
     qpr_labels: Sequence[Sequence[str]] | None = None,
     progress: bool = True,
+    desc: str = "generate",
     done: Mapping[int, str] | None = None,
     on_batch: Callable[[list[dict]], None] | None = None,
 ) -> dict:
-    """Generate an answer for every record and score each (task, setting) group as the paper does.
+    """Generate an answer for every record and score each (task, setting) group as the paper does. Under torchrun
+    (a process group initialized) each rank generates its share of the batches on its model's device, and every
+    rank gets every generation and score; a batch's text does not depend on the number of ranks.
 
     Args:
-        model: an ecellm model (any family), in eval mode.
-        tokenizer: its `ecellm.tokenizer` tokenizer.
+        model, tokenizer: an ecellm model (any family) and its `ecellm.tokenizer` tokenizer.
         records: ECInstruct records (`instruction`, `input`, `options`, `output`, `task`, `setting`; 1-shot
             settings also `few_shot_example`); each is scored under its own task and setting.
         template: prompt template, "alpaca" or "mistral".
-        batch_size: prompts per generation batch (prompts of all tasks are grouped by length).
-        max_new_tokens: most tokens generated per answer (the paper: 100).
-        temperature: 0 for greedy decoding; the paper's sampling is temperature 0.15 with top_p 0.95.
-        top_p: nucleus-sampling mass.
-        seed: seed of sampling (ignored when greedy); batch b is seeded with seed + b * batch_size.
-        paper_compat: score with the reference evaluation's defects (see `ecellm.metrics`). In both modes AVE
-            outputs of a T5 model (`model.config.model_type == "t5"`) are parsed as evaluate_T5.py does
-            (`ecellm.metrics.parse_ave_t5`: Flan-T5 cannot write braces), others as evaluate.py does.
+        batch_size: prompts per generation batch (grouped by answer budget, then length: `length_batches`).
+        max_new_tokens: most tokens per answer: one number (the paper: 100) or task (any spelling) -> number, the
+            tasks left out getting the paper's 100 (`answer_budgets`).
+        temperature, top_p: 0 for greedy decoding; the paper samples at temperature 0.15 with top_p 0.95.
+        seed: sampling's seed; the batch starting at position p of the batches' order is seeded with seed + p.
+        paper_compat: score with the reference evaluation's defects (see `ecellm.metrics`). AVE answers of a T5
+            model are parsed as evaluate_T5.py does (`ecellm.metrics.parse_ave_t5`), in both modes.
         encoder: AG's BERTScore encoder; default `ModelEncoder(model, tokenizer)` (the evaluated model itself).
         qpr_labels: ESCI labels of the QPR options, per QPR record of each setting in order (see `references`).
-        progress: show a tqdm progress bar.
-        done: record index -> generation already made (a resumed evaluation); a batch all of whose records are
-            done is not generated again.
-        on_batch: called with the generation records (as in the returned "generations") of each batch generated.
+        progress, desc: show a tqdm progress bar (on rank 0) with this label.
+        done: record index -> generation already made (a resumed evaluation); a batch all done is not made again.
+        on_batch: called on every rank with each batch's generation records (as in "generations"), in batch order.
     Returns:
         {"results": one `score` dict per (task, setting) with "setting" added, in the paper's task order, then
-         setting order,
-         "generations": per record {"index", "task", "setting", "prompt", "generation", "prediction",
-         "reference"}}; "generation" is the decoded continuation, "prediction" the answer read from it (the text
-         after the template's response marker in prompt + generation, stripped; for T5 the generation itself).
+         setting order; "generations": per record {"index", "task", "setting", "prompt", "generation" (the decoded
+         continuation), "prediction" (the answer read from it: `read_answer`), "reference"}}.
     """
-    from tqdm.auto import tqdm
-
     model.eval()  # no dropout (LoRA's included) while generating
     groups = _groups(records)
     refs = {key: references(key[0], [records[i] for i in idx], qpr_labels) for key, idx in groups.items()}
     prompts = [build_prompt(r, template) for r in records]
-    seq2seq = model.config.model_type == "t5"
+    model_type = model.config.model_type
+    budget = answer_budgets({r["task"] for r in records}, max_new_tokens)
 
-    def generation_record(i: int, generation: str) -> dict:
-        prediction = generation if seq2seq else parse_response(prompts[i] + generation, template)
-        return {"index": i, "task": records[i]["task"], "setting": records[i]["setting"], "prompt": prompts[i],
-                "generation": generation, "prediction": prediction, "reference": records[i]["output"]}
+    def generation_records(rows: Sequence[int], texts: Sequence[str]) -> list[dict]:
+        return [{"index": i, "task": records[i]["task"], "setting": records[i]["setting"], "prompt": prompts[i],
+                 "generation": text, "prediction": read_answer(prompts[i], text, template, model_type),
+                 "reference": records[i]["output"]} for i, text in zip(rows, texts)]
 
-    generations = dict(done or {})
-    batches = generation_batches(tokenizer, prompts, batch_size)
-    for b, rows in enumerate(tqdm(batches, desc="generate", disable=not progress, unit="batch")):
-        if all(i in generations for i in rows):
-            continue
-        texts = generate_text(model, tokenizer, [prompts[i] for i in rows], max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, temperature=temperature, top_p=top_p,
-                              seed=None if seed is None else seed + b * batch_size)
-        generations.update(zip(rows, texts))
-        if on_batch is not None:
-            on_batch([generation_record(i, text) for i, text in zip(rows, texts)])
-    gens = [generation_record(i, generations[i]) for i in range(len(records))]
+    generations = _generate_all(model, tokenizer, prompts, [budget[resolve_task(r["task"])] for r in records],
+                                batch_size=batch_size, temperature=temperature, top_p=top_p, seed=seed,
+                                done=done or {}, progress=progress, desc=desc, on_batch=lambda rows, texts: (
+                                    on_batch(generation_records(rows, texts)) if on_batch else None))
+    gens = generation_records(range(len(records)), [generations[i] for i in range(len(records))])
+    return {"results": _score_groups(model, tokenizer, gens, groups, refs, batch_size=batch_size,
+                                     paper_compat=paper_compat, encoder=encoder, seq2seq=model_type == "t5"),
+            "generations": gens}
+
+
+def _score_groups(model, tokenizer, gens: Sequence[dict], groups: Mapping[tuple[str, str], list[int]],
+                  refs: Mapping, *, batch_size: int, paper_compat: bool, encoder, seq2seq: bool) -> list[dict]:
+    """`score` of each (task, setting) group's predictions, with "setting" added; AG's encoder made when needed."""
     results = []
     for (task, setting), idx in groups.items():
         if TASK_BY_NAME[task].answer == "text" and encoder is None:  # BERTScore needs an encoder
@@ -214,7 +288,7 @@ def evaluate(
         result = score(task, [gens[i]["prediction"] for i in idx], refs[task, setting], setting=setting,
                        paper_compat=paper_compat, ave_parser="t5" if seq2seq else "json", encoder=encoder)
         results.append({"task": result.pop("task"), "setting": setting, **result})
-    return {"results": results, "generations": gens}
+    return results
 
 
 # --- tables -------------------------------------------------------------------------------------------------
@@ -431,13 +505,63 @@ def _load_models(config: EvalConfig) -> tuple[torch.nn.Module, object, ModelEnco
     return model, tokenizer, encoder
 
 
+class EvaluationStopped(EcellmError):
+    """A stop signal (SIGTERM, SIGINT) arrived during an evaluation: what was generated is on disk, --resume goes on.
+    Not a ValueError, so that no `except ValueError` on its way out takes it for bad input."""
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While inside, SIGTERM and SIGINT raise `EvaluationStopped` in the main thread at once (between two decoding
+    steps, at worst after one batch's prompt pass), instead of killing the process or waiting; a second signal while
+    the first unwinds is ignored. The previous handlers come back on leaving."""
+    received: list[str] = []
+
+    def handler(signum: int, frame) -> None:
+        if not received:
+            received.append(signal.Signals(signum).name)
+            raise EvaluationStopped(received[0])
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _stopped(out: Path, signal_name: str, n_records: int) -> EvalError:
+    """The one line told when a signal stopped the evaluation in `out`."""
+    file = out / GENERATIONS
+    made = file.read_text(encoding="utf-8").count("\n") if file.is_file() else 0
+    return EvalError(f"stopped by {signal_name}: {made} of {n_records} generations are in {file}; run the same "
+                     "command with --resume to continue")
+
+
+def _generate_into(out: Path, config: EvalConfig, model, tokenizer, encoder, records: Sequence[dict],
+                   template: str, done: Mapping[int, str], qpr_labels) -> dict:
+    """`evaluate` with each batch's generations appended to out/generations.jsonl as soon as they are made."""
+    temperature, top_p = config.decoding()
+    with open_to_append(out / GENERATIONS) as f:
+
+        def append(batch: list[dict]) -> None:
+            f.write("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in batch))
+            f.flush()
+
+        return evaluate(model, tokenizer, records, template=template, batch_size=config.batch_size,
+                        max_new_tokens=config.max_new_tokens, temperature=temperature, top_p=top_p,
+                        seed=config.seed, paper_compat=config.paper_compat, encoder=encoder,
+                        qpr_labels=qpr_labels, done=done, on_batch=append)
+
+
 def run(config: EvalConfig) -> dict:
     """Evaluate as `config` says, writing to `config.out` as it goes (see the module docstring), and print the
     table; returns what `evaluate` returned.
 
     Everything that can be checked is checked before generating: the records and their reference answers, the QPR
     labels, the folder (writable, and holding no other evaluation unless --resume or --overwrite), the model,
-    tokenizer and adapter. The folder is locked for the evaluation's life (`ecellm.lock.FolderLock`).
+    tokenizer and adapter. The folder is locked for the evaluation's life (`ecellm.lock.FolderLock`). SIGTERM or
+    SIGINT stops it within seconds with the generations made so far on disk: an `EvalError` saying so (exit 1).
     """
     out = Path(config.out)
     check_flags(out, EVALUATING, config.resume, config.overwrite)
@@ -446,31 +570,25 @@ def run(config: EvalConfig) -> dict:
     lock = FolderLock(out, "evaluation")
     lock.acquire(_log)
     try:
-        check_out(out, config.resume, config.overwrite)
-        model, tokenizer, encoder = _load_models(config)
-        template = template_for(model.config.model_type, config.template)
-        prompts = [build_prompt(r, template) for r in records]
-        weights = fingerprint_files(weight_files(_model_dir(config.model), config.adapter))
-        header = evaluation_header(config, records, prompts, weights)
-        done = start_or_resume(out, header, records, prompts, config.resume, config.allow_model_change)
-        temperature, top_p = config.decoding()
-        start = time.time()
-        with open_to_append(out / GENERATIONS) as f:
-
-            def append(batch: list[dict]) -> None:
-                f.write("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in batch))
-                f.flush()
-
-            evaluation = evaluate(model, tokenizer, records, template=template, batch_size=config.batch_size,
-                                  max_new_tokens=config.max_new_tokens, temperature=temperature, top_p=top_p,
-                                  seed=config.seed, paper_compat=config.paper_compat, encoder=encoder,
-                                  qpr_labels=qpr_labels, done=done, on_batch=append)
-        summary = {"model": config.model, "adapter": config.adapter, "data": config.data, "split": config.split,
-                   "template": template, "max_new_tokens": config.max_new_tokens, "temperature": temperature,
-                   "top_p": top_p, "seed": config.seed, "paper_compat": config.paper_compat,
-                   "bertscore_encoder": config.bertscore_model or config.model, "n_records": len(records),
-                   "seconds": round(time.time() - start, 1)}
-        paths = write_results(out, evaluation, summary)
+        with stop_on_signals():
+            check_out(out, config.resume, config.overwrite)
+            model, tokenizer, encoder = _load_models(config)
+            template = template_for(model.config.model_type, config.template)
+            prompts = [build_prompt(r, template) for r in records]
+            weights = fingerprint_files(weight_files(_model_dir(config.model), config.adapter))
+            header = evaluation_header(config, records, prompts, weights)
+            done = start_or_resume(out, header, records, prompts, config.resume, config.allow_model_change)
+            start = time.time()
+            evaluation = _generate_into(out, config, model, tokenizer, encoder, records, template, done, qpr_labels)
+            temperature, top_p = config.decoding()
+            summary = {"model": config.model, "adapter": config.adapter, "data": config.data,
+                       "split": config.split, "template": template, "max_new_tokens": config.max_new_tokens,
+                       "temperature": temperature, "top_p": top_p, "seed": config.seed,
+                       "paper_compat": config.paper_compat, "bertscore_encoder": config.bertscore_model or config.model,
+                       "n_records": len(records), "seconds": round(time.time() - start, 1)}
+            paths = write_results(out, evaluation, summary)
+    except EvaluationStopped as e:
+        raise _stopped(out, str(e), len(records)) from None
     finally:
         lock.release()
     print(markdown_table(evaluation["results"]), end="")

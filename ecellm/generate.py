@@ -9,6 +9,7 @@ encoder-decoder families share it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -132,6 +133,55 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     return batch["input_ids"], batch["attention_mask"]
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs that multiply bfloat16 natively
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; none elsewhere)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+
+
+def generation_dtype(device: torch.device | str, cpu_flags: set[str] | None = None) -> torch.dtype:
+    """The dtype to generate in on `device`: bfloat16 where it is native (a CUDA GPU that supports it; a CPU with
+    AVX512-BF16 or AMX), float32 elsewhere (a CPU without them emulates bfloat16 matrix products, slower than fp32).
+
+    Args:
+        device: where the model runs.
+        cpu_flags: the CPU's feature flags (default: read from /proc/cpuinfo).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    native = device.type == "cpu" and bool(set(BF16_CPU_FLAGS) & (_cpu_flags() if cpu_flags is None else cpu_flags))
+    return torch.bfloat16 if native else torch.float32
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, groups: Sequence[int] | None = None) -> list[list[int]]:
+    """Indices of items (prompts) in batches of at most `batch_size`, in order of length, so that a batch pads little.
+
+    Args:
+        lengths: each item's length in tokens.
+        batch_size: most items per batch.
+        groups: an orderable key per item (e.g. its answer budget) that a batch never mixes: the items are ordered
+            by (key, length) and each key's items are cut into batches of their own. None: one group.
+    Returns:
+        the batches, each a list of item indices; batch b starts at position sum(len(b') for b' before b) of the
+        order, which is what seeds its sampling (a batch generates the same text whatever ran before it).
+    """
+    keys = [0] * len(lengths) if groups is None else list(groups)
+    order = sorted(range(len(lengths)), key=lambda i: (keys[i], lengths[i]))
+    batches: list[list[int]] = []
+    for i in order:
+        if not batches or len(batches[-1]) == batch_size or keys[batches[-1][0]] != keys[i]:
+            batches.append([])
+        batches[-1].append(i)
+    return batches
+
+
 def generate_text(
     model: nn.Module,
     tokenizer,
@@ -152,7 +202,8 @@ def generate_text(
         model: an ecellm model.
         tokenizer: an `ecellm.tokenizer` tokenizer (`encode`, `decode`, `pad_id`, `eos_id`).
         prompts: the prompt strings.
-        batch_size: prompts per batch; prompts are grouped by length to waste little padding.
+        batch_size: prompts per batch; prompts are grouped by length to waste little padding (`length_batches`).
+        seed: seeds sampling; the batch starting at position p of the length order is seeded with seed + p.
         progress: show a tqdm bar.
     Returns:
         one completion per prompt, in the order given.
@@ -161,12 +212,10 @@ def generate_text(
 
     device = next(model.parameters()).device
     encoded = [tokenizer.encode(p) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     eos = _id_list(tokenizer.eos_id, getattr(model.config, "eos_token_id", None))
     results: list[str] = [""] * len(prompts)
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc="generate", disable=not progress, unit="batch"):
-        rows = order[start : start + batch_size]
+    batches = length_batches([len(e) for e in encoded], batch_size)
+    for b, rows in enumerate(tqdm(batches, desc="generate", disable=not progress, unit="batch")):
         ids, mask = left_pad([encoded[i] for i in rows], tokenizer.pad_id)
         new = generate(
             model,
@@ -176,7 +225,7 @@ def generate_text(
             eos_token_id=eos,
             temperature=temperature,
             top_p=top_p,
-            seed=None if seed is None else seed + start,
+            seed=None if seed is None else seed + b * batch_size,
             vocab_limit=tokenizer.vocab_size,
         )
         for row, tokens in zip(rows, new):

@@ -26,15 +26,27 @@ def chatml(question: str, system: str = SYSTEM) -> str:
     return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every argument with its words and its default (`--help`)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("question", nargs="?", default="What is the capital of France?")
+    parser.add_argument("question", nargs="?", default="What is the capital of France?",
+                        help="what to ask (default: %(default)r); put in the chat format for the default model, "
+                             "given as is to a --model")
     parser.add_argument("--model", help="checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
-    args = parser.parse_args()
+    parser.add_argument("--max-new-tokens", type=int, default=100,
+                        help="most tokens of the answer (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature; 0: greedy decoding (default: %(default)g)")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus sampling: sample among the likeliest tokens of this much probability mass; "
+                             "1: all (default: %(default)g)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of sampling, for an answer that repeats (default: none, a new one each run)")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     path = args.model or default_model_dir()
     tokenizer = load_tokenizer(path)

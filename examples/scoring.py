@@ -183,7 +183,8 @@ def compare(before: dict, after: dict, records: Sequence[dict], train_records: S
     """Per task: the metric, before and after, the baseline, the standard error and the verdict.
 
     Args:
-        before, after: `evaluate_split`'s results of one setting, before and after tuning.
+        before, after: `common.evaluate_sets`'s results of one setting (task abbreviation -> scores), before and
+            after tuning.
         records: that setting's test records.
         train_records: the training records (for AG's baseline answer).
         encoder: AG's BERTScore encoder (the same as the evaluations').
@@ -233,7 +234,7 @@ def generation_lines(stage: str, setting: str, results: dict, records: Sequence[
     Args:
         stage: "before" or "after".
         setting: the setting the records are scored in, e.g. "IND_Diverse_Instruction".
-        results: `common.evaluate_split`'s results on `records`.
+        results: `common.evaluate_sets`'s results on `records` (task abbreviation -> scores).
         records: the setting's test records.
     """
     lines = []

@@ -46,8 +46,9 @@ from ecellm.tasks import TASKS, task_info
 from ecellm.models.default import MODELS, resolve_model
 from ecellm.train import TrainConfig, setup_distributed
 
-from common import (by_task, default_out, evaluate_settings, launcher, load_model, machine, parse_phases,
-                    template_for, train_phases, training_losses, write_curve, write_results, write_sr_phase_data)
+from common import (by_task, default_out, evaluate_sets, for_generation, launcher, load_model, machine, template_for,
+                    training_losses, write_curve, write_results)
+from phases import parse_phases, train_phases, write_sr_phase_data
 from scoring import BOOTSTRAP_RESAMPLES, answer_budgets, compare, data_file, generation_lines, task_table
 
 # The demo recipe for the embedded default on a 2-core CPU: fp32, a 20x higher learning rate than the paper's, small
@@ -158,17 +159,20 @@ def warmup_phases(args: argparse.Namespace, tasks: list[str] | None) -> list[tup
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every flag with its words and its default (`--help`)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="",
                         help=f"checkpoint directory or a real model's name ({', '.join(MODELS)}; default: the "
                              "embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--data", default="", help="ECInstruct directory (train.json, validation.json, test.json)")
+    parser.add_argument("--data", default="", help="ECInstruct directory (train.json, validation.json, test.json; "
+                                                   "default: a synthetic set of every task written to <out>/data)")
     parser.add_argument("--out", default="",
                         help="run folder (default: $ECELLM_RUNS or ~/ecellm-runs, then train_generalist-<date>-<time>)")
     parser.add_argument("--tasks", default="",
                         help="comma-separated task abbreviations to tune on and score (default: all 10)")
-    parser.add_argument("--n-train", type=int, default=N_TRAIN, help="synthetic training records per task")
+    parser.add_argument("--n-train", type=int, default=N_TRAIN,
+                        help="synthetic training records per task (default: %(default)s)")
     parser.add_argument("--sr-phases", default=None,
                         help="SR warm-up before the mix of all tasks: OPTIONS:RECORDS[:LR] per phase, comma-separated, "
                              "each phase on synthetic SR records with that many options (default: "
@@ -177,18 +181,25 @@ def parse_args() -> argparse.Namespace:
                         help="a phase on a few tasks alone, after the SR warm-up and before the mix: "
                              "TASKS:RECORDS[:LR] with task abbreviations joined by + and RECORDS per task (default: "
                              f"{FOCUS_PHASE} on synthetic data; 'none' to go straight to the mix)")
-    parser.add_argument("--n-test", type=int, default=N_TEST, help="held-out records per task scored before and after")
+    parser.add_argument("--n-test", type=int, default=N_TEST,
+                        help="held-out records per task scored before and after (default: %(default)s)")
     parser.add_argument("--max-steps", type=int, default=0,
-                        help="stop each training phase after this many steps (0: all)")
+                        help="stop each training phase after this many steps (default: %(default)s, all)")
     parser.add_argument("--minutes", type=float, default=None,
-                        help="stop training after this many minutes, then evaluate (0: no limit; default: the demo "
-                             "recipe's 46, none with --model or --data)")
-    parser.add_argument("--lr", type=float, default=None)
+                        help="stop training after this many minutes, then evaluate; 0: no limit (default: the demo "
+                             f"recipe's {DEMO['minutes']:g}, none with --model DIR or --data)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"learning rate of the mix (default: the demo recipe's {DEMO['lr']:g}; the reference's "
+                             f"{TrainConfig.lr:g} with --model DIR or --data)")
     parser.add_argument("--global-batch", type=int, default=None,
-                        help="examples per optimizer step (default: the recipe's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
-    return parser.parse_args()
+                        help=f"examples per optimizer step (default: the demo recipe's {DEMO['global_batch']}; the "
+                             f"reference's {TrainConfig.global_batch} with --model DIR or --data)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the synthetic data, the LoRA initialisation and the data order "
+                             "(default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="prompts per generation batch (default: %(default)s)")
+    return parser
 
 
 def load_test_sets(data: str, n_test: int, tasks: list[str] | None = None) -> dict[str, list[dict]]:
@@ -205,7 +216,7 @@ def load_test_sets(data: str, n_test: int, tasks: list[str] | None = None) -> di
 
 
 def main() -> None:
-    args = parse_args()
+    args = build_parser().parse_args()
     start = time.perf_counter()
     d = setup_distributed(TrainConfig().dist_timeout_s)
     out = Path(args.out) if args.out else default_out(d, "train_generalist")
@@ -240,12 +251,13 @@ def main() -> None:
 
     # One encoder for AG's F_BERT before and after: the untuned model's hidden states.
     base, tokenizer = load_model(config.model)
+    base = for_generation(base, d.device)  # a CUDA rank generates on its GPU, in bfloat16
     encoder = ModelEncoder(base, tokenizer, batch_size=args.batch_size)
     budgets = answer_budgets(train_records, tokenizer)
     timings = {"setup": time.perf_counter() - start}
     clock = time.perf_counter()
-    before = evaluate_settings(base, tokenizer, tests, SETTINGS, d, template, budgets, encoder,
-                              args.batch_size, "before")
+    before = evaluate_sets(base, tokenizer, tests, template, budgets, encoder=encoder,
+                           batch_size=args.batch_size, desc="before tuning")
     timings["before"], clock = time.perf_counter() - clock, time.perf_counter()
     phases = [(out / "data" / f"sr_phase{i}", out / "run" / f"sr_phase{i}", lr)
               for i, (_, _, lr) in enumerate(sr_phases, 1)]
@@ -255,9 +267,9 @@ def main() -> None:
     done = train_phases(config, phases, config.minutes)
     timings["training"], clock = time.perf_counter() - clock, time.perf_counter()
     adapter = done["adapter"]
-    tuned, _ = load_model(config.model, adapter)
-    after = evaluate_settings(tuned, tokenizer, tests, SETTINGS, d, template, budgets, encoder,
-                             args.batch_size, "after")
+    tuned = for_generation(load_model(config.model, adapter)[0], d.device)
+    after = evaluate_sets(tuned, tokenizer, tests, template, budgets, encoder=encoder,
+                          batch_size=args.batch_size, desc="after tuning")
     timings["after"] = time.perf_counter() - clock
     timings["evaluation"] = timings["before"] + timings["after"]
 

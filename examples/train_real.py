@@ -52,8 +52,9 @@ from ecellm.tasks import task_abbr
 from ecellm.models.default import MODELS, resolve_model
 from ecellm.train import TrainConfig, setup_distributed
 
-from common import (by_task, default_out, evaluate_settings, launcher, load_model, machine, template_for,
-                    train_phases, training_losses, training_minutes, write_curve, write_results)
+from common import (by_task, default_out, evaluate_sets, for_generation, launcher, load_model, machine, template_for,
+                    training_losses, write_curve, write_results)
+from phases import train_phases, training_minutes
 from scoring import BOOTSTRAP_RESAMPLES, answer_budgets, compare, generation_lines, task_table
 
 # source name (`ecellm.sources`) -> its folder under --raw, and the tasks it yields
@@ -204,7 +205,8 @@ def results_markdown(results: dict) -> str:
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every flag with its words and its default (`--help`)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--raw", default="", help="folder of the raw sources (default: ../shared/realdata beside the "
                                                   "repository)")
@@ -213,26 +215,33 @@ def parse_args() -> argparse.Namespace:
                              "embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--out", default="",
                         help="run folder (default: $ECELLM_RUNS or ~/ecellm-runs, then train_real-<date>-<time>)")
-    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated, among %(default)s")
+    parser.add_argument("--tasks", default=",".join(TASKS),
+                        help="comma-separated task abbreviations to tune on and score (default: %(default)s)")
     parser.add_argument("--n-train", default="",
                         help="training records per task, e.g. PM:320,SA:200 (default: "
                              + ",".join(f"{k}:{v}" for k, v in N_TRAIN.items()) + ")")
     parser.add_argument("--n-test", type=int, default=200,
-                        help="test records per task with the training instructions, PM aside")
+                        help="test records per task with the training instructions, PM aside (default: %(default)s)")
     parser.add_argument("--n-test-extra", type=int, default=100,
-                        help="test records per task with the unseen instruction and out of domain, PM aside")
+                        help="test records per task with the unseen instruction and out of domain, PM aside "
+                             "(default: %(default)s)")
     parser.add_argument("--n-test-pm", type=int, default=0,
-                        help="PM's test records per setting (0: its whole rebuilt test split, 253)")
+                        help="PM's test records per setting; 0: its whole rebuilt test split, 253 (default: "
+                             "%(default)s)")
     parser.add_argument("--max-len", type=int, default=DEMO["max_len"],
-                        help="records longer than this many tokens are left out (training and testing)")
+                        help="records longer than this many tokens are left out, in training and testing (default: "
+                             "%(default)s)")
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
-                        help="the whole job's budget in minutes: training stops in time for the evaluation after it "
-                             "(0: no limit)")
-    parser.add_argument("--max-steps", type=int, default=0, help="stop training after this many steps (0: all)")
-    parser.add_argument("--lr", type=float, default=DEMO["lr"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
-    return parser.parse_args()
+                        help="the whole job's budget in minutes: training stops in time for the evaluation after it; "
+                             "0: no limit (default: %(default)g)")
+    parser.add_argument("--max-steps", type=int, default=0,
+                        help="stop training after this many steps (default: %(default)s, all)")
+    parser.add_argument("--lr", type=float, default=DEMO["lr"], help="learning rate (default: %(default)g)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the LoRA initialisation and the data order (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="prompts per generation batch (default: %(default)s)")
+    return parser
 
 
 def parse_counts(text: str, tasks: tuple[str, ...]) -> dict[str, int]:
@@ -247,7 +256,7 @@ def parse_counts(text: str, tasks: tuple[str, ...]) -> dict[str, int]:
 
 
 def main() -> None:
-    args = parse_args()
+    args = build_parser().parse_args()
     start = time.perf_counter()
     tasks = tuple(t.strip().upper() for t in args.tasks.split(","))
     unknown = [t for t in tasks if t not in TASKS]
@@ -266,6 +275,7 @@ def main() -> None:
     config = dataclasses.replace(config, model=str(resolve_model(config.model)))  # a folder, a name or the default
     template = template_for(config.model)
     base, tokenizer = load_model(config.model)
+    base = for_generation(base, d.device)  # a CUDA rank generates on its GPU, in bfloat16
 
     n_test = {key: args.n_test if key == "tasks" else args.n_test_extra for key in SETTINGS}
     # Every rank builds the same records (deterministic, a few seconds); rank 0 writes what training reads.
@@ -288,16 +298,16 @@ def main() -> None:
     budgets = answer_budgets(train_records, tokenizer, cap=None)
     timings = {"setup": time.perf_counter() - start}
     clock = time.perf_counter()
-    before = evaluate_settings(base, tokenizer, tests, SETTINGS, d, template, budgets, encoder,
-                              args.batch_size, "before")
+    before = evaluate_sets(base, tokenizer, tests, template, budgets, encoder=encoder,
+                           batch_size=args.batch_size, desc="before tuning")
     timings["evaluation"] = time.perf_counter() - clock
     cap = training_minutes(args.minutes, start, timings["evaluation"], 1, TAIL_S, EVALUATION_SLACK)
     clock = time.perf_counter()
     done = train_phases(config, [(data, out / "run", None)], cap)
     timings["training"], clock = time.perf_counter() - clock, time.perf_counter()
-    tuned, _ = load_model(config.model, done["adapter"])
-    after = evaluate_settings(tuned, tokenizer, tests, SETTINGS, d, template, budgets, encoder,
-                             args.batch_size, "after")
+    tuned = for_generation(load_model(config.model, done["adapter"])[0], d.device)
+    after = evaluate_sets(tuned, tokenizer, tests, template, budgets, encoder=encoder,
+                          batch_size=args.batch_size, desc="after tuning")
     timings["evaluation"] += time.perf_counter() - clock
 
     if d.is_main:

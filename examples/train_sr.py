@@ -44,9 +44,9 @@ from ecellm.synthetic import write_dataset
 from ecellm.models.default import MODELS, resolve_model
 from ecellm.train import TrainConfig, setup_distributed
 
-from common import (default_out, evaluate_split, launcher, load_model, machine, parse_phases, template_for,
-                    train_phases, training_losses, training_minutes, write_curve, write_results,
-                    write_sr_phase_data)
+from common import (default_out, evaluate_sets, for_generation, launcher, load_model, machine, template_for,
+                    training_losses, write_curve, write_results)
+from phases import parse_phases, train_phases, training_minutes, write_sr_phase_data
 
 # The demo recipe for the embedded default on a 2-core CPU (see the module docstring): options:records per phase.
 DEFAULT_PHASES = "2:480,4:240,8:240"
@@ -59,10 +59,15 @@ DEMO = dict(
 )
 
 
-def hr_at_1(model_dir: str, adapter: str | None, records: list[dict], d, template: str) -> dict:
-    """HR@1 and invalid share on `records` (generation split over the ranks, scored on every rank)."""
+SR_ANSWER_TOKENS = 8  # an SR answer is one option letter
+
+
+def hr_at_1(model_dir: str, adapter: str | None, records: list[dict], template: str, device) -> dict:
+    """HR@1 and invalid share on `records` (generation shared over the ranks, each on its device; scored on every
+    rank)."""
     model, tokenizer = load_model(model_dir, adapter)
-    return evaluate_split(model, tokenizer, records, d, template, 8, desc="HR@1")["SR"]
+    model = for_generation(model, device)
+    return evaluate_sets(model, tokenizer, {"SR": records}, template, SR_ANSWER_TOKENS, desc="HR@1")["SR"]["SR"]
 
 
 def chance_hr_at_1(records: list[dict]) -> float:
@@ -112,34 +117,50 @@ def job_minutes(args: argparse.Namespace) -> float:
     return DEFAULT_MINUTES if args.phases == DEFAULT_PHASES and not args.model and not args.data else 0.0
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every flag with its words and its default (`--help`)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="",
                         help=f"checkpoint directory or a real model's name ({', '.join(MODELS)}; default: the "
                              "embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--data", default="", help="ECInstruct directory (train.json, validation.json, test.json)")
+    parser.add_argument("--data", default="", help="ECInstruct directory (train.json, validation.json, test.json; "
+                                                   "default: synthetic SR records written to <out>/data)")
     parser.add_argument("--out", default="",
                         help="run folder (default: $ECELLM_RUNS or ~/ecellm-runs, then train_sr-<date>-<time>)")
     parser.add_argument("--phases", default=DEFAULT_PHASES,
                         help="synthetic curriculum: OPTIONS:RECORDS[:LR] per phase, comma-separated (default: "
                              "%(default)s); each phase trains from the previous one's adapter on records with that "
                              "many options, at its own learning rate if given")
-    parser.add_argument("--n-test", type=int, default=100, help="held-out records scored before and after")
+    parser.add_argument("--n-test", type=int, default=100,
+                        help="held-out SR records (20 options each) scored before and after (default: %(default)s)")
     parser.add_argument("--minutes", type=float, default=None,
                         help="the whole job's budget in minutes, from start to the printed table: training stops "
                              "in time for the evaluation after it (0: no limit; default: "
                              f"{DEFAULT_MINUTES:g} with the default phases, else none)")
-    parser.add_argument("--max-steps", type=int, default=0, help="stop each phase after this many steps (0: all)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate of phases that set none")
-    parser.add_argument("--lora-r", type=int, default=None)
+    parser.add_argument("--max-steps", type=int, default=0,
+                        help="stop each phase after this many steps (default: %(default)s, all)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"learning rate of the phases that set none (default: the demo recipe's {DEMO['lr']:g}; "
+                             f"the reference's {TrainConfig.lr:g} with --model DIR or --data)")
+    parser.add_argument("--lora-r", type=int, default=None,
+                        help=f"LoRA rank (default: {DEMO['lora_r']}, the demo recipe's and the reference's)")
     parser.add_argument("--lora-targets", default=None, help="comma-separated module names (default: the paper's)")
     parser.add_argument("--pack", type=int, default=None,
-                        help="pack each step's examples into rows of up to N tokens (0: padded micro-batches)")
-    parser.add_argument("--init-adapter", default="", help="start from this adapter (same r, alpha and targets)")
-    parser.add_argument("--seed", type=int, default=0)
+                        help="pack each step's examples into rows of up to N tokens; 0: padded micro-batches "
+                             f"(default: the demo recipe's {DEMO['pack_tokens']}, or the reference's 0)")
+    parser.add_argument("--init-adapter", default="",
+                        help="start from this adapter, same r, alpha and targets (default: a fresh LoRA)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the synthetic data, the LoRA initialisation and the data order "
+                             "(default: %(default)s)")
     parser.add_argument("--score-phases", action="store_true",
-                        help="score the test records after every phase, not only the last (a curve by phase)")
-    args = parser.parse_args()
+                        help="score the test records after every phase, not only the last, for a curve by phase "
+                             "(default: off)")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     args.minutes = job_minutes(args)
     start = time.perf_counter()
 
@@ -167,7 +188,7 @@ def main() -> None:
     template = template_for(base.model)
 
     def score_adapter(adapter: str | None) -> dict:
-        return hr_at_1(base.model, adapter, records, d, template)
+        return hr_at_1(base.model, adapter, records, template, d.device)
 
     clock = time.perf_counter()
     before = score_adapter(args.init_adapter or None)

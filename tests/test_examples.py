@@ -216,43 +216,46 @@ def scoring(monkeypatch):
 
 def test_training_minutes_leaves_room_for_the_evaluations_after(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "examples"))
-    common = importlib.import_module("common")
+    phases = importlib.import_module("phases")
     now = 1000.0
-    monkeypatch.setattr(common.time, "perf_counter", lambda: now)
+    monkeypatch.setattr(phases.time, "perf_counter", lambda: now)
     # 15 minutes in all, 2 spent, one more evaluation of 60 s (x slack) and 45 s of tail
-    expected = (15 * 60 - 120 - 60 * common.EVALUATION_SLACK - 45) / 60
-    assert common.training_minutes(15, now - 120, 60.0, 1, 45.0) == pytest.approx(expected)
-    assert common.training_minutes(0, now - 120, 60.0, 1, 45.0) == 0.0  # no budget: no cap
+    expected = (15 * 60 - 120 - 60 * phases.EVALUATION_SLACK - 45) / 60
+    assert phases.training_minutes(15, now - 120, 60.0, 1, 45.0) == pytest.approx(expected)
+    assert phases.training_minutes(0, now - 120, 60.0, 1, 45.0) == 0.0  # no budget: no cap
     with pytest.raises(SystemExit, match="leaves no time for training: 2.0 minutes went to setup"):
-        common.training_minutes(3, now - 120, 60.0, 1, 45.0)
+        phases.training_minutes(3, now - 120, 60.0, 1, 45.0)
     # a job whose evaluation after tuning is cheaper than the one before (train_real.py) reserves less for it
-    assert common.training_minutes(15, now - 120, 60.0, 1, 45.0, slack=1.15) == pytest.approx((900 - 120 - 69 - 45) / 60)
+    assert phases.training_minutes(15, now - 120, 60.0, 1, 45.0, slack=1.15) == pytest.approx(
+        (900 - 120 - 69 - 45) / 60)
 
 
-def test_generate_split_answers_in_record_order_whatever_the_prompt_lengths(tmp_path, monkeypatch):
-    """Generating in order of prompt length (little padding) must hand back each record's own answer: the same as
-    generating every prompt alone."""
-    from ecellm.eval import build_prompt
-    from ecellm.generate import generate_text
+def test_examples_evaluate_with_ecellm_eval_filed_by_set_and_task(tmp_path, monkeypatch):
+    """The examples' evaluation is `ecellm.eval.evaluate` (one call for every test set, the budgets per task): its
+    scores and answers, filed by results.json key and task, with the share of invalid answers."""
+    from ecellm.eval import evaluate, select_records
     from ecellm.synthetic import generate_records
+    from ecellm.tasks import task_abbr
 
     monkeypatch.syspath_prepend(str(ROOT / "examples"))
     common = importlib.import_module("common")
     model_dir = make_tiny_checkpoint(tmp_path / "model", tasks=["SR", "PM"])
     model, tokenizer = common.load_model(model_dir)
     records = generate_records("SR", 3, "test", seed=1) + generate_records("PM", 4, "test", seed=1)
-    records = [records[i] for i in (3, 0, 6, 1, 4, 2, 5)]  # long and short prompts interleaved
-    lengths = [len(tokenizer.encode(build_prompt(r, "alpaca"))) for r in records]
-    assert lengths != sorted(lengths) and len(set(lengths)) > 2
-
-    class OneProcess:
-        rank, world, is_main = 0, 1, True
-
-    answers = common.generate_split(model, tokenizer, records, OneProcess(), "alpaca", 6, batch_size=3)
-    alone = [common.parse_response(build_prompt(r, "alpaca")
-                                   + generate_text(model, tokenizer, [build_prompt(r, "alpaca")], max_new_tokens=6)[0],
-                                   "alpaca") for r in records]
-    assert answers == alone
+    tests = {"tasks": records, "unseen": select_records(records, ["IND_Unseen_Instruction"])}
+    budgets = {"SR": 4, "PM": 3}
+    filed = common.evaluate_sets(model, tokenizer, tests, "alpaca", budgets, batch_size=3)
+    whole = evaluate(model, tokenizer, tests["tasks"] + tests["unseen"], batch_size=3, max_new_tokens=budgets,
+                     progress=False)
+    assert list(filed) == ["tasks", "unseen"] and all(list(filed[key]) == ["SR", "PM"] for key in filed)
+    for row in whole["results"]:
+        key = "tasks" if row["setting"] == "IND_Diverse_Instruction" else "unseen"
+        result = filed[key][row["task"]]
+        assert {k: result[k] for k in row} == row and result["invalid"] == row["n_failed"] / row["n"]
+        assert result["predictions"] == [g["prediction"] for g in whole["generations"]
+                                         if (task_abbr(g["task"]), g["setting"]) == (row["task"], row["setting"])]
+    with pytest.raises(ValueError, match="two test sets share a setting"):
+        common.evaluate_sets(model, tokenizer, {"a": records, "b": records}, "alpaca", budgets)
 
 
 def test_train_sr_budgets_only_the_default_demo(monkeypatch):
@@ -260,8 +263,10 @@ def test_train_sr_budgets_only_the_default_demo(monkeypatch):
 
     monkeypatch.syspath_prepend(str(ROOT / "examples"))
     train_sr = importlib.import_module("train_sr")
-    args = lambda **kw: argparse.Namespace(**{"minutes": None, "phases": train_sr.DEFAULT_PHASES, "model": "",
-                                              "data": "", **kw})
+    def args(**kw):
+        return argparse.Namespace(**{"minutes": None, "phases": train_sr.DEFAULT_PHASES, "model": "", "data": "",
+                                     **kw})
+
     assert train_sr.job_minutes(args()) == train_sr.DEFAULT_MINUTES
     assert train_sr.job_minutes(args(minutes=0.0)) == 0.0 and train_sr.job_minutes(args(minutes=7.0)) == 7.0
     assert train_sr.job_minutes(args(phases="2:480,4:240,8:240,20:240")) == 0.0
@@ -351,7 +356,7 @@ def test_train_sr_refuses_a_budget_without_time_for_training(tmp_path):
 
 def test_time_limit_skips_later_phases_and_says_so(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "examples"))
-    common = importlib.import_module("common")
+    phases_module = importlib.import_module("phases")
     from ecellm.train import TrainConfig
 
     model = make_tiny_checkpoint(tmp_path / "model")
@@ -360,9 +365,10 @@ def test_time_limit_skips_later_phases_and_says_so(tmp_path, monkeypatch):
                       sr_options=options)
     base = TrainConfig(model=str(model), tasks="SR", global_batch=4, micro_batch=4, max_len=256, eval_every=0)
     phases = [(tmp_path / f"data{i}", tmp_path / f"run{i}", None) for i in (1, 2)]
-    done = common.train_phases(base, phases, 1e-9)
+    done = phases_module.train_phases(base, phases, 1e-9)
     assert done["steps"] == 1 and not (tmp_path / "run2").exists()
-    assert re.fullmatch(r"the 1e-09-minute time limit, at step 1 of \d+ of phase 1 \(phase 2 skipped\)", done["stopped"])
+    assert re.fullmatch(r"the 1e-09-minute time limit, at step 1 of \d+ of phase 1 \(phase 2 skipped\)",
+                        done["stopped"])
     assert done["last_phase"] == 1
 
 
@@ -407,3 +413,16 @@ def test_train_real_refuses_an_unknown_task_and_a_missing_raw_folder(tmp_path):
         proc = subprocess.run([sys.executable, "examples/train_real.py", "--out", str(tmp_path / "out"), *flags],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("script", ["train_sr", "train_generalist", "train_real", "generate"])
+def test_every_flag_of_the_examples_says_what_it_does_and_its_default(script, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    parser = importlib.import_module(script).build_parser()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        name = "/".join(action.option_strings) or action.dest
+        assert action.help and len(action.help.split()) >= 3, f"{script} {name}: no words in --help"
+        assert "default" in action.help, f"{script} {name}: --help does not give the default"
+    parser.format_help()  # every %(default)s placeholder renders

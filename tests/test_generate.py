@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ecellm.generate import generate, generate_text
@@ -24,3 +25,46 @@ def test_padding_rows_of_the_embedding_are_never_generated(tmp_path):
     assert all(i < n_ids for i in generate(model, ids, max_new_tokens=4, vocab_limit=n_ids)[0])
     [text] = generate_text(model, tokenizer, ["Is this a match?"], max_new_tokens=4)  # decodes: no error
     assert isinstance(text, str)
+
+
+def test_length_batches_sort_by_length_and_never_mix_groups():
+    from ecellm.generate import length_batches
+
+    lengths = [5, 1, 4, 2, 3, 9, 7]
+    assert length_batches(lengths, 3) == [[1, 3, 4], [2, 0, 6], [5]]
+    # groups (e.g. answer budgets): ordered by group, then length; a batch holds one group only
+    assert length_batches(lengths, 3, groups=[8, 4, 8, 4, 8, 4, 4]) == [[1, 3, 6], [5], [4, 2, 0]]
+    assert length_batches([], 4) == []
+
+
+def test_generate_text_batches_by_length_and_answers_in_prompt_order(tmp_path):
+    """Prompts of different lengths, batched by length with left padding, get the continuation each gets alone."""
+    path = make_tiny_checkpoint(tmp_path / "model")
+    model, tokenizer = from_pretrained(path), load_tokenizer(path)
+    prompts = ["Is this a match? yes or no", "A", "Which item comes next in the list of purchases?", "Buy"]
+    alone = [generate_text(model, tokenizer, [p], max_new_tokens=5)[0] for p in prompts]
+    assert generate_text(model, tokenizer, prompts, max_new_tokens=5, batch_size=3) == alone
+
+
+def test_bfloat16_only_where_the_device_computes_it_natively():
+    from ecellm.generate import generation_dtype
+
+    assert generation_dtype("cpu", cpu_flags={"avx2", "fma"}) == torch.float32  # e.g. an AMD EPYC without AVX-512
+    assert generation_dtype("cpu", cpu_flags={"avx512f", "avx512_bf16"}) == torch.bfloat16
+    assert generation_dtype("cpu", cpu_flags={"amx_tile", "amx_bf16"}) == torch.bfloat16
+    assert generation_dtype("meta", cpu_flags={"avx512_bf16"}) == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_generation_on_a_gpu_in_bfloat16_agrees_with_the_cpu_in_fp32(tmp_path):
+    """A CUDA rank generates on its GPU in bfloat16 (`generation_dtype`); greedy answers mostly agree with fp32."""
+    from ecellm.generate import generation_dtype
+
+    path = make_tiny_checkpoint(tmp_path / "model")
+    tokenizer = load_tokenizer(path)
+    assert generation_dtype("cuda") == torch.bfloat16
+    prompts = [f"Is item {i} a match? yes or no" for i in range(16)]
+    cpu = generate_text(from_pretrained(path), tokenizer, prompts, max_new_tokens=4, batch_size=8)
+    gpu = generate_text(from_pretrained(path, dtype=torch.bfloat16, device="cuda"), tokenizer, prompts,
+                        max_new_tokens=4, batch_size=8)
+    assert sum(a == b for a, b in zip(cpu, gpu)) >= 12
