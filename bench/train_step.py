@@ -3,7 +3,7 @@
 Each measurement is a fresh process (so the resident-memory high-water mark belongs to one library alone) that loads
 the checkpoint, injects LoRA (r=16, alpha=16, the paper's targets q,k,v,o,gate,up,down_proj and lm_head), builds one
 batch of synthetic ECInstruct SR examples of exactly the given length, and runs warm-up steps then timed steps of
-forward + backward + AdamW. ecellm's loss is `causal_lm_loss` (logits only where a label exists); transformers +
+forward + backward + AdamW. ecellm's loss is the model's own (`model(..., labels=...)`: logits only where a label exists); transformers +
 peft get `model(input_ids, attention_mask, labels).loss`, as its users call it. With --compile, ecellm with its
 blocks compiled as `ecellm train --compile` compiles them (`ecellm.train.compile_blocks`; the warm-up steps compile)
 runs as a third library. The libraries alternate, the order flipping each repetition, so a machine shared with other
@@ -39,7 +39,7 @@ def build(lib: str, path: Path, dropout: float, compile_: bool, device: str = "c
     batch -> loss."""
     if lib == "ecellm":
         from ecellm import lora
-        from ecellm.models import causal_lm_loss, from_pretrained
+        from ecellm.models import from_pretrained
 
         model = from_pretrained(path, dtype=dtype, device=device)
         lora.inject(model, r=16, alpha=16, dropout=dropout, targets=common.LORA_TARGETS)
@@ -49,7 +49,7 @@ def build(lib: str, path: Path, dropout: float, compile_: bool, device: str = "c
             compile_blocks(transformer_blocks(model), torch.device(device))
 
         def loss_fn(b):
-            return causal_lm_loss(model, b["input_ids"], b["labels"], b["attention_mask"])
+            return model(b["input_ids"], b["attention_mask"], labels=b["labels"])
     else:
         import transformers
         from peft import LoraConfig, get_peft_model
