@@ -3,10 +3,11 @@
 Each measurement is a fresh process (so the resident-memory high-water mark belongs to one library alone) that loads
 the checkpoint, injects LoRA (r=16, alpha=16, the paper's targets q,k,v,o,gate,up,down_proj and lm_head), builds one
 batch of synthetic ECInstruct SR examples of exactly the given length, and runs warm-up steps then timed steps of
-forward + backward + AdamW. ecellm's loss is the model's own (`model(..., labels=...)`: logits only where a label exists); transformers +
-peft get `model(input_ids, attention_mask, labels).loss`, as its users call it. With --compile, ecellm with its
-blocks compiled as `ecellm train --compile` compiles them (`ecellm.train.compile_blocks`; the warm-up steps compile)
-runs as a third library. The libraries alternate, the order flipping each repetition, so a machine shared with other
+forward + backward + AdamW. ecellm's loss is the model's own (`model(..., labels=...)`: logits only where a label
+exists); transformers + peft get `model(input_ids, attention_mask, labels).loss`, as its users call it. With
+--compile, ecellm with its blocks compiled as `ecellm train --compile` compiles them (`ecellm.train.compile_blocks`;
+the warm-up steps compile) runs as a third library.
+The libraries alternate, the order flipping each repetition, so a machine shared with other
 work slows them alike; the script reports medians over repetitions and the ratios ecellm / reference.
 
 Memory: peak resident set during the steps minus the resident set before the first step (the kernel's VmHWM, reset
