@@ -29,6 +29,18 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def time_synthetic(gib: float, dtype: torch.dtype, repeats: int) -> tuple[float, float]:
+    """Median seconds of the load check and of `torch.isfinite(t).all()` on one random tensor of `gib` GiB.
+
+    The tensor is local, so it is freed on return, before the next dtype's is made.
+    """
+    n = int(gib * 2**30 / dtype.itemsize)
+    big = torch.randn(n // 4096, 4096, dtype=dtype)  # (n / 4096, 4096)
+    check = median_seconds(lambda: check_finite_tensor(big, "big", "memory"), repeats)
+    exact = median_seconds(lambda: bool(torch.isfinite(big).all()), repeats)
+    return check, exact
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=5)
@@ -54,12 +66,8 @@ def main() -> None:
         print(f"| SmolLM2-135M {str(dtype)[6:]} | {on:.2f} s | {off:.2f} s | {check * 1e3:.0f} ms | "
               f"{exact * 1e3:.0f} ms |")
     for dtype in (torch.float32, torch.bfloat16):
-        n = int(args.gib * 2**30 / dtype.itemsize)
-        big = torch.randn(n // 4096, 4096, dtype=dtype)
-        check = median_seconds(lambda: check_finite_tensor(big, "big", "memory"), args.repeats)
-        exact = median_seconds(lambda: bool(torch.isfinite(big).all()), args.repeats)
+        check, exact = time_synthetic(args.gib, dtype, args.repeats)
         print(f"| synthetic {args.gib:g} GiB {str(dtype)[6:]} | | | {check * 1e3:.0f} ms | {exact * 1e3:.0f} ms |")
-        del big
 
 
 if __name__ == "__main__":

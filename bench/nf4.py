@@ -1,4 +1,4 @@
-"""QLoRA's 4-bit base (ecellm/nf4.py): what it costs per training step, and what it saves in memory.
+"""QLoRA's 4-bit base (ecellm/lora/nf4.py): what it costs per training step, and what it saves in memory.
 
 speed     one LoRA training step (forward + backward + AdamW; r=16, the paper's targets) on a full-precision base and
           on its NF4 copy, and the dequantization alone: every 4-bit weight dequantized twice, as a step does it

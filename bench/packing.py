@@ -11,7 +11,8 @@ as `ecellm.train` draws them, and every ecellm configuration runs `ecellm.train`
     micro-batch 1     the paper's recipe: one example per forward pass, no padding
     random padded     micro-batch B of a random step (train.py sorts a step's examples by length before cutting
                       micro-batches, so this is the best padded batching of random steps)
-    length-grouped    --group-by-length: each step holds examples of similar length (sorted over 50 steps), micro-batch B
+    length-grouped    --group-by-length: each step holds examples of similar length (sorted over 50 steps),
+                      micro-batch B
     transformers+peft micro-batch 1 and `model(input_ids, attention_mask, labels).loss / G`, as the reference's
                       finetune.py runs it (per-example loss, logits at every position)
 
@@ -47,7 +48,7 @@ CONFIGS = ["packed", "micro-batch 1", "random padded", "length-grouped", "transf
 
 
 def mix_examples(n_per_task: int, seed: int = 0) -> list[dict]:
-    """The synthetic 10-task mix tokenized with SmolLM2's tokenizer (alpaca template, max_len 2048), task-interleaved."""
+    """The synthetic 10-task mix in SmolLM2's tokens (alpaca template, max_len 2048), task-interleaved."""
     import random
 
     from ecellm.data import TASKS, build_examples
@@ -128,7 +129,10 @@ def child(args) -> None:
     lib = "hf" if args.child == "transformers+peft" else "ecellm"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model, loss_fn = build(lib, Path(args.model_dir), args.dropout, False, args.device, dtype)
-    run = hf_step_fn(loss_fn, examples, args.device) if lib == "hf" else ecellm_step_fn(model, args.child, args, examples)
+    if lib == "hf":
+        run = hf_step_fn(loss_fn, examples, args.device)
+    else:
+        run = ecellm_step_fn(model, args.child, args, examples)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
 

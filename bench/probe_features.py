@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, smollm2_dir  # noqa: E402
+
 from ecellm import synthetic  # noqa: E402
 from ecellm.data import format_prompt  # noqa: E402
 from ecellm.models import from_pretrained  # noqa: E402

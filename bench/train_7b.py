@@ -58,8 +58,8 @@ def packed_rows(config: dict, pack: int, n_rows: int) -> list[list[dict]]:
     V = config["vocab_size"]
     n_per_task = 8
     while True:
-        examples = [{"input_ids": [i % V for i in e["input_ids"]], "labels": [i % V if i >= 0 else i for i in e["labels"]]}
-                    for e in mix_examples(n_per_task)]
+        examples = [{"input_ids": [i % V for i in e["input_ids"]],
+                     "labels": [i % V if i >= 0 else i for i in e["labels"]]} for e in mix_examples(n_per_task)]
         rows = pack_examples(examples, pack)[:-1]  # the last row is the remainder
         if len(rows) >= n_rows:
             return rows[:n_rows]
@@ -70,8 +70,14 @@ def ecellm_model(config: dict, device: str, dtype: torch.dtype, compiled: bool, 
     """ecellm's model with LoRA and activation checkpointing (compiled blocks if asked); returns it and row -> loss."""
     from ecellm import lora
     from ecellm.models import from_config
-    from ecellm.train import (TrainConfig, compile_blocks, enable_activation_checkpointing, loss_sum, make_batch,
-                              transformer_blocks)
+    from ecellm.train import (
+        TrainConfig,
+        compile_blocks,
+        enable_activation_checkpointing,
+        loss_sum,
+        make_batch,
+        transformer_blocks,
+    )
 
     model = from_config(config, dtype=dtype, device=device)
     lora.inject(model, r=16, alpha=16, dropout=0.1, targets=common.LORA_TARGETS)
@@ -155,7 +161,8 @@ def main() -> None:
     ap.add_argument("--compile-timeout", type=float, default=120, help="seconds for the compiled one")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H200 SXM: 989)")
     ap.add_argument("--random-weights", action="store_true",
-                    help="offline: random SmolLM2 weights beside its cached config and tokenizer (the data's tokenizer)")
+                    help="offline: random SmolLM2 weights beside its cached config and tokenizer "
+                         "(the data's tokenizer)")
     ap.add_argument("--child", choices=list(LIBS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.pack = args.pack or (1024 if args.tiny else 16384)
@@ -165,9 +172,9 @@ def main() -> None:
         common.random_weights_if_missing()
 
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {common.machine()}")
-    print(f"# {'tiny' if args.tiny else 'Mistral-7B'} shapes, random weights, {args.device}, rows of {args.pack} tokens "
-          f"(10-task mix), LoRA r=16 alpha=16 dropout 0.1 fp32, activation checkpointing; {args.warmup} warm-up + "
-          f"{args.steps} timed steps; MFU over {args.peak_tflops:g} TFLOP/s", flush=True)
+    print(f"# {'tiny' if args.tiny else 'Mistral-7B'} shapes, random weights, {args.device}, "
+          f"rows of {args.pack} tokens (10-task mix), LoRA r=16 alpha=16 dropout 0.1 fp32, activation checkpointing; "
+          f"{args.warmup} warm-up + {args.steps} timed steps; MFU over {args.peak_tflops:g} TFLOP/s", flush=True)
     flags = ["--device", args.device, "--pack", str(args.pack), "--warmup", str(args.warmup), "--steps",
              str(args.steps), "--peak-tflops", str(args.peak_tflops)] + (["--tiny"] if args.tiny else [])
     results = {}
@@ -179,8 +186,8 @@ def main() -> None:
         except subprocess.TimeoutExpired as e:
             print(f"{LIBS[lib]}: stopped after its limit of {limit:.0f}s\n{(e.stderr or b'')[-1500:]}", flush=True)
             continue
-        print(out.stderr[-1500:] if out.returncode else "".join(l + "\n" for l in out.stderr.splitlines()
-                                                                 if l.startswith("#")), end="", flush=True)
+        print(out.stderr[-1500:] if out.returncode else "".join(line + "\n" for line in out.stderr.splitlines()
+                                                                 if line.startswith("#")), end="", flush=True)
         if out.returncode:
             print(f"{LIBS[lib]}: exited {out.returncode}", flush=True)
             continue

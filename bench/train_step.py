@@ -3,10 +3,11 @@
 Each measurement is a fresh process (so the resident-memory high-water mark belongs to one library alone) that loads
 the checkpoint, injects LoRA (r=16, alpha=16, the paper's targets q,k,v,o,gate,up,down_proj and lm_head), builds one
 batch of synthetic ECInstruct SR examples of exactly the given length, and runs warm-up steps then timed steps of
-forward + backward + AdamW. ecellm's loss is `causal_lm_loss` (logits only where a label exists); transformers +
-peft get `model(input_ids, attention_mask, labels).loss`, as its users call it. With --compile, ecellm with its
-blocks compiled as `ecellm train --compile` compiles them (`ecellm.train.compile_blocks`; the warm-up steps compile)
-runs as a third library. The libraries alternate, the order flipping each repetition, so a machine shared with other
+forward + backward + AdamW. ecellm's loss is the model's own (`model(..., labels=...)`: logits only where a label
+exists); transformers + peft get `model(input_ids, attention_mask, labels).loss`, as its users call it. With
+--compile, ecellm with its blocks compiled as `ecellm train --compile` compiles them (`ecellm.train.compile_blocks`;
+the warm-up steps compile) runs as a third library.
+The libraries alternate, the order flipping each repetition, so a machine shared with other
 work slows them alike; the script reports medians over repetitions and the ratios ecellm / reference.
 
 Memory: peak resident set during the steps minus the resident set before the first step (the kernel's VmHWM, reset
@@ -39,7 +40,7 @@ def build(lib: str, path: Path, dropout: float, compile_: bool, device: str = "c
     batch -> loss."""
     if lib == "ecellm":
         from ecellm import lora
-        from ecellm.models import causal_lm_loss, from_pretrained
+        from ecellm.models import from_pretrained
 
         model = from_pretrained(path, dtype=dtype, device=device)
         lora.inject(model, r=16, alpha=16, dropout=dropout, targets=common.LORA_TARGETS)
@@ -49,7 +50,7 @@ def build(lib: str, path: Path, dropout: float, compile_: bool, device: str = "c
             compile_blocks(transformer_blocks(model), torch.device(device))
 
         def loss_fn(b):
-            return causal_lm_loss(model, b["input_ids"], b["labels"], b["attention_mask"])
+            return model(b["input_ids"], b["attention_mask"], labels=b["labels"])
     else:
         import transformers
         from peft import LoraConfig, get_peft_model
@@ -107,13 +108,14 @@ def step_flops(c: dict, B: int, T: int, n_labelled: int, r: int = 16,
     every projection: forward 2*r*(in+out) per token, backward the same twice (weight and activation gradients).
     Attention: causal, so half of the T x T scores: forward 2 matmuls of 2*T*T/2*hs per head, backward twice that
     (a flash-attention kernel's recomputation of the scores is not counted); in packed rows (`segments`: the
-    lengths of all rows' examples) only the scores within each example count, sum(L*L) in place of B*T*T. The vocabulary projection (with its LoRA)
-    only at the `n_labelled` positions that carry loss. Norms, activations, softmax and the optimizer are not counted.
+    lengths of all rows' examples) only the scores within each example count, sum(L*L) in place of B*T*T. The
+    vocabulary projection (with its LoRA) only at the `n_labelled` positions that carry loss. Norms, activations,
+    softmax and the optimizer are not counted.
     """
-    H, I, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    H, ffn, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
     nh, nkv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
     hs = c.get("head_dim") or H // nh
-    shapes = [(H, nh * hs), (H, nkv * hs), (H, nkv * hs), (nh * hs, H), (H, I), (H, I), (I, H)]  # (in, out)
+    shapes = [(H, nh * hs), (H, nkv * hs), (H, nkv * hs), (nh * hs, H), (H, ffn), (H, ffn), (ffn, H)]  # (in, out)
     tokens = B * T
     frozen_fwd = 2 * tokens * L * sum(i * o for i, o in shapes)
     qkv = sum(i * o for i, o in shapes[:3])
@@ -145,7 +147,8 @@ def matmul_peak(M: int, shapes: list[tuple[int, int]], threads: int, seconds: fl
 
 def profile(path: Path, B: int, T: int, dropout: float, threads: int, rows: int = 15) -> str:
     """torch.profiler table (self CPU time) of ecellm's LoRA step."""
-    from torch.profiler import ProfilerActivity, profile as prof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
 
     torch.set_num_threads(threads)
     batch = common.sr_batch(B, T)
@@ -232,14 +235,14 @@ def main() -> None:
         c = json.loads((path / "config.json").read_text())
         labels = common.sr_batch(args.batch, T)["labels"]
         flops = step_flops(c, args.batch, T, n_labelled=int((labels[:, 1:] != -100).sum()))
-        H, I = c["hidden_size"], c["intermediate_size"]
-        peak = matmul_peak(args.batch * T, [(H, I), (I, H), (H, H)], args.threads)
+        H, ffn = c["hidden_size"], c["intermediate_size"]
+        peak = matmul_peak(args.batch * T, [(H, ffn), (ffn, H), (H, H)], args.threads)
         step_s = common.median([r["step_s"] for r in runs["ecellm"]])
         achieved = flops["total"] / step_s
         split = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in flops.items() if k != "total")
         print(f"limit {name} B={args.batch} T={T}: {flops['total'] / 1e9:.1f} GFLOP per step ({split}); "
               f"ecellm {achieved / 1e9:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of the fp32 matmul peak "
-              f"{peak / 1e9:.1f} GFLOP/s (best of ({args.batch * T} x {H}) @ ({H} x {I}) and similar)", flush=True)
+              f"{peak / 1e9:.1f} GFLOP/s (best of ({args.batch * T} x {H}) @ ({H} x {ffn}) and similar)", flush=True)
     name, T = next(iter(results))
     print(f"\nprofile: ecellm {name} B={args.batch} T={T}, two steps, top ops by self CPU time")
     print(profile(results[(name, T)][1], args.batch, T, args.dropout, args.threads))

@@ -67,7 +67,7 @@ class ConvertConfig:
     """Settings of `ecellm convert-gguf`: a Llama- or Qwen2-architecture GGUF file into a checkpoint directory."""
 
     gguf: str = option(help="the .gguf file")
-    out: str = option(help="the checkpoint directory to create (must not exist)")
+    out: str = option(help="the checkpoint directory to write (absent or empty)")
 
 
 def check_convert_flags(flags: ConvertConfig) -> None:

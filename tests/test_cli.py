@@ -126,7 +126,8 @@ def timed_command(argv: list[str], cwd) -> tuple[float, subprocess.CompletedProc
 @pytest.mark.parametrize("argv, names", [
     (["train"], "--data"),
     (["train", "--data", "no_such_folder"], "--data no_such_folder: no such folder"),
-    (["train", "--data", "data", "--model", "no_such_model"], "--model: 'no_such_model' is neither a folder nor a known model"),
+    (["train", "--data", "data", "--model", "no_such_model"],
+     "--model: 'no_such_model' is neither a folder nor a known model"),
     (["train", "--data", "data", "--out", "data/train.json"], "--out data/train.json: not a folder"),
     (["eval"], "--data"),
     (["eval", "--model", "smollm2", "--data", "missing.json", "--out", "o"], "--data missing.json: no such file"),

@@ -30,8 +30,8 @@ def run(base, out, **overrides) -> TrainConfig:
 def train_eager_and_compiled(base, **overrides) -> tuple[dict, list[tuple[int, int]], list[int]]:
     """Train `run(base, ...)` eagerly into base/eager and compiled with activation checkpointing into base/compiled
     (the model and data under `base`). Inductor draws dropout's masks with torch's generator (`fallback_random`, as
-    `compile_blocks` has it on the CPU), so both runs drop the same elements. Returns the compiled run's summary, dynamo's (graphs, graph breaks) after each
-    of its steps, and its rows' lengths."""
+    `compile_blocks` has it on the CPU), so both runs drop the same elements. Returns the compiled run's summary,
+    dynamo's (graphs, graph breaks) after each of its steps, and its rows' lengths."""
     train(run(base, base / "eager", **overrides))
     counters, per_step, lengths = torch._dynamo.utils.counters, [], []
     note_step_time, device_batch = train_mod.note_step_time, train_mod.device_batch

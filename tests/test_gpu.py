@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ecellm.generate import generate, left_pad
-from ecellm.models import causal_lm_loss, from_pretrained
+from ecellm.models import from_pretrained
 from ecellm.synthetic import write_dataset
 
 from .models.hf_tiny import save_tiny_decoder
@@ -47,8 +47,8 @@ def test_bf16_on_cuda_tracks_fp32(tmp_path):
     with torch.no_grad():
         full = from_pretrained(tmp_path, device="cuda")(ids).float()
         half = from_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda")(ids).float()
-        loss32 = causal_lm_loss(from_pretrained(tmp_path, device="cuda"), ids, labels)
-        loss16 = causal_lm_loss(from_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda"), ids, labels)
+        loss32 = from_pretrained(tmp_path, device="cuda")(ids, labels=labels)
+        loss16 = from_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda")(ids, labels=labels)
     rel = ((full - half).norm() / full.norm()).item()
     assert rel < 0.03, rel
     assert (full.argmax(-1) == half.argmax(-1)).float().mean().item() > 0.9
@@ -61,7 +61,8 @@ def test_torchrun_nccl_fsdp2_bf16_training(tmp_path, flags):
     model = make_tiny_checkpoint(tmp_path / "model", tasks=tasks)
     write_dataset(tmp_path / "data", n_per_task=32, n_eval_per_task=8, seed=0, tasks=tasks)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torch.cuda.device_count()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={torch.cuda.device_count()}",
            "-m", "ecellm.train", "--model", str(model), "--data", str(tmp_path / "data"), "--out", str(out),
            "--dtype", "bf16", "--lr", "1e-2", "--epochs", "3", "--global-batch", "8", "--micro-batch", "2",
            "--activation-checkpointing", "--max-len", "512", *flags]

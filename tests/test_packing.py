@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ecellm import lora
 from ecellm.data import IGNORE_INDEX, collate, collate_packed, label_weights, pack_examples
-from ecellm.models import causal_lm_loss, from_config, seq2seq_lm_loss
+from ecellm.models import from_config
 from ecellm.models.layers import segment_mask, segment_positions
 
 TINY = dict(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
@@ -132,8 +132,8 @@ def test_per_example_and_per_token_loss_by_hand():
         by_token = torch.cat(per_token).mean()
         for average, expected, normaliser in (("example", by_example, 2), ("token", by_token, 4)):
             batch = collate(examples, pad_id=0, loss_average=average)
-            loss = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"], "sum",
-                                  weights=batch["loss_weights"])
+            loss = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+                         loss_weights=batch["loss_weights"], reduction="sum")
             torch.testing.assert_close(loss / normaliser, expected, rtol=1e-6, atol=1e-6)
     assert abs(by_example - by_token) > 1e-3  # the two weightings differ on this batch
 
@@ -149,12 +149,12 @@ def test_label_weights():
 def loss_and_grads(model, batch: dict, seq2seq: bool, normaliser: float) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     if seq2seq:
-        loss = seq2seq_lm_loss(model, batch["input_ids"], batch.get("attention_mask"), batch["labels"], "sum",
-                               weights=batch["loss_weights"], segment_ids=batch.get("segment_ids"),
-                               decoder_segment_ids=batch.get("decoder_segment_ids"))
+        loss = model(batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"],
+                     loss_weights=batch["loss_weights"], segment_ids=batch.get("segment_ids"),
+                     decoder_segment_ids=batch.get("decoder_segment_ids"), reduction="sum")
     else:
-        loss = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), "sum",
-                              weights=batch["loss_weights"], segment_ids=batch.get("segment_ids"))
+        loss = model(batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"],
+                     loss_weights=batch["loss_weights"], segment_ids=batch.get("segment_ids"), reduction="sum")
     (loss / normaliser).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return loss.item() / normaliser, grads

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ecellm.data import TASKS, format_prompt, load_records
-from ecellm.synthetic import LETTERS, main, generate_records, write_dataset
+from ecellm.synthetic import LETTERS, generate_records, main, write_dataset
 from ecellm.tokenizer import load_tokenizer
 
 ASSETS = Path(__file__).parent / "assets" / "tokenizers"
@@ -34,7 +34,8 @@ def test_files_load_with_the_real_loader(tmp_path):
     assert Counter(r["task"] for r in train) == {t.name: 8 for t in TASKS}
     test = load_records(paths["test"], split="test")
     assert len(test) == 30 and all(set(r) - {"esci_labels"} == FIELDS and r["synthetic"] is True for r in test)
-    assert all(len(r["esci_labels"]) == len(json.loads(r["input"])["product list"]) for r in test if r["task"] == "Query_Product_Rank")
+    ranked = [r for r in test if r["task"] == "Query_Product_Rank"]
+    assert all(len(r["esci_labels"]) == len(json.loads(r["input"])["product list"]) for r in ranked)
     for r in train:
         info = next(t for t in TASKS if t.name == r["task"])
         assert r["instruction"] in info.instructions

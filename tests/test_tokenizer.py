@@ -5,10 +5,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from ecellm.errors import EcellmError
 import torch
 
+from ecellm.errors import EcellmError
 from ecellm.tokenizer import load_tokenizer
 
 ASSETS = Path(__file__).parent / "assets" / "tokenizers"

@@ -104,7 +104,8 @@ def launch(cfg: TrainConfig, nproc: int | None) -> subprocess.Popen:
     cmd = [sys.executable, *launcher, "-m", "ecellm.train", *args]
     # One thread per rank under torchrun (2 cores); a plain run keeps this process's thread count, so its float
     # reductions match in-process runs bit for bit.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if nproc else {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    threads = "1" if nproc else str(torch.get_num_threads())
+    env = {**os.environ, "OMP_NUM_THREADS": threads}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -21,7 +21,6 @@ from .config import ConfigError, config_file, read_config_file
 from .default import UnknownModelError, resolve_model
 from .llama import LlamaConfig, LlamaForCausalLM
 from .loading import CheckpointError, check_config_fits_weights, load_checkpoint
-from .loss import causal_lm_loss, seq2seq_lm_loss
 from .phi import PhiConfig, PhiForCausalLM
 from .qwen import QwenConfig
 from .t5 import T5Config, T5ForConditionalGeneration
@@ -162,11 +161,9 @@ __all__ = [
     "T5Config",
     "T5ForConditionalGeneration",
     "UnknownModelError",
-    "causal_lm_loss",
     "from_config",
     "from_pretrained",
     "load_pretrained",
     "parse_config",
-    "seq2seq_lm_loss",
     "template_for",
 ]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..files import read_json
 from ..errors import EcellmError
+from ..files import read_json
 from .layers import RopeScaling
 
 
@@ -115,8 +115,3 @@ def partial_rotary_factor(config: dict[str, Any], default: float = 1.0) -> float
     if positive(value, "config.json field 'partial_rotary_factor'") > 1:
         raise ConfigError(f"config.json field 'partial_rotary_factor' is {value!r}; expected a share in (0, 1]")
     return float(value)
-
-
-def checkpoint_dtype(config: dict[str, Any]) -> str | None:
-    """The dtype the checkpoint was saved in: `dtype` (new) or `torch_dtype` (old)."""
-    return config.get("dtype") or config.get("torch_dtype")

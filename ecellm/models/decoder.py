@@ -247,7 +247,11 @@ class DecoderOnlyLM(nn.Module):
         return AttentionInputs(cos, sin, None, segments=segments, sliding_window=self.sliding_window)
 
     def hidden_states(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, segment_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states of a full sequence, or of packed rows.
 

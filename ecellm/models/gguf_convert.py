@@ -39,7 +39,11 @@ _BLOCK_KEYS = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-_TOP_KEYS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+_TOP_KEYS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 # GGUF general.architecture -> (config.json model_type, transformers class, whether llama.cpp permuted q/k rows)
 ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM", True), "qwen2": ("qwen2", "Qwen2ForCausalLM", False)}
 _CONFIG_CLASSES = {"llama": LlamaConfig, "qwen2": QwenConfig}  # config.json model_type -> ecellm's config class

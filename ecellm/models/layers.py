@@ -302,15 +302,22 @@ def _packed_attend(
         if gqa and not _varlen_takes_gqa(varlen_attn):  # torch 2.11: one key/value head per query head
             k, v = k.repeat_interleave(nh // k.shape[1], dim=1), v.repeat_interleave(nh // v.shape[1], dim=1)
             gqa = False
-        flat = lambda x: x.transpose(1, 2).reshape(B * T, x.shape[1], hs)  # (B * T, heads, hs)
+
+        def tokens_first(x: torch.Tensor) -> torch.Tensor:  # (B, heads, T, hs) -> (B * T, heads, hs)
+            return x.transpose(1, 2).reshape(B * T, x.shape[1], hs)
+
         left = -1 if window is None else window - 1  # a query sees keys q-left .. q
         y = varlen_attn(
-            flat(q), flat(k), flat(v), segments.cu_seqlens, segments.cu_seqlens, segments.max_len, segments.max_len,
+            tokens_first(q), tokens_first(k), tokens_first(v),
+            segments.cu_seqlens, segments.cu_seqlens, segments.max_len, segments.max_len,
             scale=scale, window_size=(left, 0), **({"enable_gqa": True} if gqa else {}),
         )  # (B * T, nh, hs)
         return y.reshape(B, T, nh * hs)
-    flat = lambda x: x.transpose(0, 1).reshape(1, x.shape[1], B * T, hs)  # (1, heads, B * T, hs)
-    q, k, v = flat(q), flat(k), flat(v)
+
+    def one_row(x: torch.Tensor) -> torch.Tensor:  # (B, heads, T, hs) -> (1, heads, B * T, hs)
+        return x.transpose(0, 1).reshape(1, x.shape[1], B * T, hs)
+
+    q, k, v = one_row(q), one_row(k), one_row(v)
     parts = []
     for start, end in zip(segments.bounds, segments.bounds[1:]):
         L = end - start

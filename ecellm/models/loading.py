@@ -99,7 +99,8 @@ def checkpoint_files(path: str | Path, allow_pickle: bool = False) -> list[Path]
         if not allow_pickle:
             raise CheckpointError(
                 f"{path} holds only pickle weights ({pickles[0].name}); pickle files can run code when loaded. "
-                "Convert them to safetensors, or pass allow_pickle=True to load them with torch.load(weights_only=True)."
+                "Convert them to safetensors, or pass allow_pickle=True to load them with "
+                "torch.load(weights_only=True)."
             )
         return pickles
     raise CheckpointError(f"no weights in {path}: expected model.safetensors or model.safetensors.index.json")
@@ -116,7 +117,9 @@ def weight_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
             with safe_open(str(file), framework="pt") as f:
                 shapes |= {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
         except SafetensorError as e:
-            raise CheckpointError(f"{file}: not a readable safetensors file, perhaps empty or truncated ({e})") from None
+            raise CheckpointError(
+                f"{file}: not a readable safetensors file, perhaps empty or truncated ({e})"
+            ) from None
     return shapes
 
 
@@ -168,7 +171,9 @@ def _read_tensors(file: Path):
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # noqa: BLE001 (truncated zip, bad pickle, refused global: all name the file)
-            raise CheckpointError(f"{file}: not a readable torch weights file, perhaps empty or truncated ({e})") from None
+            raise CheckpointError(
+                f"{file}: not a readable torch weights file, perhaps empty or truncated ({e})"
+            ) from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{file}: holds a {type(state).__name__}, not a dict of tensors")
         yield from state.items()
@@ -182,7 +187,9 @@ def _checked_tensors(file: Path, expected: dict[str, torch.Tensor], dtype: torch
         if key.endswith(IGNORED_SUFFIXES):
             continue
         if key not in expected:
-            raise CheckpointError(f"unexpected tensor {key!r} {tuple(tensor.shape)} in {file}: the model has no such weight")
+            raise CheckpointError(
+                f"unexpected tensor {key!r} {tuple(tensor.shape)} in {file}: the model has no such weight"
+            )
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CheckpointError(
                 f"tensor {key!r} in {file} has shape {tuple(tensor.shape)}, "

@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..labels import IGNORE_INDEX
 from .layers import segment_positions
@@ -89,62 +88,3 @@ def labelled_cross_entropy(
     if reduction == "sum":
         return losses.sum()
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-
-
-def causal_lm_loss(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    labels: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    reduction: str = "mean",
-    *,
-    weights: torch.Tensor | None = None,
-    segment_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Next-token cross-entropy of a decoder-only model over the positions whose label is not -100:
-    `model(input_ids, attention_mask, labels=labels, ...)`.
-
-    Args:
-        model: a decoder-only ecellm model.
-        input_ids: (B, T) token ids.
-        labels: (B, T) target ids aligned with `input_ids`, -100 where no loss is taken (shifted inside).
-        attention_mask: (B, T) 1 for real tokens, 0 for padding.
-        reduction: "mean" over labelled tokens, or "sum".
-        weights: optional (B, T) float, aligned with `labels` (see `labelled_cross_entropy`).
-        segment_ids: optional (B, T) for packed rows (see the models' `forward`); the first label of each segment
-            must be -100, so no position predicts across a boundary.
-    Returns:
-        a scalar fp32 loss.
-    """
-    return model(input_ids, attention_mask, labels=labels, loss_weights=weights, segment_ids=segment_ids,
-                 reduction=reduction)
-
-
-def seq2seq_lm_loss(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    labels: torch.Tensor,
-    reduction: str = "mean",
-    *,
-    weights: torch.Tensor | None = None,
-    segment_ids: torch.Tensor | None = None,
-    decoder_segment_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Cross-entropy of an encoder-decoder model (T5) over the target tokens whose label is not -100:
-    `model(input_ids, attention_mask, labels=labels, ...)` (decoder inputs from `decoder_inputs_from_labels`).
-
-    Args:
-        model: an ecellm encoder-decoder model.
-        input_ids: (B, Te) encoder token ids.
-        attention_mask: (B, Te) 1 for real encoder tokens, 0 for padding; None means no padding.
-        labels: (B, T) target ids, -100 where no loss is taken.
-        reduction: "mean" over labelled tokens, or "sum".
-        weights: optional (B, T) float per-label weights.
-        segment_ids, decoder_segment_ids: optional (B, Te) and (B, T) for packed rows: decoder segment i reads
-            encoder segment i (see `T5ForConditionalGeneration.forward`).
-    Returns:
-        a scalar fp32 loss.
-    """
-    return model(input_ids, attention_mask, labels=labels, loss_weights=weights, segment_ids=segment_ids,
-                 decoder_segment_ids=decoder_segment_ids, reduction=reduction)

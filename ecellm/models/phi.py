@@ -34,7 +34,9 @@ class PhiConfig(DecoderConfig):
     @classmethod
     def _family_fields(cls, d: dict[str, Any], family: str) -> dict[str, Any]:
         if d.get("qk_layernorm"):
-            raise cfg.ConfigError("phi config.json sets qk_layernorm=true, which ecellm does not support (Phi-2 has it off)")
+            raise cfg.ConfigError(
+                "phi config.json sets qk_layernorm=true, which ecellm does not support (Phi-2 has it off)"
+            )
         cfg.check_values(d, family, numbers=("layer_norm_eps",))
         return dict(
             partial_rotary_factor=cfg.partial_rotary_factor(d, default=0.5),

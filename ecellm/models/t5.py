@@ -26,7 +26,6 @@ from . import config as cfg
 from .layers import KVCache, RMSNorm, activation, segment_mask
 from .loss import decoder_inputs_from_labels, labelled_cross_entropy
 
-
 # config.json fields that must be positive integers when present
 SIZE_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
                "relative_attention_num_buckets", "relative_attention_max_distance")
@@ -159,7 +158,7 @@ class T5Attention(nn.Module):
         return x.view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
 
     def position_bias(self, query_start: int, T: int, S: int) -> torch.Tensor:
-        """The learned bias of queries at positions `query_start ..` over keys at positions `0 .. S-1`: (1, nh, T, S)."""
+        """The learned bias of queries at positions `query_start ..` over keys at `0 .. S-1`: (1, nh, T, S)."""
         device = self.relative_attention_bias.weight.device
         q_pos = torch.arange(query_start, query_start + T, device=device)[:, None]  # (T, 1)
         k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
@@ -217,7 +216,9 @@ class T5LayerCrossAttention(nn.Module):
         self.EncDecAttention = T5Attention(c)
         self.layer_norm = RMSNorm(c.d_model, c.layer_norm_epsilon)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor | None, kv: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         return x + self.EncDecAttention(self.layer_norm(x), bias, kv=kv)
 
 

@@ -7,8 +7,8 @@
 One module a source, each following the reference repository's notebook for its task (ninglab/eCeLLM
 `data_processing/*.ipynb`): PM exactly as ECInstruct built it; SA, AVE, AP and AG from public stand-ins for the
 paper's sources, in ECInstruct's layout; SR from real Amazon purchase histories (the notebook's source family).
-Every record has the fields task, setting, split, instruction, input, options, output and few_shot_example; `ecellm.data.load_records`, `ecellm train` and `ecellm eval` read the files
-unchanged.
+Every record has the fields task, setting, split, instruction, input, options, output and few_shot_example;
+`ecellm.data.load_records`, `ecellm train` and `ecellm eval` read the files unchanged.
 """
 
 from __future__ import annotations

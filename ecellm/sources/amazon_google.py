@@ -13,7 +13,8 @@ appended; manufacturer and price go through `str()` as pandas typed them; a miss
 
 The notebook opens the files without an encoding, which fails on these latin-1 files under a UTF-8 locale; they
 are read as latin-1 here, and a copy re-saved as UTF-8 is recognised as such (`text_encoding`), giving the same
-text. Cells are typed as `pandas.read_csv` types them (`pandas_column`), because `str()` of a price shows it: an all-integer column gives "0", a numeric column with a gap "0.0", missing values "nan".
+text. Cells are typed as `pandas.read_csv` types them (`pandas_column`), because `str()` of a price shows it: an
+all-integer column gives "0", a numeric column with a gap "0.0", missing values "nan".
 """
 
 from __future__ import annotations

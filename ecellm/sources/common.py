@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import EcellmError
 from ..prompts import derive_setting
 from ..tasks import task_info
-from ..errors import EcellmError
 
 SEED = 1  # every notebook's seed
 SPLIT_NAMES = {"train": "train", "validation": "val", "test": "test"}  # file name -> the records' `split`

@@ -13,7 +13,7 @@ import transformers
 from torch import nn
 
 from ecellm.generate import generate
-from ecellm.models import ConfigError, T5ForConditionalGeneration, from_config, from_pretrained, seq2seq_lm_loss
+from ecellm.models import ConfigError, T5ForConditionalGeneration, from_config, from_pretrained
 from ecellm.models.t5 import T5Config
 from ecellm.tokenizer import load_tokenizer
 
@@ -139,9 +139,9 @@ def test_logits_encoder_and_loss_match_transformers(pair):
         labels[0, 9:] = -100  # padded targets
         labels[1, :2] = -100  # an unlabelled prefix: the decoder reads it as pad tokens
         hf_loss = hf(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss = seq2seq_lm_loss(ours, ids, mask, labels)
+        loss = ours(ids, mask, labels=labels)
         torch.testing.assert_close(loss, hf_loss, atol=1e-5, rtol=0)
-        total = seq2seq_lm_loss(ours, ids, mask, labels, reduction="sum")
+        total = ours(ids, mask, labels=labels, reduction="sum")
         torch.testing.assert_close(total, hf_loss * (labels != -100).sum(), atol=1e-4, rtol=1e-6)
 
 
