@@ -58,7 +58,7 @@ from .configs import (  # noqa: F401 (PAPER_SAMPLING: public here too)
     PAPER_SAMPLING,
     EvalConfig,
 )
-from .data import Records, load_records, parse_response
+from .data import Records, load_records, parse_response, prompt_segments
 from .errors import EcellmError, exit_on_error
 from .files import open_to_append, read_json, write_text_atomically
 from .flags import parse_dtype, parse_flags
@@ -168,6 +168,31 @@ def read_answer(prompt: str, generation: str, template: str, model_type: str) ->
     return generation if model_type == "t5" else parse_response(prompt + generation, template)
 
 
+def prompt_parts(record: dict, template: str) -> list[str]:
+    """`build_prompt`'s prompt as the template's markup and the record's text in turn (`ecellm.data.prompt_segments`,
+    the 1-shot demonstration inside the instruction's text); joined, it is `build_prompt(record, template)`.
+
+    Args:
+        record: an ECInstruct record.
+        template: "alpaca" or "mistral".
+    """
+    if record["setting"].endswith(ONE_SHOT):
+        record = {**record, "instruction": one_shot_instruction(record)}
+    return prompt_segments(record, template)
+
+
+def encode_prompts(tokenizer, parts: Sequence[Sequence[str]]) -> list[list[int]]:
+    """The prompts' token ids as training encodes a record (`Tokenizer.encode_parts`): a special-token string in the
+    template's markup is its control id, one in the record's text (a review quoting `</s>`) stays text. Where no
+    such string appears, the ids are `tokenizer.encode` of the joined prompt.
+
+    Args:
+        tokenizer: an `ecellm.tokenizer` tokenizer.
+        parts: each prompt's `prompt_parts`.
+    """
+    return tokenizer.encode_parts_batch([list(p) for p in parts])
+
+
 def _rank_and_world() -> tuple[int, int]:
     """This process's rank and the number of ranks of the torchrun launch (0, 1 without a process group)."""
     if dist.is_available() and dist.is_initialized():
@@ -184,15 +209,16 @@ def _gathered(made: list[tuple[int, str]], world: int) -> list[tuple[int, str]]:
     return [pair for part in parts for pair in part]
 
 
-def _generate_all(model, tokenizer, prompts: Sequence[str], budgets: Sequence[int], *, batch_size: int,
-                  temperature: float, top_p: float, seed: int | None, done: Mapping[int, str], progress: bool,
-                  desc: str, on_batch: Callable[[list[int], list[str]], None]) -> dict[int, str]:
-    """Record index -> generation for every prompt. The prompts go in length-sorted batches of one answer budget
-    each (`length_batches`); the batches not yet `done` are dealt out to the ranks in rounds (batch k of a round to
-    the round's rank k), and after each round every rank holds every generation of it. A batch is seeded by its
-    position in the order, so its text depends neither on the number of ranks nor on the batches before it."""
+def _generate_all(model, tokenizer, prompts: Sequence[str], prompt_ids: Sequence[list[int]], budgets: Sequence[int],
+                  *, batch_size: int, temperature: float, top_p: float, seed: int | None, done: Mapping[int, str],
+                  progress: bool, desc: str, on_batch: Callable[[list[int], list[str]], None]) -> dict[int, str]:
+    """Record index -> generation for every prompt (`prompt_ids`: its token ids). The prompts go in length-sorted
+    batches of one answer budget each (`length_batches`); the batches not yet `done` are dealt out to the ranks in
+    rounds (batch k of a round to the round's rank k), and after each round every rank holds every generation of it.
+    A batch is seeded by its position in the order, so its text depends neither on the number of ranks nor on the
+    batches before it."""
     rank, world = _rank_and_world()
-    batches = length_batches([len(tokenizer.encode(p)) for p in prompts], batch_size, budgets)
+    batches = length_batches([len(ids) for ids in prompt_ids], batch_size, budgets)
     starts = [0, *itertools.accumulate(len(rows) for rows in batches)]
     generations = dict(done)
     pending = [k for k, rows in enumerate(batches) if not all(i in generations for i in rows)]
@@ -203,7 +229,8 @@ def _generate_all(model, tokenizer, prompts: Sequence[str], budgets: Sequence[in
             made = []
             if rank < len(round_):
                 rows = batches[round_[rank]]
-                texts = generate_text(model, tokenizer, [prompts[i] for i in rows], max_new_tokens=budgets[rows[0]],
+                texts = generate_text(model, tokenizer, [prompts[i] for i in rows],
+                                      prompt_ids=[prompt_ids[i] for i in rows], max_new_tokens=budgets[rows[0]],
                                       batch_size=len(rows), temperature=temperature, top_p=top_p,
                                       seed=None if seed is None else seed + starts[round_[rank]])
                 made = list(zip(rows, texts))
@@ -264,7 +291,8 @@ def evaluate(
     model.eval()  # no dropout (LoRA's included) while generating
     groups = _groups(records)
     refs = {key: references(key[0], [records[i] for i in idx], qpr_labels) for key, idx in groups.items()}
-    prompts = [build_prompt(r, template) for r in records]
+    parts = [prompt_parts(r, template) for r in records]
+    prompts = ["".join(p) for p in parts]
     model_type = model.config.model_type
     budget = answer_budgets({r["task"] for r in records}, max_new_tokens)
 
@@ -273,7 +301,8 @@ def evaluate(
                  "generation": text, "prediction": read_answer(prompts[i], text, template, model_type),
                  "reference": records[i]["output"]} for i, text in zip(rows, texts)]
 
-    generations = _generate_all(model, tokenizer, prompts, [budget[resolve_task(r["task"])] for r in records],
+    budgets = [budget[resolve_task(r["task"])] for r in records]
+    generations = _generate_all(model, tokenizer, prompts, encode_prompts(tokenizer, parts), budgets,
                                 batch_size=batch_size, temperature=temperature, top_p=top_p, seed=seed,
                                 done=done or {}, progress=progress, desc=desc, on_batch=lambda rows, texts: (
                                     on_batch(generation_records(rows, texts)) if on_batch else None))

@@ -193,6 +193,7 @@ def generate_text(
     top_p: float = 1.0,
     seed: int | None = None,
     progress: bool = False,
+    prompt_ids: Sequence[Sequence[int]] | None = None,
 ) -> list[str]:
     """Generate text for each prompt: encode (the tokenizer's family BOS/EOS rules), batch with left padding,
     decode the new tokens without special tokens. Only ids the tokenizer has are generated (an embedding may have
@@ -205,13 +206,17 @@ def generate_text(
         batch_size: prompts per batch; prompts are grouped by length to waste little padding (`length_batches`).
         seed: seeds sampling; the batch starting at position p of the length order is seeded with seed + p.
         progress: show a tqdm bar.
+        prompt_ids: the prompts' token ids where the caller encoded them (`ecellm.eval.encode_prompts`: a record's
+            text as text), one list per prompt. Default: `tokenizer.encode` of each prompt.
     Returns:
         one completion per prompt, in the order given.
     """
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    encoded = [tokenizer.encode(p) for p in prompts]
+    encoded = [list(ids) for ids in prompt_ids] if prompt_ids is not None else [tokenizer.encode(p) for p in prompts]
+    if len(encoded) != len(prompts):
+        raise ValueError(f"generate_text: {len(prompt_ids)} prompt_ids for {len(prompts)} prompts")
     eos = _id_list(tokenizer.eos_id, getattr(model.config, "eos_token_id", None))
     results: list[str] = [""] * len(prompts)
     batches = length_batches([len(e) for e in encoded], batch_size)

@@ -59,7 +59,8 @@ def stand_in_minilm(monkeypatch):
     return calls
 
 
-CHARACTERS = SimpleNamespace(encode=list)  # a tokenizer stand-in for batching by length: one token per character
+# a tokenizer stand-in for batching by length: one token per character
+CHARACTERS = SimpleNamespace(encode=list, encode_parts_batch=lambda batch: [list("".join(p)) for p in batch])
 
 
 def record(task="Product_Matching", setting="IND_Diverse_Instruction", **kw):
@@ -208,6 +209,25 @@ def test_ag_is_scored_by_the_encoder_bertscore_model_names(tiny_dir, data_dir, t
           "--out", str(tmp_path / "pm"), "--max-new-tokens", "3", *flags])
     assert json.loads((tmp_path / "pm" / "results.json").read_text())["config"]["bertscore_encoder"] is None
     assert len(stand_in_minilm) <= 1  # no AG: no encoder fetched
+
+
+def test_control_token_strings_in_a_record_stay_text_in_eval_prompts(tmp_path, monkeypatch):
+    """As in training (`ecellm.data`): the template's markup may hold control tokens, a record's text never does. A
+    review quoting `</s>` gets no EOS id inside its prompt; a record without such strings encodes as its prompt."""
+    from ecellm.models import load_pretrained
+
+    from .tiny_checkpoint import make_tiny_checkpoint
+
+    model, tokenizer = load_pretrained(make_tiny_checkpoint(tmp_path / "model", tasks=["PM"]))  # `</s>`: EOS
+    quoting, plain = record(input="great </s> cable"), record(input="great cable")
+    seen = []
+    monkeypatch.setattr(ev, "generate_text", lambda m, t, prompts, prompt_ids, **kw: seen.extend(prompt_ids) or [""]
+                        * len(prompts))
+    ev.evaluate(model, tokenizer, [quoting, plain], batch_size=1, max_new_tokens=2, progress=False)
+    ids = dict(zip(["plain", "quoting"], seen))  # shorter prompt first
+    assert tokenizer.eos_id in tokenizer.encode(build_prompt(quoting, "alpaca"))  # the whole string: an EOS inside
+    assert tokenizer.eos_id not in ids["quoting"]
+    assert ids["plain"] == tokenizer.encode(build_prompt(plain, "alpaca"))
 
 
 def test_entry_point_with_adapter_and_sampling(tiny_dir, data_dir, tmp_path):
