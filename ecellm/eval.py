@@ -58,7 +58,7 @@ from .configs import (  # noqa: F401 (PAPER_SAMPLING: public here too)
     PAPER_SAMPLING,
     EvalConfig,
 )
-from .data import Records, load_records, parse_response, prompt_segments
+from .data import TEMPLATES, Records, load_records, parse_response, prompt_segments
 from .errors import EcellmError, exit_on_error
 from .files import open_to_append, read_json, write_text_atomically
 from .flags import parse_dtype, parse_flags
@@ -211,7 +211,8 @@ def _gathered(made: list[tuple[int, str]], world: int) -> list[tuple[int, str]]:
 
 def _generate_all(model, tokenizer, prompts: Sequence[str], prompt_ids: Sequence[list[int]], budgets: Sequence[int],
                   *, batch_size: int, temperature: float, top_p: float, seed: int | None, done: Mapping[int, str],
-                  progress: bool, desc: str, on_batch: Callable[[list[int], list[str]], None]) -> dict[int, str]:
+                  progress: bool, desc: str, on_batch: Callable[[list[int], list[str]], None],
+                  stop_strings: Sequence[str] = ()) -> dict[int, str]:
     """Record index -> generation for every prompt (`prompt_ids`: its token ids). The prompts go in length-sorted
     batches of one answer budget each (`length_batches`); the batches not yet `done` are dealt out to the ranks in
     rounds (batch k of a round to the round's rank k), and after each round every rank holds every generation of it.
@@ -230,7 +231,8 @@ def _generate_all(model, tokenizer, prompts: Sequence[str], prompt_ids: Sequence
             if rank < len(round_):
                 rows = batches[round_[rank]]
                 texts = generate_text(model, tokenizer, [prompts[i] for i in rows],
-                                      prompt_ids=[prompt_ids[i] for i in rows], max_new_tokens=budgets[rows[0]],
+                                      prompt_ids=[prompt_ids[i] for i in rows], stop_strings=stop_strings,
+                                      max_new_tokens=budgets[rows[0]],
                                       batch_size=len(rows), temperature=temperature, top_p=top_p,
                                       seed=None if seed is None else seed + starts[round_[rank]])
                 made = list(zip(rows, texts))
@@ -261,6 +263,7 @@ def evaluate(
     desc: str = "generate",
     done: Mapping[int, str] | None = None,
     on_batch: Callable[[list[dict]], None] | None = None,
+    stop_at_marker: bool = True,
 ) -> dict:
     """Generate an answer for every record and score each (task, setting) group as the paper does. Under torchrun
     (a process group initialized) each rank generates its share of the batches on its model's device, and every
@@ -283,6 +286,10 @@ def evaluate(
         progress, desc: show a tqdm progress bar (on rank 0) with this label.
         done: record index -> generation already made (a resumed evaluation); a batch all done is not made again.
         on_batch: called on every rank with each batch's generation records (as in "generations"), in batch order.
+        stop_at_marker: end a decoder's answer once its continuation holds the template's response marker: the
+            prompt holds one, so the answer `parse_response` reads (up to the next) can no longer change, and an
+            untuned model that writes past its answer stops there instead of at its budget. Predictions and scores
+            are the same either way; "generation" ends at the marker. False: every answer runs to EOS or budget.
     Returns:
         {"results": one `score` dict per (task, setting) with "setting" added, in the paper's task order, then
          setting order; "generations": per record {"index", "task", "setting", "prompt", "generation" (the decoded
@@ -302,7 +309,9 @@ def evaluate(
                  "reference": records[i]["output"]} for i, text in zip(rows, texts)]
 
     budgets = [budget[resolve_task(r["task"])] for r in records]
+    stop_strings = [TEMPLATES[template]["response_split"]] if stop_at_marker and model_type != "t5" else []
     generations = _generate_all(model, tokenizer, prompts, encode_prompts(tokenizer, parts), budgets,
+                                stop_strings=stop_strings,
                                 batch_size=batch_size, temperature=temperature, top_p=top_p, seed=seed,
                                 done=done or {}, progress=progress, desc=desc, on_batch=lambda rows, texts: (
                                     on_batch(generation_records(rows, texts)) if on_batch else None))

@@ -8,7 +8,7 @@ encoder-decoder families share it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -68,6 +68,7 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
     vocab_limit: int | None = None,
+    stop: Callable[[list[int]], bool] | None = None,
 ) -> list[list[int]]:
     """Generate continuations of a batch of prompts.
 
@@ -82,6 +83,8 @@ def generate(
         seed: seeds a private generator, so sampled outputs repeat without touching global RNG state.
         vocab_limit: never produce ids at or past this one (the padding rows of an embedding larger than the
             tokenizer, e.g. Phi-2's 51,200 rows for 50,295 ids); None: every id the model has.
+        stop: called after each step with each running row's new tokens; True ends that row there (as its EOS
+            would, but the tokens are kept). None: rows end at EOS or the budget only.
     Returns:
         for each row, its new tokens only, ending with the EOS token when one was produced.
     """
@@ -110,6 +113,9 @@ def generate(
             if not finished:
                 outputs[row].append(token)
         done |= torch.isin(tokens, eos)
+        if stop is not None:
+            stopped = [not finished and stop(outputs[row]) for row, finished in enumerate(done.tolist())]
+            done |= torch.tensor(stopped, dtype=torch.bool, device=done.device)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         logits = model.decode_step(state, tokens)
@@ -122,6 +128,23 @@ def _id_list(*ids: int | Sequence[int] | None) -> list[int]:
     for value in ids:
         flat.update([] if value is None else [value] if isinstance(value, int) else value)
     return sorted(flat)
+
+
+def _contains_any(tokenizer, strings: Sequence[str]) -> Callable[[list[int]], bool] | None:
+    """A `generate` stop check: whether the decoded tokens contain one of `strings` (None for no strings). A marker
+    is looked for only once the newest token could have completed it: its last character appears in the text."""
+    if not strings:
+        return None
+    last_chars = {s[-1] for s in strings}
+
+    def contains(tokens: list[int]) -> bool:
+        tail = tokenizer.decode(tokens[-1:])
+        if tail and not last_chars & set(tail):
+            return False
+        text = tokenizer.decode(tokens)
+        return any(s in text for s in strings)
+
+    return contains
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,6 +217,7 @@ def generate_text(
     seed: int | None = None,
     progress: bool = False,
     prompt_ids: Sequence[Sequence[int]] | None = None,
+    stop_strings: Sequence[str] = (),
 ) -> list[str]:
     """Generate text for each prompt: encode (the tokenizer's family BOS/EOS rules), batch with left padding,
     decode the new tokens without special tokens. Only ids the tokenizer has are generated (an embedding may have
@@ -208,6 +232,9 @@ def generate_text(
         progress: show a tqdm bar.
         prompt_ids: the prompts' token ids where the caller encoded them (`ecellm.eval.encode_prompts`: a record's
             text as text), one list per prompt. Default: `tokenizer.encode` of each prompt.
+        stop_strings: a row ends as soon as its decoded continuation contains one of these (checked after every
+            token by decoding the row's new tokens; `ecellm.eval` passes the template's response marker, past which
+            `parse_response` reads nothing). The text returned still holds the string.
     Returns:
         one completion per prompt, in the order given.
     """
@@ -232,6 +259,7 @@ def generate_text(
             top_p=top_p,
             seed=None if seed is None else seed + b * batch_size,
             vocab_limit=tokenizer.vocab_size,
+            stop=_contains_any(tokenizer, stop_strings),
         )
         for row, tokens in zip(rows, new):
             results[row] = tokenizer.decode(tokens)

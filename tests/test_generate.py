@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -68,3 +70,58 @@ def test_generation_on_a_gpu_in_bfloat16_agrees_with_the_cpu_in_fp32(tmp_path):
     gpu = generate_text(from_pretrained(path, dtype=torch.bfloat16, device="cuda"), tokenizer, prompts,
                         max_new_tokens=4, batch_size=8)
     assert sum(a == b for a, b in zip(cpu, gpu)) >= 12
+
+
+class ScriptedDecoder(torch.nn.Module):
+    """A decoder that writes `script` (token ids) whatever the prompt, every row alike, then repeats its last id."""
+
+    def __init__(self, script: list[int], vocab_size: int):
+        super().__init__()
+        self.script, self.vocab_size = script, vocab_size
+        self.config = SimpleNamespace(eos_token_id=None, model_type="llama")
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the model a device
+
+    def _logits(self, rows: int, step: int) -> torch.Tensor:
+        logits = torch.zeros(rows, self.vocab_size)  # (B, V)
+        logits[:, self.script[min(step, len(self.script) - 1)]] = 1.0
+        return logits
+
+    def start_decoding(self, input_ids, attention_mask, max_new_tokens):
+        state = {"rows": input_ids.shape[0], "step": 0}
+        return state, self._logits(state["rows"], 0)
+
+    def decode_step(self, state, tokens):
+        state["step"] += 1
+        return self._logits(state["rows"], state["step"])
+
+
+RAMBLING = " yes\n\n### Instruction:\nagain\n\n### Response: no, no, no and more words past the answer"
+
+
+def test_a_row_stops_once_its_text_holds_a_stop_string(tmp_path):
+    tokenizer = load_tokenizer(make_tiny_checkpoint(tmp_path / "model", tasks=["PM"]))
+    model = ScriptedDecoder(tokenizer.encode(RAMBLING, bos=False, eos=False), tokenizer.vocab_size)
+    [full] = generate_text(model, tokenizer, ["Is this a match?"], max_new_tokens=60)
+    [cut] = generate_text(model, tokenizer, ["Is this a match?"], max_new_tokens=60, stop_strings=["### Response:"])
+    assert full.startswith(RAMBLING)
+    assert cut == RAMBLING[:RAMBLING.index("### Response:") + len("### Response:")]  # ends on the marker's last token
+    [other] = generate_text(model, tokenizer, ["Is this a match?"], max_new_tokens=60, stop_strings=["nowhere"])
+    assert other == full
+
+
+def test_the_evaluator_stops_at_the_next_response_marker_with_the_same_predictions(tmp_path):
+    """An answer that writes past itself ends at the template's next response marker: the same predictions and
+    scores as running to the budget, in fewer tokens."""
+    from ecellm.eval import evaluate
+    from ecellm.synthetic import generate_records
+
+    tokenizer = load_tokenizer(make_tiny_checkpoint(tmp_path / "model", tasks=["PM"]))
+    model = ScriptedDecoder(tokenizer.encode(RAMBLING, bos=False, eos=False), tokenizer.vocab_size)
+    records = generate_records("PM", 4, "test", seed=0)
+    runs = {stop: evaluate(model, tokenizer, records, max_new_tokens=60, stop_at_marker=stop, progress=False)
+            for stop in (True, False)}
+    predictions = {stop: [g["prediction"] for g in run["generations"]] for stop, run in runs.items()}
+    assert predictions[True] == predictions[False] == ["yes\n\n### Instruction:\nagain"] * 4
+    assert runs[True]["results"] == runs[False]["results"]
+    assert all(len(a["generation"]) < len(b["generation"])
+               for a, b in zip(runs[True]["generations"], runs[False]["generations"]))
