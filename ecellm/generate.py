@@ -131,17 +131,21 @@ def _id_list(*ids: int | Sequence[int] | None) -> list[int]:
 
 
 def _contains_any(tokenizer, strings: Sequence[str]) -> Callable[[list[int]], bool] | None:
-    """A `generate` stop check: whether the decoded tokens contain one of `strings` (None for no strings). A marker
-    is looked for only once the newest token could have completed it: its last character appears in the text."""
+    """A `generate` stop check: whether the decoded tokens contain one of `strings` (None for no strings). Cheap: a
+    marker is looked for only once the newest token could have completed it (its last character is in that token's
+    text), and only in the text of the last `window` tokens (a token is at least one character, so the window
+    holds a marker the newest token completed). Exact: the window's text is a piece of the row's text, so a marker
+    found there is in the row; one missed (a window of zero-width tokens) only delays the stop or forgoes it."""
     if not strings:
         return None
     last_chars = {s[-1] for s in strings}
+    window = max(len(s) for s in strings)
 
     def contains(tokens: list[int]) -> bool:
         tail = tokenizer.decode(tokens[-1:])
         if tail and not last_chars & set(tail):
             return False
-        text = tokenizer.decode(tokens)
+        text = tokenizer.decode(tokens[-window:])
         return any(s in text for s in strings)
 
     return contains
