@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
 import generate as gen_bench  # noqa: E402
 import train_step  # noqa: E402
+
+import common  # noqa: E402
 
 
 def train_compare(path: Path, B: int, T: int, reps: int, steps: int, compile_: bool) -> dict[str, dict]:

@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
-
 from ecellm import lora, nf4  # noqa: E402
 from ecellm.models import from_config, from_pretrained  # noqa: E402
+
+import common  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 QWEN25_05B = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,

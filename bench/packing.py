@@ -41,8 +41,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
 from train_step import build  # noqa: E402
+
+import common  # noqa: E402
 
 CONFIGS = ["packed", "micro-batch 1", "random padded", "length-grouped", "transformers+peft"]
 

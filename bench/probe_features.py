@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, smollm2_dir  # noqa: E402
-
 from ecellm import synthetic  # noqa: E402
 from ecellm.data import format_prompt  # noqa: E402
 from ecellm.models import from_pretrained  # noqa: E402
 from ecellm.tokenizer import load_tokenizer  # noqa: E402
+
+from common import machine, smollm2_dir  # noqa: E402
 
 
 def pm_all_fields_differ(rng: random.Random, names: list[str]):

@@ -38,9 +38,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
 from packing import mix_examples  # noqa: E402
 from train_step import step_flops  # noqa: E402
+
+import common  # noqa: E402
 
 MISTRAL_7B = dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,

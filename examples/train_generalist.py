@@ -41,13 +41,26 @@ import torch.distributed as dist
 
 from ecellm.data import load_records
 from ecellm.eval import select_records
+from ecellm.models.default import MODELS, resolve_model
 from ecellm.synthetic import write_dataset
 from ecellm.tasks import TASKS, task_info
-from ecellm.models.default import MODELS, resolve_model
 from ecellm.train import TrainConfig, setup_distributed
 
-from common import (add_bertscore_flag, ag_encoder, by_task, default_out, evaluate_sets, for_generation, launcher,
-                    load_model, machine, template_for, training_losses, write_curve, write_results)
+from common import (
+    add_bertscore_flag,
+    ag_encoder,
+    by_task,
+    default_out,
+    evaluate_sets,
+    for_generation,
+    launcher,
+    load_model,
+    machine,
+    template_for,
+    training_losses,
+    write_curve,
+    write_results,
+)
 from phases import parse_phases, train_phases, write_sr_phase_data
 from scoring import BOOTSTRAP_RESAMPLES, answer_budgets, compare, data_file, generation_lines, task_table
 

@@ -50,13 +50,26 @@ import torch.distributed as dist
 from ecellm.data import load_records
 from ecellm.eval import build_prompt, select_records
 from ecellm.files import write_json
+from ecellm.models.default import MODELS, resolve_model
 from ecellm.sources import build
 from ecellm.tasks import task_abbr
-from ecellm.models.default import MODELS, resolve_model
 from ecellm.train import TrainConfig, setup_distributed
 
-from common import (add_bertscore_flag, ag_encoder, by_task, default_out, evaluate_sets, for_generation, launcher,
-                    load_model, machine, template_for, training_losses, write_curve, write_results)
+from common import (
+    add_bertscore_flag,
+    ag_encoder,
+    by_task,
+    default_out,
+    evaluate_sets,
+    for_generation,
+    launcher,
+    load_model,
+    machine,
+    template_for,
+    training_losses,
+    write_curve,
+    write_results,
+)
 from phases import train_phases, training_minutes
 from scoring import BOOTSTRAP_RESAMPLES, answer_budgets, compare, generation_lines, task_table
 

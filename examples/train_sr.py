@@ -40,12 +40,22 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ecellm.data import load_records
-from ecellm.synthetic import write_dataset
 from ecellm.models.default import MODELS, resolve_model
+from ecellm.synthetic import write_dataset
 from ecellm.train import TrainConfig, setup_distributed
 
-from common import (default_out, evaluate_sets, for_generation, launcher, load_model, machine, template_for,
-                    training_losses, write_curve, write_results)
+from common import (
+    default_out,
+    evaluate_sets,
+    for_generation,
+    launcher,
+    load_model,
+    machine,
+    template_for,
+    training_losses,
+    write_curve,
+    write_results,
+)
 from phases import parse_phases, train_phases, training_minutes, write_sr_phase_data
 
 # The demo recipe for the embedded default on a 2-core CPU (see the module docstring): options:records per phase.

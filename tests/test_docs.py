@@ -3,8 +3,9 @@
 Every fenced ```python block of README.md and docs/walkthrough.md runs in a fresh namespace, every ```bash block in
 bash (`-e`: the first failing command fails the test), each from an empty scratch folder. A block right after an HTML
 comment `<!-- not run: REASON -->` is skipped: the long jobs, the installs, commands with placeholders. Blocks that
-use a real model (`model_dir(`, or a known model's name such as "smollm2") are marked slow: the first one fetches it. The python
-blocks without a real model run once more from a non-editable install, outside the repository, as a user runs them.
+use a real model (`model_dir(`, or a known model's name such as "smollm2") are marked slow: the first one fetches it.
+The python blocks without a real model run once more from a non-editable install, outside the repository, as a user
+runs them.
 """
 
 from __future__ import annotations

@@ -18,8 +18,15 @@ from safetensors.torch import save_file
 
 import ecellm.eval as ev
 from ecellm.data import TASK_BY_NAME, TASKS, format_prompt, load_records
-from ecellm.eval import (build_prompt, derive_setting, load_qpr_labels, main, markdown_table, one_shot_instruction,
-                         references)
+from ecellm.eval import (
+    build_prompt,
+    derive_setting,
+    load_qpr_labels,
+    main,
+    markdown_table,
+    one_shot_instruction,
+    references,
+)
 from ecellm.lora import inject, save_adapter
 from ecellm.models import encoders, from_config
 from ecellm.synthetic import write_dataset

@@ -335,9 +335,9 @@ def test_standard_errors_and_verdict(scoring):
 
 def test_ag_encoder_is_minilm_by_default_and_none_without_ag(generalist, monkeypatch):
     """The examples' AG encoder: all-MiniLM-L6-v2 unless --bertscore-model says otherwise; none without AG."""
-    import common
-
     from ecellm.models import encoders
+
+    import common
 
     monkeypatch.setattr(encoders, "minilm_encoder", lambda **kw: SimpleNamespace(name="stand-in-minilm", **kw))
     args = generalist.build_parser().parse_args([])
