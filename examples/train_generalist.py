@@ -57,10 +57,9 @@ from common import (
     load_model,
     machine,
     template_for,
-    training_losses,
-    write_curve,
     write_results,
 )
+from curve import training_losses, write_curve
 from phases import parse_phases, train_phases, write_sr_phase_data
 from scoring import BOOTSTRAP_RESAMPLES, answer_budgets, compare, data_file, generation_lines, task_table
 

@@ -66,10 +66,9 @@ from common import (
     load_model,
     machine,
     template_for,
-    training_losses,
-    write_curve,
     write_results,
 )
+from curve import training_losses, write_curve
 from phases import train_phases, training_minutes
 from scoring import BOOTSTRAP_RESAMPLES, answer_budgets, compare, generation_lines, task_table
 

@@ -52,10 +52,9 @@ from common import (
     load_model,
     machine,
     template_for,
-    training_losses,
-    write_curve,
     write_results,
 )
+from curve import training_losses, write_curve
 from phases import parse_phases, train_phases, training_minutes, write_sr_phase_data
 
 # The demo recipe for the embedded default on a 2-core CPU (see the module docstring): options:records per phase.

@@ -349,14 +349,15 @@ def test_ag_encoder_is_minilm_by_default_and_none_without_ag(generalist, monkeyp
 def test_training_losses_chain_phases_and_the_curve_needs_matplotlib(generalist, tmp_path, monkeypatch):
     """Losses of runs trained one after the other line up on one time axis; without matplotlib (the `plot` extra)
     no curve is written and the caller is told so."""
-    common = sys.modules["common"]
+    import curve
+
     for name, steps in (("one", [(1, 30.0, 2.0), (2, 60.0, 1.0)]), ("two", [(1, 30.0, 0.5)])):
         (tmp_path / name).mkdir()
         lines = [json.dumps({"type": "step", "step": s, "elapsed_s": t, "loss": loss}) for s, t, loss in steps]
         (tmp_path / name / "log.jsonl").write_text("\n".join(lines + ['{"type": "eval", "step": 2}']) + "\n")
-    assert common.training_losses([tmp_path / "one", tmp_path / "two"]) == [(0.5, 2.0), (1.0, 1.0), (1.5, 0.5)]
+    assert curve.training_losses([tmp_path / "one", tmp_path / "two"]) == [(0.5, 2.0), (1.0, 1.0), (1.5, 0.5)]
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
-    assert not common.write_curve(tmp_path / "curve.png", [(0.5, 2.0)], [(0.0, 0.1)], "HR@1")
+    assert not curve.write_curve(tmp_path / "curve.png", [(0.5, 2.0)], [(0.0, 0.1)], "HR@1")
     assert not (tmp_path / "curve.png").exists()
 
 
