@@ -58,7 +58,7 @@ from .configs import (  # noqa: F401 (PAPER_SAMPLING: public here too)
     PAPER_SAMPLING,
     EvalConfig,
 )
-from .data import TEMPLATES, Records, load_records, parse_response, prompt_segments
+from .data import TEMPLATES, Records, load_records, parse_response
 from .errors import EcellmError, exit_on_error
 from .files import open_to_append, read_json, write_text_atomically
 from .flags import parse_dtype, parse_flags
@@ -66,7 +66,7 @@ from .generate import generate_text, length_batches
 from .lock import FolderLock
 from .metrics import ModelEncoder, score
 from .models import encoders, template_for
-from .prompts import ONE_SHOT, build_prompt, derive_setting, one_shot_instruction  # noqa: F401 (public here too)
+from .prompts import ONE_SHOT, build_prompt, derive_setting, one_shot_instruction, prompt_parts  # noqa: F401 (public here too)
 from .runs import (  # noqa: F401 (RESUMABLE_CHANGES: public here too)
     RESUMABLE_CHANGES,
     FolderKind,
@@ -166,19 +166,6 @@ def read_answer(prompt: str, generation: str, template: str, model_type: str) ->
         model_type: the model's `config.model_type`.
     """
     return generation if model_type == "t5" else parse_response(prompt + generation, template)
-
-
-def prompt_parts(record: dict, template: str) -> list[str]:
-    """`build_prompt`'s prompt as the template's markup and the record's text in turn (`ecellm.data.prompt_segments`,
-    the 1-shot demonstration inside the instruction's text); joined, it is `build_prompt(record, template)`.
-
-    Args:
-        record: an ECInstruct record.
-        template: "alpaca" or "mistral".
-    """
-    if record["setting"].endswith(ONE_SHOT):
-        record = {**record, "instruction": one_shot_instruction(record)}
-    return prompt_segments(record, template)
 
 
 def encode_prompts(tokenizer, parts: Sequence[Sequence[str]]) -> list[list[int]]:

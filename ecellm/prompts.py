@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from .data import SETTINGS, format_prompt
+from .data import SETTINGS, prompt_segments
 from .errors import EcellmError
 from .tasks import TASK_BY_NAME
 
@@ -57,7 +57,19 @@ def one_shot_instruction(record: dict) -> str:
 
 
 def build_prompt(record: dict, template: str) -> str:
-    """The prompt of a test record: `ecellm.data.format_prompt`, with the demonstration of 1-shot settings.
+    """The prompt of a test record: `ecellm.data.format_prompt`, with the demonstration of 1-shot settings (the
+    joined `prompt_parts`).
+
+    Args:
+        record: an ECInstruct record.
+        template: "alpaca" or "mistral".
+    """
+    return "".join(prompt_parts(record, template))
+
+
+def prompt_parts(record: dict, template: str) -> list[str]:
+    """`build_prompt`'s prompt as the template's markup and the record's text in turn (`ecellm.data.prompt_segments`,
+    the 1-shot demonstration inside the instruction's text); joined, it is `build_prompt(record, template)`.
 
     Args:
         record: an ECInstruct record.
@@ -65,7 +77,7 @@ def build_prompt(record: dict, template: str) -> str:
     """
     if record["setting"].endswith(ONE_SHOT):
         record = {**record, "instruction": one_shot_instruction(record)}
-    return format_prompt(record, template)
+    return prompt_segments(record, template)
 
 
 def _demonstration(record: dict) -> str:
