@@ -252,35 +252,21 @@ def evaluate(
     on_batch: Callable[[list[dict]], None] | None = None,
     stop_at_marker: bool = True,
 ) -> dict:
-    """Generate an answer for every record and score each (task, setting) group as the paper does. Under torchrun
-    (a process group initialized) each rank generates its share of the batches on its model's device, and every
-    rank gets every generation and score; a batch's text does not depend on the number of ranks.
+    """Generate an answer for every record and score each (task, setting) group as the paper does; under torchrun
+    each rank generates its share of the batches and every rank gets every generation and score.
 
     Args:
-        model, tokenizer: an ecellm model (any family) and its `ecellm.tokenizer` tokenizer.
-        records: ECInstruct records (`instruction`, `input`, `options`, `output`, `task`, `setting`; 1-shot
-            settings also `few_shot_example`); each is scored under its own task and setting.
-        template: prompt template, "alpaca" or "mistral".
-        batch_size: prompts per generation batch (grouped by answer budget, then length: `length_batches`).
-        max_new_tokens: most tokens per answer: one number (the paper: 100) or task (any spelling) -> number, the
-            tasks left out getting the paper's 100 (`answer_budgets`).
-        temperature, top_p: 0 for greedy decoding; the paper samples at temperature 0.15 with top_p 0.95.
-        seed: sampling's seed; the batch starting at position p of the batches' order is seeded with seed + p.
-        paper_compat: score with the reference evaluation's defects (see `ecellm.metrics`). AVE answers of a T5
-            model are parsed as evaluate_T5.py does (`ecellm.metrics.parse_ave_t5`), in both modes.
-        encoder: AG's BERTScore encoder; default `ModelEncoder(model, tokenizer)` (the evaluated model itself).
-        qpr_labels: ESCI labels of the QPR options, per QPR record of each setting in order (see `references`).
-        progress, desc: show a tqdm progress bar (on rank 0) with this label.
-        done: record index -> generation already made (a resumed evaluation); a batch all done is not made again.
-        on_batch: called on every rank with each batch's generation records (as in "generations"), in batch order.
-        stop_at_marker: end a decoder's answer once its continuation holds the template's response marker: the
-            prompt holds one, so the answer `parse_response` reads (up to the next) can no longer change, and an
-            untuned model that writes past its answer stops there instead of at its budget. Predictions and scores
-            are the same either way; "generation" ends at the marker. False: every answer runs to EOS or budget.
+        model, tokenizer: an ecellm model (any family) and its tokenizer.
+        records: ECInstruct records, each scored under its own task and setting.
+        template, batch_size, max_new_tokens: "alpaca"/"mistral"; prompts per batch; one number or task -> number.
+        temperature, top_p, seed: 0 is greedy; batch p of the batches' order is seeded with seed + p.
+        paper_compat, encoder: score with the reference's defects (`ecellm.metrics`); AG's BERTScore encoder.
+        qpr_labels, progress, desc: ESCI labels of the QPR options (`references`); a tqdm bar on rank 0, its label.
+        done, on_batch: generations already made (index -> text; a resume); a callback for each batch's records.
+        stop_at_marker: end a decoder's answer at the template's response marker (same predictions, shorter runs).
     Returns:
-        {"results": one `score` dict per (task, setting) with "setting" added, in the paper's task order, then
-         setting order; "generations": per record {"index", "task", "setting", "prompt", "generation" (the decoded
-         continuation), "prediction" (the answer read from it: `read_answer`), "reference"}}.
+        {"results": a `score` dict per (task, setting) with "setting", in the paper's order; "generations": per
+         record {"index", "task", "setting", "prompt", "generation", "prediction" (`read_answer`), "reference"}}.
     """
     model.eval()  # no dropout (LoRA's included) while generating
     groups = _groups(records)
