@@ -94,6 +94,9 @@ class TrainConfig:
     minutes: float = option(0.0, group=LENGTH, help="stop after the first step that ends this many minutes into "
                             "training, validated and with its adapter written (0: no limit; the learning rate "
                             "follows the planned steps)")
+    stop_at_loss: float = option(0.0, group=LENGTH, help="stop once the mean training loss of the last 5 steps is "
+                                 "below this, validated and with its adapter written (0: never; a curriculum's "
+                                 "phase can end once it is learned)")
     eval_every: int = option(0, group=LENGTH, help="validate every N steps (0: at the end of each epoch)")
     checkpoint_every: int = option(50, group=LENGTH, help="checkpoint every N steps (and at each epoch's end)")
     keep_checkpoints: int = option(2, group=LENGTH, help="how many of the latest checkpoints to keep (0: all)")
@@ -111,6 +114,12 @@ class TrainConfig:
                                   help="nf4: the frozen base linears in 4 bits (QLoRA), one process only; default: off")
     activation_checkpointing: bool = option(False, group=PRECISION, help="recompute activations in the backward "
                                                                          "pass (less memory, more time)")
+    reshard_after_forward: bool = option(True, group=PRECISION,
+                                         help="under torchrun, free each block's gathered weights after its forward "
+                                              "pass and gather them again for the backward (FSDP2's default; off: "
+                                              "one all-gather a step instead of two, each rank holding the whole "
+                                              "model until the backward is done: faster where it fits, e.g. a "
+                                              "small model on CPUs)")
     compile: bool = option(False, group=PRECISION, help="torch.compile each transformer block (the first step "
                                                         "compiles)")
     dist_timeout_s: int = option(300, group=PRECISION, help="seconds ranks wait for each other before the run ends "

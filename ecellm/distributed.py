@@ -195,7 +195,19 @@ def enable_activation_checkpointing(blocks: list[nn.Module]) -> None:
         block.forward = lambda *args, _f=forward, **kw: checkpoint(_f, *args, use_reentrant=False, **kw)
 
 
-def shard(model: nn.Module, blocks: list[nn.Module], dist_ctx: DistContext, dtype: torch.dtype) -> nn.Module:
+def reshard_all(model: nn.Module) -> None:
+    """Free the gathered weights of every FSDP2 unit of `model` after forward passes with no backward (a validation):
+    otherwise a unit sharded with `reshard_after_forward=False` keeps them, and its next forward would use them
+    after the optimizer changed the sharded LoRA weights."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def shard(model: nn.Module, blocks: list[nn.Module], dist_ctx: DistContext, dtype: torch.dtype,
+          reshard_after_forward: bool = True) -> nn.Module:
     """FSDP2: shard each of `blocks`, then the root, over the device mesh.
 
     Compute runs in `dtype` (FSDP2 casts every parameter of a unit, LoRA's included, to it); gradients are reduced
@@ -206,11 +218,13 @@ def shard(model: nn.Module, blocks: list[nn.Module], dist_ctx: DistContext, dtyp
         blocks: its units besides the root (the transformer blocks; none for one unit at the root).
         dist_ctx: the run's ranks.
         dtype: the compute dtype.
+        reshard_after_forward: free a block's gathered weights after its forward (and gather them again for its
+            backward); False keeps them, one all-gather a step instead of two for more memory.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for block in blocks:
-        fully_shard(block, mesh=dist_ctx.mesh, mp_policy=mp)
+        fully_shard(block, mesh=dist_ctx.mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=dist_ctx.mesh, mp_policy=mp)
     return model

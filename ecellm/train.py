@@ -75,6 +75,7 @@ from .distributed import (  # noqa: F401 (setup_distributed and the model placem
     compile_blocks,
     distributed,
     enable_activation_checkpointing,
+    reshard_all,
     setup_distributed,
     shard,
     transformer_blocks,
@@ -201,6 +202,7 @@ class Run:
     best_step: int | None = None
     tokens_seen: int = 0  # input tokens of all steps, over all ranks
     last_loss: float = math.nan  # the training loss of the latest step applied (not skipped)
+    recent_losses: list[float] = field(default_factory=list)  # the latest steps' losses, for `config.stop_at_loss`
     validation_due: bool = False  # the current step's validation has not ended (a checkpoint written before it)
     checkpointed_step: int | None = None  # the step of this process's latest checkpoint, and the RNG states in it
     checkpoint_rngs: list[dict] = field(default_factory=list)
@@ -332,7 +334,7 @@ def setup_optimizer(run: Run) -> None:
         # T5 is one unit at the root: its stacks use block 0's relative-position table and every decoder block's
         # cross-attention projections outside those blocks' own forward, where a per-block unit would not gather them.
         blocks = [] if model.config.model_type == "t5" else transformer_blocks(model)
-        shard(model, blocks, run.dist_ctx, parse_dtype(config.dtype))
+        shard(model, blocks, run.dist_ctx, parse_dtype(config.dtype), config.reshard_after_forward)
     else:
         model.to(run.dist_ctx.device)
     # The sharded parameters, by name, taken now: FSDP2 swaps in unsharded ones between forward and backward.
@@ -419,6 +421,7 @@ def train_step(run: Run) -> dict:
             torch.nn.utils.clip_grads_with_norm_(params, config.grad_clip, norm)
         run.optimizer.step()
         run.last_loss = loss
+        run.recent_losses = [*run.recent_losses, loss][-STOP_AT_LOSS_STEPS:]
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
@@ -454,7 +457,7 @@ def validation_loss(run: Run) -> float | None:
         else:
             loss_sum(model, device_batch(run, run.val_examples[:1]))
     if dist_ctx.mesh is not None:
-        model.reshard()  # no backward follows to free the root's gathered parameters
+        reshard_all(model)  # no backward follows to free the gathered weights
     model.train()
     if stopped:
         return None
@@ -554,17 +557,28 @@ class _Stop:
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 OUT_OF_TIME = "time limit"  # `fit`'s reason when `config.minutes` ran out
+LOSS_REACHED = "loss reached"  # `fit`'s reason when the recent training loss fell below `config.stop_at_loss`
+STOP_AT_LOSS_STEPS = 5  # the steps whose mean training loss `config.stop_at_loss` compares
+FINISHED = (None, OUT_OF_TIME, LOSS_REACHED)  # endings that validate and write the adapter
+
+
+def loss_reached(run: Run) -> bool:
+    """Whether the mean training loss of the last `STOP_AT_LOSS_STEPS` steps is below `config.stop_at_loss` (the
+    same on every rank: each step's loss is reduced over the ranks)."""
+    recent = run.recent_losses
+    return (run.config.stop_at_loss > 0 and len(recent) == STOP_AT_LOSS_STEPS
+            and sum(recent) / len(recent) < run.config.stop_at_loss)
 
 
 def stop_requested(run: Run) -> str | None:
     """Why the run stops after this step: the name of the stop signal this rank received ("a signal to another rank"
-    for another's), `OUT_OF_TIME` when a rank's clock passed `config.minutes`, or None. Collective: every rank stops
-    at the same step."""
+    for another's), `OUT_OF_TIME` when a rank's clock passed `config.minutes`, `LOSS_REACHED`, or None. Collective:
+    every rank stops at the same step."""
     out_of_time = run.config.minutes > 0 and time.perf_counter() - run.started >= 60 * run.config.minutes
     signalled, timed_out = run.dist_ctx.all_reduce_sum(float(_Stop.received is not None), float(out_of_time))
     if signalled:
         return _Stop.received or "a signal to another rank"
-    return OUT_OF_TIME if timed_out else None
+    return OUT_OF_TIME if timed_out else LOSS_REACHED if loss_reached(run) else None
 
 
 def note_step_time(run: Run, seconds: float) -> None:
@@ -596,10 +610,10 @@ def after_step(run: Run) -> str | None:
     epoch_end = run.step % run.steps_per_epoch == 0 or run.step == run.total_steps
     stopped_by = stop_requested(run)
     run.validation_due = ((config.eval_every and run.step % config.eval_every == 0)
-                          or (not config.eval_every and epoch_end) or stopped_by == OUT_OF_TIME)
+                          or (not config.eval_every and epoch_end) or stopped_by in (OUT_OF_TIME, LOSS_REACHED))
     if stopped_by or epoch_end or (config.checkpoint_every and run.step % config.checkpoint_every == 0):
         save_checkpoint(run)
-    if run.validation_due and stopped_by in (None, OUT_OF_TIME):
+    if run.validation_due and stopped_by in FINISHED:
         stopped_by = validate_or_stop(run) or stopped_by
     return stopped_by
 
@@ -640,6 +654,9 @@ def fit(run: Run) -> str | None:
     if stopped_by == OUT_OF_TIME:
         run.log(f"time limit of {run.config.minutes:g} minutes reached after step {run.step} of {run.total_steps}: "
                 "checkpoint saved (--resume with a larger --minutes continues)")
+    elif stopped_by == LOSS_REACHED:
+        run.log(f"the mean loss of the last {STOP_AT_LOSS_STEPS} steps fell below {run.config.stop_at_loss:g} after "
+                f"step {run.step} of {run.total_steps}: done")
     elif stopped_by:
         run.log(f"{stopped_by}: checkpoint saved at step {run.step}; resume with --resume")
     return stopped_by
@@ -662,7 +679,7 @@ def zero_lr_warning(run: Run) -> str | None:
 def finish(run: Run, stopped_by: str | None) -> dict:
     """Write the final adapter (unless a signal stopped the run) and `out/summary.json`; returns the summary."""
     weights = lora_weights(run.trainable)
-    if run.dist_ctx.is_main and stopped_by in (None, OUT_OF_TIME):
+    if run.dist_ctx.is_main and stopped_by in FINISHED:
         write_adapter(run.model, run.model_dir, run.out / "adapter", weights)
     elapsed, speed = run.speed()
     warning = run.dist_ctx.from_main(lambda: zero_lr_warning(run))

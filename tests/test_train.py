@@ -150,6 +150,17 @@ def test_two_fsdp_ranks_equal_one_process(setup, tmp_path, loss_average, pack_to
     assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
+def test_two_fsdp_ranks_keeping_gathered_weights_equal_one_process(setup, tmp_path):
+    """`reshard_after_forward=False` (one all-gather a step) makes the same updates; a validation after every step
+    (forward passes with no backward) must not leave stale gathered LoRA weights for the next step's forward."""
+    single = train(config(setup, tmp_path / "one", eval_every=1))
+    finish(launch(config(setup, tmp_path / "two", eval_every=1, reshard_after_forward=False), nproc=2))
+    assert single["total_steps"] == 12
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    one, two = (log_records(tmp_path / name, "eval") for name in ("one", "two"))
+    assert [r["val_loss"] for r in one] == pytest.approx([r["val_loss"] for r in two], rel=1e-5)
+
+
 def test_t5_two_fsdp_ranks_equal_one_process(tmp_path):
     tasks = ["SR", "PM", "AG"]
     model = make_tiny_checkpoint(tmp_path / "t5", tasks=tasks, family="t5")
@@ -716,6 +727,21 @@ def test_time_limit_stops_after_a_step_validates_and_writes_the_adapter(setup, r
     resumed = train(config(setup, out, minutes=60, resume=True))
     assert resumed["steps"] == 12 and resumed["stopped_by"] is None
     assert step_losses(out) == step_losses(reference)
+
+
+def test_stop_at_loss_ends_the_run_once_the_recent_mean_loss_is_below_it(setup, reference, tmp_path):
+    """`stop_at_loss` ends the run after the first step at which the mean loss of the last 5 steps is below it:
+    validated, the adapter written, every step before it as in the full run; 0 never stops."""
+    losses = step_losses(reference)
+    means = [sum(losses[i - 5:i]) / 5 for i in range(5, len(losses) + 1)]  # after steps 5..12
+    threshold = means[2] + 1e-9  # reached after step 7 at the latest
+    expected = 5 + next(i for i, m in enumerate(means) if m < threshold)
+    out = tmp_path / "run"
+    stopped = train(config(setup, out, stop_at_loss=threshold))
+    assert stopped["stopped_by"] == "loss reached" and stopped["steps"] == expected < 12
+    assert step_losses(out) == losses[:expected]
+    assert [r["step"] for r in log_records(out, "eval")][-1] == expected
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_bad_minutes_and_init_adapter_are_explained(setup, tmp_path):
