@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ecellm.synthetic import write_dataset
-from ecellm.train import OUT_OF_TIME, TrainConfig, train
+from ecellm.train import LOSS_REACHED, OUT_OF_TIME, TrainConfig, train
 
 
 # --- training in phases (a curriculum) ----------------------------------------------------------------------------
@@ -67,20 +67,25 @@ def train_phases(base: TrainConfig, phases: Sequence[tuple[str, Path, float | No
     Args:
         base: the settings every phase shares.
         phases: (data directory, run directory, learning rate or None for the base's) of each phase, in order.
-        minutes: the training time of all phases together (0: no limit); a phase that reaches it is cut short and the
-            phases after it are skipped.
+        minutes: the wall time of all phases together, each phase's setup included (0: no limit); a phase that
+            reaches it is cut short and the phases after it are skipped (the first phase runs at least one step).
+            A phase also ends early once its loss is below `base.stop_at_loss` (the next phase then starts).
         init_adapter: the adapter the first phase starts from ("" for a fresh LoRA).
         after_phase: called with (phase number, the progress so far) after each phase but the last, unless the time
             limit ended training there (e.g. to score the adapter so far).
     Returns:
         {"adapter", "steps", "seconds", "tokens", "run_dirs", "stopped" (why training ended before its last planned
-         step, or None), "last_phase" (the number of the last phase trained)}.
+         step, or None), "last_phase" (the number of the last phase trained), "phase_steps" (each phase trained:
+         steps run, steps planned, and "loss reached", "time limit" or None for a phase run to its end)}.
     """
-    done = {"adapter": init_adapter, "steps": 0, "seconds": 0.0, "tokens": 0.0, "run_dirs": [], "stopped": None}
+    done = {"adapter": init_adapter, "steps": 0, "seconds": 0.0, "tokens": 0.0, "run_dirs": [], "stopped": None,
+            "phase_steps": []}
+    started = time.perf_counter()
     for i, (data, run_dir, lr) in enumerate(phases, 1):
-        minutes_left = minutes - done["seconds"] / 60 if minutes else 0.0
+        # the first phase always runs (at least one step); a later one gets what the earlier ones left
+        minutes_left = minutes - (time.perf_counter() - started) / 60 * (i > 1) if minutes else 0.0
         if minutes and minutes_left <= 0:
-            done["stopped"] = f"the {minutes:g}-minute time limit: {phase_range(i, len(phases))} skipped"
+            done["stopped"] = f"the {minutes:.3g}-minute time limit: {phase_range(i, len(phases))} skipped"
             break
         config = dataclasses.replace(base, data=str(data), out=str(run_dir), init_adapter=done["adapter"],
                                      minutes=minutes_left, lr=lr or base.lr)
@@ -91,11 +96,13 @@ def train_phases(base: TrainConfig, phases: Sequence[tuple[str, Path, float | No
         done["seconds"] += summary["elapsed_s"]
         done["tokens"] += summary["tokens_per_s"] * summary["elapsed_s"]
         done["last_phase"] = i
+        done["phase_steps"].append({"steps": summary["steps"], "planned": summary["total_steps"],
+                                    "ended": summary["stopped_by"]})
         if summary["stopped_by"] == OUT_OF_TIME:
-            done["stopped"] = (f"the {minutes:g}-minute time limit, at step {summary['steps']} of "
+            done["stopped"] = (f"the {minutes:.3g}-minute time limit, at step {summary['steps']} of "
                                f"{summary['total_steps']} of phase {i}"
                                + (f" ({phase_range(i + 1, len(phases))} skipped)" if i < len(phases) else ""))
-        elif summary["stopped_by"] is not None:
+        elif summary["stopped_by"] not in (None, LOSS_REACHED):
             raise SystemExit(f"phase {i}: training stopped by {summary['stopped_by']} at step {summary['steps']}: no "
                              f"tuned adapter (its checkpoint is in {Path(run_dir) / 'checkpoints'})")
         if done["stopped"]:

@@ -11,12 +11,13 @@ written into the repository.
 
 The demo trains in phases, a curriculum on the number of options (docs/sr_recipe.md has every recipe we tried): 2
 options per record until the model has learned to find the option that continues the last purchase (the loss sits at
-chance for ~30 steps, then falls), then 4 and 8, each phase starting from the previous phase's adapter, each step's
-examples packed into one row per rank. The default job ends within 15 minutes end to end on a 2-core CPU: `--minutes`
-(default 15 for the default demo) caps the whole job, from start to the printed table, and training gets what setup
-and the two evaluations leave (the evaluation after tuning is estimated from the one before it), about 12.5 minutes
-on a 2-core AMD EPYC; later phases are then cut or skipped, and the results say so (0: no cap).
-`--phases 2:480,4:240,8:240,20:240 --minutes 0` adds a fourth phase on 20 options (about 22 minutes, HR@1 near 1.0).
+chance for ~25-50 steps, then falls), then 4, 8 and 20 at a quarter of the learning rate (at the full rate the first
+steps of a new phase can undo the look-up), each phase starting from the previous phase's adapter and ending early
+once it is learned (the mean loss of its last 5 steps below `--stop-at-loss`, 0.05), each step's examples packed into
+one row per rank. The default job ends within 15 minutes end to end on a 2-core CPU: `--minutes` (default 15 for the
+default demo) caps the whole job, from start to the printed table, and training gets what setup and the two
+evaluations leave (the evaluation after tuning is estimated from the one before it), about 11-12 minutes on a 2-core
+AMD EPYC; later phases are then cut or skipped, and the results say so (0: no cap).
 
 `--model DIR --data DIR` switch to your checkpoint (any supported family) and the real ECInstruct files; the
 reference code's recipe (`ecellm.train.TrainConfig` defaults; see the README's "Differences from the reference code")
@@ -57,14 +58,15 @@ from common import (
 from curve import training_losses, write_curve
 from phases import parse_phases, train_phases, training_minutes, write_sr_phase_data
 
-# The demo recipe for the embedded default on a 2-core CPU (see the module docstring): options:records per phase.
-DEFAULT_PHASES = "2:480,4:240,8:240"
+# The demo recipe for the embedded default on a 2-core CPU (see the module docstring): options:records[:lr] per phase;
+# a phase ends early once its mean loss over 5 steps is below stop_at_loss.
+DEFAULT_PHASES = "2:480,4:240:5e-4,8:240:5e-4,20:240:5e-4"
 DEFAULT_MINUTES = 15.0  # the default demo's budget, end to end (setup, evaluations and training together)
 TAIL_S = 60.0  # reserved after training's cap: the step it cuts into, the final validation, saving, loading the adapter
 DEMO = dict(
     lr=2e-3, lora_r=16, lora_alpha=32.0, lora_dropout=0.05, epochs=1, global_batch=8, micro_batch=4,
     pack_tokens=2048, max_len=512, dtype="fp32", warmup_ratio=0.05, eval_every=0, checkpoint_every=25,
-    max_val_examples=32,
+    max_val_examples=32, stop_at_loss=0.05, reshard_after_forward=False,
 )
 
 
@@ -84,6 +86,13 @@ def chance_hr_at_1(records: list[dict]) -> float:
     return sum(1 / len(ast.literal_eval(r["options"])) for r in records) / len(records)
 
 
+def phase_run(phase: dict) -> str:
+    """" (38 of 60 steps, loss reached)", or " (skipped)" for a phase the time limit left out."""
+    if "steps" not in phase:
+        return " (skipped)"
+    return f" ({phase['steps']} of {phase['planned']} steps{', ' + phase['ended'] if phase['ended'] else ''})"
+
+
 def results_markdown(results: dict) -> str:
     """The before/after table, the curve if any, and how they were measured."""
     sr = results["tasks"]["SR"]
@@ -97,9 +106,9 @@ def results_markdown(results: dict) -> str:
         f"({results['tokens_per_s']:.0f} tokens/s), {results['minutes']:.1f} minutes end to end (setup "
         f"{results['timings_s']['setup'] / 60:.1f}, training {results['timings_s']['training'] / 60:.1f}, evaluation "
         f"{results['timings_s']['evaluation'] / 60:.1f})."
-        + (" Phases (options: records @ learning rate): " + ", ".join(
-            f"{p['options']}: {p['records']} @ {p['lr']:g}" for p in results["phases"]) + "." if results["phases"]
-           else "")
+        + (" Phases (options: records @ learning rate, steps run of planned and why the phase ended): " + ", ".join(
+            f"{p['options']}: {p['records']} @ {p['lr']:g}" + phase_run(p) for p in results["phases"]) + "."
+           if results["phases"] else "")
         + (f" Training ended early: {results['stopped']}." if results["stopped"] else ""),
     ]
     if len(results["curve"]) > 1:
@@ -154,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-r", type=int, default=None,
                         help=f"LoRA rank (default: {DEMO['lora_r']}, the demo recipe's and the reference's)")
     parser.add_argument("--lora-targets", default=None, help="comma-separated module names (default: the paper's)")
+    parser.add_argument("--stop-at-loss", type=float, default=None,
+                        help="end a phase once the mean loss of its last 5 steps is below this; the next phase starts "
+                             f"(default: the demo recipe's {DEMO['stop_at_loss']:g}; 0: every phase runs to its end)")
     parser.add_argument("--pack", type=int, default=None,
                         help="pack each step's examples into rows of up to N tokens; 0: padded micro-batches "
                              f"(default: the demo recipe's {DEMO['pack_tokens']}, or the reference's 0)")
@@ -185,7 +197,7 @@ def main() -> None:
 
     demo = (not args.model or args.model in MODELS) and synthetic  # the demo recipe also for a model by name
     overrides = {k: v for k, v in (("lr", args.lr), ("lora_r", args.lora_r), ("lora_targets", args.lora_targets),
-                                   ("pack_tokens", args.pack)) if v is not None}
+                                   ("pack_tokens", args.pack), ("stop_at_loss", args.stop_at_loss)) if v is not None}
     base = TrainConfig(model=args.model, tasks="SR", seed=args.seed, max_steps=args.max_steps,
                        **{**(DEMO if demo else {}), **overrides})
     base = dataclasses.replace(base, model=str(resolve_model(base.model)))  # a folder, a name or the default
@@ -240,7 +252,9 @@ def main() -> None:
             "steps": done["steps"], "global_batch": base.global_batch,
             "tokens_per_s": done["tokens"] / max(done["seconds"], 1e-9), "training_minutes": done["seconds"] / 60,
             "stopped": done["stopped"], "timings_s": timings, "training_cap_minutes": training_cap,
-            "phases": [{"options": o, "records": n, "lr": lr or base.lr} for o, n, lr in phases] if synthetic else [],
+            "phases": [{"options": o, "records": n, "lr": lr or base.lr, **ran}
+                       for (o, n, lr), ran in zip(phases, done["phase_steps"] + [{}] * len(phases))]
+                      if synthetic else [],
             "curve": curve, "args": vars(args), "date": time.strftime("%Y-%m-%d"),
             "machine": machine(), "world_size": d.world,
             "command": shlex.join(launcher(d.world) + sys.argv),

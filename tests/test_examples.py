@@ -66,7 +66,9 @@ def test_train_sr_curriculum_phases_chain_adapters(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert [(r["phase"], r["options"], r["steps"]) for r in results["curve"]] == [(0, None, 0), (1, 2, 1), (2, 4, 2)]
     assert json.loads((out / "run" / "phase1" / "config.json").read_text())["pack_tokens"] == 1024
-    assert results["phases"] == [{"options": 2, "records": 16, "lr": 1e-4}, {"options": 4, "records": 8, "lr": 5e-4}]
+    assert results["phases"] == [{"options": 2, "records": 16, "lr": 1e-4, "steps": 1, "planned": 1, "ended": None},
+                                 {"options": 4, "records": 8, "lr": 5e-4, "steps": 1, "planned": 1, "ended": None}]
+    assert "2: 16 @ 0.0001 (1 of 1 steps)" in (out / "results.md").read_text()
     phase2 = json.loads((out / "run" / "phase2" / "config.json").read_text())
     assert phase2["init_adapter"] == str(out / "run" / "phase1" / "adapter") and phase2["minutes"] > 0
     assert phase2["lr"] == 5e-4
