@@ -27,8 +27,8 @@ from .lock import LOCK_NAME
 
 # Settings a resumed job may change: where and how often it writes, how long ranks wait for each other, how long it
 # may run (minutes, the loss it stops at), whether FSDP2 keeps gathered weights through the backward, and the flags
-# that allow a change of inputs. Every other setting (one added later included) shapes the
-# result and must keep its saved value.
+# that allow a change of inputs. Every other setting (one added later included) shapes the result and must keep its
+# saved value.
 RESUMABLE_CHANGES = frozenset({
     "out", "resume", "overwrite", "allow_data_change", "allow_model_change",
     "checkpoint_every", "keep_checkpoints", "eval_every", "dist_timeout_s", "minutes", "reshard_after_forward",

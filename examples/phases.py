@@ -82,8 +82,9 @@ def train_phases(base: TrainConfig, phases: Sequence[tuple[str, Path, float | No
             "phase_steps": []}
     started = time.perf_counter()
     for i, (data, run_dir, lr) in enumerate(phases, 1):
-        # the first phase always runs (at least one step); a later one gets what the earlier ones left
-        minutes_left = minutes - (time.perf_counter() - started) / 60 * (i > 1) if minutes else 0.0
+        # the first phase gets the whole budget (so it runs at least one step); a later one what the earlier ones left
+        spent = (time.perf_counter() - started) / 60 if i > 1 else 0.0
+        minutes_left = minutes - spent if minutes else 0.0
         if minutes and minutes_left <= 0:
             done["stopped"] = f"the {minutes:.3g}-minute time limit: {phase_range(i, len(phases))} skipped"
             break
