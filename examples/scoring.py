@@ -8,7 +8,7 @@ train_real.py).
   given to every record, for AG. Each is scored with `ecellm.metrics.score` on the same records.
 - clearly above: the tuned score exceeds both the untuned score and the baseline by more than 2 standard errors of
   the tuned score over the test records (std / sqrt(n) of per-record scores for a metric that is their mean, else
-  the standard deviation over bootstrap resamples of the records).
+  the standard deviation over bootstrap resamples of the records), and by at least `MIN_GAIN` (0.05).
 """
 
 from __future__ import annotations
@@ -168,15 +168,19 @@ def standard_error(task: str, predictions: Sequence[str], records: Sequence[dict
     return statistics.stdev(resampled)
 
 
+MIN_GAIN = 0.05  # "clearly above" also needs this much over the untuned score and the baseline (issue 31)
+
+
 def clearly_above(before: float, after: float, baseline_score: float, se: float | None) -> bool:
-    """Whether the tuned score beats both the untuned score and the baseline by more than 2 standard errors.
+    """Whether the tuned score beats both the untuned score and the baseline by more than 2 standard errors and by
+    at least `MIN_GAIN`.
 
     Args:
         before, after: the metric before and after tuning.
         baseline_score: the baseline's metric.
         se: the standard error of `after` (None: too few records to tell, never clearly above).
     """
-    return se is not None and after - max(before, baseline_score) > 2 * se
+    return se is not None and after - max(before, baseline_score) > max(2 * se, MIN_GAIN)
 
 
 def compare(before: dict, after: dict, records: Sequence[dict], train_records: Sequence[dict], encoder) -> dict:

@@ -70,7 +70,7 @@ from common import (
 )
 from curve import training_losses, write_curve
 from phases import train_phases, training_minutes
-from scoring import BOOTSTRAP_RESAMPLES, answer_budgets, compare, generation_lines, task_table
+from scoring import BOOTSTRAP_RESAMPLES, MIN_GAIN, answer_budgets, compare, generation_lines, task_table
 
 # source name (`ecellm.sources`) -> its folder under --raw, and the tasks it yields
 SOURCES = {
@@ -95,6 +95,8 @@ DEMO = dict(
 # than the hour's training sees on a 2-core EPYC (139 steps of 8, 19.4 minutes, measured); the time cap ends it.
 N_TRAIN = {"PM": 560, "SA": 320, "AVE": 200, "AP": 240, "AG": 200, "SR": 240}
 N_VALIDATION = 8  # validation records per task
+BALANCED = ("SA", "AP")  # tasks trained on their answers in turn (the test labels are 52% "A" and 63% "yes")
+PM_PHASE = 320  # PM records of a phase of PM alone before the mix (alone PM passed F1 0.93 in 36 steps of 8)
 # SR's prompts (10 purchases and 20 candidates, titles up to 25 words) take 848 SmolLM2 tokens at the median (training
 # records; test 907), none within 512: SR's records may take this many (0.91 of training records fit, measured).
 SR_MAX_LEN = 1024
@@ -141,6 +143,16 @@ def fits(record: dict, tokenizer, template: str, max_len: int) -> bool:
     return len(tokenizer.encode(build_prompt(record, template) + record["output"])) <= max_len
 
 
+def balanced_order(records: list[dict]) -> list[dict]:
+    """The records with their answers taken in turn (the first record of each answer, then the second of each, ...),
+    so that the first n hold every answer about equally often while any answer has records left."""
+    rank, seen = {}, {}
+    for i, r in enumerate(records):
+        rank[i] = seen.get(r["output"], 0)
+        seen[r["output"]] = rank[i] + 1
+    return [records[i] for i in sorted(range(len(records)), key=lambda i: (rank[i], i))]
+
+
 def first_fitting(records: list[dict], n: int | None, keep) -> tuple[list[dict], int]:
     """(the first `n` records per task that `keep` accepts, how many were passed over for not fitting)."""
     chosen, skipped, counts = [], 0, {}
@@ -157,20 +169,21 @@ def first_fitting(records: list[dict], n: int | None, keep) -> tuple[list[dict],
 
 
 def choose_records(splits: dict[str, list[dict]], tokenizer, template: str, max_len: int, n_train: dict[str, int],
-                   n_test: dict[str, int], n_test_pm: int | None
+                   n_test: dict[str, dict[str, int | None]]
                    ) -> tuple[list[dict], list[dict], dict[str, list[dict]], dict]:
     """(training, validation, results.json key -> test records of that setting, the counts left out for length).
 
-    Training takes the first `n_train[task]` training records of each task that fit `max_len`, validation
-    `N_VALIDATION` per task; testing the first `n_test[key]` per task in each setting (results.json key; PM:
-    `n_test_pm`, None for all); with a "test_hard" split, PM's look-alike test records too (key `PM_HARD`).
+    Training takes the first `n_train[task]` training records of each task that fit `max_len` (SA and AP with their
+    answers in turn, `BALANCED`), validation `N_VALIDATION` per task; testing the first `n_test[key][task]` per task in
+    each setting (results.json key; None for all); with a "test_hard" split, PM's look-alike test records too (key
+    `PM_HARD`, as many as PM's in "tasks").
     """
     keep = lambda r: fits(r, tokenizer, template, max(max_len, SR_MAX_LEN) if task_abbr(r["task"]) == "SR"  # noqa: E731
                           else max_len)
     train_pool = select_records(splits["train"], [SETTINGS["tasks"]])
     train, skipped_train = [], 0
     for abbr, group in by_task(train_pool).items():
-        chosen, skipped = first_fitting(group, n_train[abbr], keep)
+        chosen, skipped = first_fitting(balanced_order(group) if abbr in BALANCED else group, n_train[abbr], keep)
         train += chosen
         skipped_train += skipped
     validation, _ = first_fitting(select_records(splits["validation"], [SETTINGS["tasks"]]), N_VALIDATION, keep)
@@ -182,14 +195,14 @@ def choose_records(splits: dict[str, list[dict]], tokenizer, template: str, max_
             pool = select_records([r for r in splits["test"] if r["setting"].startswith("IND")], [setting])
         records = []
         for abbr, group in by_task(pool).items():
-            chosen, skipped_test[f"{key}/{abbr}"] = first_fitting(group, n_test_pm if abbr == "PM" else n_test[key],
-                                                                    keep)
-            records += chosen
+            if n_test[key][abbr] != 0:
+                chosen, skipped_test[f"{key}/{abbr}"] = first_fitting(group, n_test[key][abbr], keep)
+                records += chosen
         if records:
             tests[key] = records
     if splits.get("test_hard"):
         tests[PM_HARD], skipped_test[f"{PM_HARD}/PM"] = first_fitting(
-            select_records(splits["test_hard"], [SETTINGS["tasks"]]), n_test_pm, keep)
+            select_records(splits["test_hard"], [SETTINGS["tasks"]]), n_test["tasks"]["PM"], keep)
     return train, validation, tests, {"train": skipped_train, "test": skipped_test}
 
 
@@ -212,13 +225,17 @@ def results_markdown(results: dict) -> str:
     for key, setting in SETTINGS.items():
         if key in results["tables"]:
             sizes = ", ".join(f"{abbr} {n}" for abbr, n in results["n_test"][key].items())
-            parts += [f"{setting} (test records: {sizes}):", "", task_table(results["tables"][key])]
+            untuned = ", ".join(f"{abbr} {n}" for abbr, n in results["n_test_before"][key].items())
+            parts += [f"{setting} (test records: {sizes}; untuned: the first {untuned}):", "",
+                      task_table(results["tables"][key])]
     if PM_HARD in results["tables"]:
         n_hard = results["n_test"][PM_HARD]["PM"]
         parts += [f"PM on look-alike products (amazon-google's test_hard, hard negatives; {n_hard} test records):", "",
                   task_table(results["tables"][PM_HARD])]
     baselines = "; ".join(f"{abbr} {t['baseline_answer']}" for abbr, t in results["tables"]["tasks"].items())
     stopped = f" Training ended early: {results['stopped']}." if results["stopped"] else ""
+    phase = (f" First {results['phase_steps'][0]['steps']} steps on {results['pm_phase']} PM records alone, then the "
+             "mix." if results["pm_phase"] else "")
     timings = results["timings_s"]
     parts += [
         "Beside the paper (IND, diverse instructions):", "", paper_table(results["tables"]),
@@ -227,12 +244,13 @@ def results_markdown(results: dict) -> str:
         + ", ".join(f"{abbr} {n}" for abbr, n in results["n_train_per_task"].items())
         + f"), {results['tokens_per_s']:.0f} tokens/s, {results['minutes']:.1f} minutes end to end (setup "
         f"{timings['setup'] / 60:.1f}, evaluation {timings['evaluation'] / 60:.1f}, training "
-        f"{timings['training'] / 60:.1f}).{stopped} Left out as longer than {results['max_len']} tokens: "
+        f"{timings['training'] / 60:.1f}).{phase}{stopped} Left out as longer than {results['max_len']} tokens: "
         f"{results['skipped_for_length']['train']} training records; test: "
         + (", ".join(f"{k} {n}" for k, n in results["skipped_for_length"]["test"].items() if n) or "none") + ".", "",
         "After: ± one standard error over the test records (std / sqrt(n) of per-record scores for accuracy and "
         f"F_BERT; the standard deviation over {BOOTSTRAP_RESAMPLES} bootstrap resamples, seed 0, for F1 and macro F1). "
-        "Clearly above: after exceeds both before and the baseline by more than 2 standard errors. "
+        f"Clearly above: after exceeds both before and the baseline by more than 2 standard errors and by at least "
+        f"{MIN_GAIN}. "
         f"Baselines: {baselines}. "
         f"AG's F_BERT embeds with {results['bertscore_encoder']}.", "",
     ]
@@ -269,13 +287,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training records per task, e.g. PM:320,SA:200 (default: "
                              + ",".join(f"{k}:{v}" for k, v in N_TRAIN.items()) + ")")
     parser.add_argument("--n-test", type=int, default=200,
-                        help="test records per task with the training instructions, PM aside (default: %(default)s)")
-    parser.add_argument("--n-test-extra", type=int, default=100,
-                        help="test records per task with the unseen instruction and out of domain, PM aside "
+                        help="test records per task with the training instructions, PM and SR aside (default: "
+                             "%(default)s)")
+    parser.add_argument("--n-test-sr", type=int, default=100,
+                        help="at most this many SR test records a setting: its prompts are ~4x the others' "
                              "(default: %(default)s)")
+    parser.add_argument("--n-test-extra", type=int, default=0,
+                        help="test records per task with the unseen instruction and out of domain (PM: as with the "
+                             "training instructions); 0: those settings are not scored, which keeps the evaluation "
+                             "within a third of the hour on a 2-core CPU (default: %(default)s)")
     parser.add_argument("--n-test-pm", type=int, default=0,
                         help="PM's test records per setting; 0: its whole rebuilt test split, 253 (default: "
                              "%(default)s)")
+    parser.add_argument("--n-test-before", type=int, default=40,
+                        help="the untuned model is scored on the first this many test records of each task and "
+                             "setting (its answers are mostly invalid: a few records settle its score); 0: all "
+                             "(default: %(default)s)")
+    parser.add_argument("--pm-phase", type=int, default=PM_PHASE,
+                        help="train on this many PM records alone before the mix of every task (0: no such phase; "
+                             "default: %(default)s)")
     parser.add_argument("--max-len", type=int, default=DEMO["max_len"],
                         help="records longer than this many tokens are left out, in training and testing (default: "
                              "%(default)s)")
@@ -295,6 +325,22 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: off)")
     add_bertscore_flag(parser)
     return parser
+
+
+def test_size(args: argparse.Namespace, key: str, abbr: str) -> int | None:
+    """How many of a task's test records are scored in a setting (results.json `key`); None: all, 0: none."""
+    if key != "tasks" and not args.n_test_extra:
+        return 0
+    if abbr == "PM":
+        return args.n_test_pm or None
+    n = args.n_test if key == "tasks" else args.n_test_extra
+    return min(n, args.n_test_sr) if abbr == "SR" else n
+
+
+def prompt_tokens(tests: dict[str, list[dict]], tokenizer, template: str) -> int:
+    """The prompt tokens of every test record: what an evaluation's time grows with."""
+    return sum(len(ids) for records in tests.values()
+               for ids in tokenizer.encode_batch([build_prompt(r, template) for r in records]))
 
 
 def parse_counts(text: str, tasks: tuple[str, ...]) -> dict[str, int]:
@@ -331,35 +377,48 @@ def main() -> None:
     base, tokenizer = load_model(config.model)
     base = for_generation(base, d.device)  # a CUDA rank generates on its GPU, in bfloat16
 
-    n_test = {key: args.n_test if key == "tasks" else args.n_test_extra for key in SETTINGS}
+    n_test = {key: {abbr: test_size(args, key, abbr) for abbr in tasks} for key in SETTINGS}
     # Every rank builds the same records (deterministic, a few seconds); rank 0 writes what training reads.
     splits = build_sources(raw, tasks, args.pm_hard)
-    train, validation, tests, skipped = choose_records(splits, tokenizer, template, args.max_len, n_train, n_test,
-                                                       args.n_test_pm or None)
+    train, validation, tests, skipped = choose_records(splits, tokenizer, template, args.max_len, n_train, n_test)
+    # the untuned model's share of each test set: the first --n-test-before records of each task
+    tests_before = {key: first_fitting(records, args.n_test_before or None, lambda r: True)[0]
+                    for key, records in tests.items()}
+    # a phase of PM alone first (the first --pm-phase of PM's training records), then the mix of the rest
+    pm_phase = [r for r in train if task_abbr(r["task"]) == "PM"][:args.pm_phase] if len(tasks) > 1 else []
+    in_phase = {id(r) for r in pm_phase}
+    mix = [r for r in train if id(r) not in in_phase]
     data = out / "data"
+    phases = [(data / "pm", out / "run_pm", None)] if pm_phase else []
+    phases.append((data, out / "run", None))
     if d.is_main:
         if data.exists():
             raise SystemExit(f"{data} exists: choose a new --out (a run never overwrites another's data)")
         data.mkdir(parents=True)
-        write_json(data / "train.json", train)
+        write_json(data / "train.json", mix)
         write_json(data / "validation.json", validation)
+        if pm_phase:
+            (data / "pm").mkdir()
+            write_json(data / "pm" / "train.json", pm_phase)
+            write_json(data / "pm" / "validation.json", [r for r in validation if task_abbr(r["task"]) == "PM"])
         write_json(data / "test.json", [r for key, records in tests.items() if key != PM_HARD for r in records])
         if PM_HARD in tests:
             write_json(data / "test_hard.json", tests[PM_HARD])
     d.barrier()
-    config = dataclasses.replace(config, data=str(data), out=str(out / "run"))
-    train_records = load_records(data / "train.json", split="train")
+    train_records = [r for phase_data, _, _ in phases for r in load_records(phase_data / "train.json", split="train")]
 
     encoder = ag_encoder(args.bertscore_model, base, tokenizer, d.device, args.batch_size, tasks)
     budgets = answer_budgets(train_records, tokenizer, cap=None)
     timings = {"setup": time.perf_counter() - start}
     clock = time.perf_counter()
-    before = evaluate_all(base, tokenizer, tests, template, budgets, encoder=encoder, batch_size=args.batch_size,
-                          desc="before tuning")
+    before = evaluate_all(base, tokenizer, tests_before, template, budgets, encoder=encoder,
+                          batch_size=args.batch_size, desc="before tuning")
     timings["evaluation"] = time.perf_counter() - clock
-    cap = training_minutes(args.minutes, start, timings["evaluation"], 1, TAIL_S, EVALUATION_SLACK)
+    # the evaluation after tuning, estimated from this one by the ratio of their prompt tokens
+    scale = prompt_tokens(tests, tokenizer, template) / prompt_tokens(tests_before, tokenizer, template)
+    cap = training_minutes(args.minutes, start, timings["evaluation"] * scale, 1, TAIL_S, EVALUATION_SLACK)
     clock = time.perf_counter()
-    done = train_phases(config, [(data, out / "run", None)], cap)
+    done = train_phases(config, phases, cap)
     timings["training"], clock = time.perf_counter() - clock, time.perf_counter()
     tuned = for_generation(load_model(config.model, done["adapter"])[0], d.device)
     after = evaluate_all(tuned, tokenizer, tests, template, budgets, encoder=encoder, batch_size=args.batch_size,
@@ -380,6 +439,9 @@ def main() -> None:
             "training_cap_minutes": cap, "timings_s": timings, "max_len": args.max_len,
             "n_train": len(train_records), "n_train_per_task": {a: len(g) for a, g in by_task(train_records).items()},
             "n_test": {key: {a: len(g) for a, g in by_task(records).items()} for key, records in tests.items()},
+            "n_test_before": {key: {a: len(g) for a, g in by_task(records).items()}
+                              for key, records in tests_before.items()},
+            "pm_phase": len(pm_phase), "phase_steps": done["phase_steps"],
             "skipped_for_length": skipped, "max_new_tokens": budgets,
             "paper": {abbr: dict(zip(("metric", "untuned_mistral_7b", "ecellm"), PAPER[abbr])) for abbr in tasks},
             "recipe": {**DEMO, "lr": args.lr, "max_len": args.max_len}, "args": vars(args),
@@ -392,7 +454,8 @@ def main() -> None:
         write_curve(out / "curve.png", training_losses(done["run_dirs"]),
                     [(0.0, mean["before"]), (done["seconds"] / 60, mean["after"])], "mean metric over the tasks")
         generations = [line for stage, evaluation in (("before", before), ("after", after)) for key in tests
-                       for line in generation_lines(stage, SETTINGS.get(key, key), evaluation[key], tests[key])]
+                       for line in generation_lines(stage, SETTINGS.get(key, key), evaluation[key],
+                                                    (tests_before if stage == "before" else tests)[key])]
         (out / "generations.jsonl").write_text("\n".join(generations) + "\n", encoding="utf-8")
         print("\n" + results_markdown(results))
         print(f"results: {out / 'results.json'} and {out / 'results.md'}; adapter: {done['adapter']}")

@@ -333,6 +333,8 @@ def test_standard_errors_and_verdict(scoring):
     assert not scoring.clearly_above(before=0.1, after=0.9, baseline_score=0.667, se=0.12)
     assert not scoring.clearly_above(before=0.8, after=0.9, baseline_score=0.1, se=0.06)  # untuned was close
     assert not scoring.clearly_above(before=0.1, after=0.9, baseline_score=0.1, se=None)
+    assert not scoring.clearly_above(before=0.1, after=0.14, baseline_score=0.1, se=0.001)  # 2 SE, not 0.05
+    assert scoring.clearly_above(before=0.1, after=0.16, baseline_score=0.1, se=0.001)
 
 
 def test_ag_encoder_is_minilm_by_default_and_none_without_ag(generalist, monkeypatch):
@@ -390,8 +392,9 @@ def test_time_limit_skips_later_phases_and_says_so(tmp_path, monkeypatch):
 
 
 def test_train_real_scores_every_real_task_in_the_run_folder_only(tmp_path):
-    """examples/train_real.py on a tiny model: records built from ../shared/realdata, a training step, every task
-    scored before and after in its settings (OOD where the source has a held-out part), results in --out only."""
+    """examples/train_real.py on a tiny model: records built from ../shared/realdata, a step of PM alone and one of
+    the mix, every task scored after tuning in its settings (OOD where the source has a held-out part) and before on
+    the first --n-test-before records, results in --out only."""
     from .test_sources import realdata
 
     raw = realdata("")
@@ -401,13 +404,18 @@ def test_train_real_scores_every_real_task_in_the_run_folder_only(tmp_path):
     before = repository_files()
     cmd = [sys.executable, "examples/train_real.py", "--raw", str(raw), "--model", str(model), "--out", str(out),
            "--n-train", "PM:4,SA:2,AVE:2,AP:2,AG:2,SR:2", "--n-test", "2", "--n-test-extra", "3", "--n-test-pm", "3",
-           "--max-steps", "1", "--max-len", "4096", "--minutes", "0", "--pm-hard",
+           "--n-test-before", "1", "--pm-phase", "3", "--max-steps", "1", "--max-len", "4096", "--minutes", "0", "--pm-hard",
            "--bertscore-model", "model"]  # no fetch in a fast test (MiniLM's wiring: test_ag_encoder_...)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert repository_files() == before, "the example wrote into the repository"
     results = json.loads((out / "results.json").read_text())
-    assert set(results["tasks"]) == set(tasks) and results["steps"] == 1
+    assert set(results["tasks"]) == set(tasks) and results["steps"] == 2  # one step a phase
+    assert results["pm_phase"] == 3 and [p["steps"] for p in results["phase_steps"]] == [1, 1]
+    phase_records = json.loads((out / "data" / "pm" / "train.json").read_text())
+    mix_records = json.loads((out / "data" / "train.json").read_text())
+    assert len(phase_records) == 3 and {r["task"] for r in phase_records} == {"Product_Matching"}
+    assert sum(r["task"] == "Product_Matching" for r in mix_records) == 1 and len(mix_records) == 11
     for abbr, t in results["tasks"].items():
         assert {"before", "after", "baseline", "metric"} <= set(t) and t["metric"] in t["after"], abbr
     assert set(results["tables"]) == {"tasks", "unseen_instruction", "ood", "pm_hard"}
@@ -425,8 +433,10 @@ def test_train_real_scores_every_real_task_in_the_run_folder_only(tmp_path):
     markdown = (out / "results.md").read_text()
     assert "Beside the paper" in markdown and "examples/train_real.py" in markdown and "look-alike" in markdown
     assert "GPT-4 Turbo 0.387" in markdown
-    generations = (out / "generations.jsonl").read_text().splitlines()
-    assert len(generations) == 2 * (len(test) + len(hard))  # every test record answered before and after
+    generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert sum(g["stage"] == "after" for g in generations) == len(test) + len(hard)  # every test record answered
+    untuned = sum(len(by_task) for by_task in results["n_test_before"].values())  # the first record of each task
+    assert sum(g["stage"] == "before" for g in generations) == untuned == 6 + 6 + 5 + 1
 
 
 def test_train_real_refuses_an_unknown_task_and_a_missing_raw_folder(tmp_path):
@@ -448,3 +458,11 @@ def test_every_flag_of_the_examples_says_what_it_does_and_its_default(script, mo
         assert action.help and len(action.help.split()) >= 3, f"{script} {name}: no words in --help"
         assert "default" in action.help, f"{script} {name}: --help does not give the default"
     parser.format_help()  # every %(default)s placeholder renders
+
+
+def test_train_real_takes_sa_and_ap_training_answers_in_turn(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    train_real = importlib.import_module("train_real")
+    records = [{"output": o, "i": i} for i, o in enumerate("AAABBC")]
+    assert [r["i"] for r in train_real.balanced_order(records)] == [0, 3, 5, 1, 4, 2]  # A B C, A B, A
+    assert train_real.BALANCED == ("SA", "AP")
