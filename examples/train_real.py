@@ -14,23 +14,25 @@ categories; the others are stand-ins in ECInstruct's layout. `--raw` names the f
 (layer 6; `--bertscore-model model`: the untuned model's own states, the older score). `--pm-hard` builds PM with
 look-alike negatives too and scores the adapter on that hard test split beside ECInstruct's.
 
-With no other argument it tunes the embedded default, SmolLM2-135M-Instruct, on a mix of the five tasks' training
-records (one phase, LoRA r 16, lr 1e-3, packed rows) and scores every task on real test records in up to three
-settings: the training instructions (`IND_Diverse_Instruction`), an instruction never used in training
+With no other argument it tunes the embedded default, SmolLM2-135M-Instruct (LoRA r 16, lr 1e-3, packed rows), in
+two phases: `--pm-phase` (320) PM records alone, then a mix of every task's training records (SR's long records the
+fewest; `--balance SA,AP` takes those tasks' answers in turn). It scores every task on
+real test records with the training instructions (`IND_Diverse_Instruction`): PM on its whole rebuilt test split
+(`--n-test-pm`), SR on its first `--n-test-sr` (80; its prompts are ~4x the others'), the others on their first
+`--n-test` (200). `--n-test-extra N` adds N records per task with an instruction never used in training
 (`IND_Unseen_Instruction`) and, where the source has a held-out part, out of domain (`OOD_Diverse_Instruction`).
-PM is scored on its whole rebuilt test split (`--n-test-pm`) in each setting, the others on their first `--n-test`
-(200) test records with the training instructions and `--n-test-extra` (100) with the unseen instruction and out of
-domain. An evaluation costs about one forward pass of the model per prompt token (SmolLM2 ~0.2 GFLOP a token, ~620
-prompt tokens a second on a 2-core AMD EPYC without AVX-512) plus one per generated token; with 200 records in every
-setting each of the two evaluations would take ~25 minutes there and leave the hour ~8 minutes of training, so the
-two other settings get 100. Records whose prompt and answer exceed `--max-len` tokens (long SubjQA reviews) are left
-out of training and testing alike, and the results count them. Answers may be as long as the longest training
-answer: the AVE stand-in lists all of a product's attributes in one answer (median 109 tokens), past the paper's
-100-token budget, which would cut most of them.
+The untuned model is scored on the first `--n-test-before` (20) records of each set: its answers are nearly all
+invalid, so a few settle its score, and the hour goes to training instead. An evaluation costs about one forward pass
+of the model per prompt token (SmolLM2 ~0.27 GFLOP a token; ~330-620 prompt tokens a second on a 2-core AMD EPYC
+without AVX-512, the fewer the longer the prompts) plus one per generated token. Records whose prompt and answer
+exceed `--max-len` tokens (long SubjQA reviews; SR: `SR_MAX_LEN`) are left out of training and testing alike, and
+the results count them. Answers may be as long as the longest training answer: the AVE stand-in lists all of a
+product's attributes in one answer (median 109 tokens), past the paper's 100-token budget, which would cut most of
+them.
 
 `--minutes` (default 60) caps the whole job: training gets what setup and the two evaluations leave, the evaluation
-after tuning estimated as `EVALUATION_SLACK` (1.15) times the one before it (measured: 0.79; the untuned model fills
-its answer budgets, the tuned one stops). Everything goes to the run folder: `results.json` (with the adapter's
+after tuning estimated from the one before it times the ratio of their prompt tokens (`EVALUATION_SLACK`).
+Everything goes to the run folder: `results.json` (with the adapter's
 path under "adapter"), `results.md` (the tables to paste, with the command, machine and date, and the paper's figures
 for the same tasks), `generations.jsonl` (every answer), the data and the training run (the adapter in PEFT format).
 Nothing is written into the repository. Baselines, standard errors and "clearly above" are examples/scoring.py's.
@@ -93,11 +95,11 @@ DEMO = dict(
 )
 # Training records per task (the first that fit; PM's first PM_PHASE in a phase of their own): together more than the
 # hour's training sees on a 2-core EPYC, so the time cap ends it with every task's share seen in proportion. SR's
-# records are ~4x the others' tokens and SR alone stayed at chance loss for 11 steps of 8 (10.6 minutes, measured
-# 2026-12-07): it gets the fewest.
-N_TRAIN = {"PM": 520, "SA": 320, "AVE": 200, "AP": 280, "AG": 200, "SR": 120}
+# records are ~4x the others' tokens and SR stayed at chance (alone: chance loss for 11 steps of 8, 10.6 minutes; in
+# the mix of 2026-12-07 with 120 records: HR@1 0.050): it gets the fewest, PM (F1 >= 0.97 needs ~80 steps' worth
+# alone) the most.
+N_TRAIN = {"PM": 600, "SA": 320, "AVE": 200, "AP": 280, "AG": 200, "SR": 60}
 N_VALIDATION = 8  # validation records per task
-BALANCED = ("SA", "AP")  # tasks trained on their answers in turn (the test labels are 52% "A" and 63% "yes")
 PM_PHASE = 320  # PM records of a phase of PM alone before the mix (alone PM passed F1 0.93 in 36 steps of 8)
 # SR's prompts (10 purchases and 20 candidates, titles up to 25 words) take 848 SmolLM2 tokens at the median (training
 # records; test 907), none within 512: SR's records may take this many (0.91 of training records fit, measured).
@@ -173,21 +175,21 @@ def first_fitting(records: list[dict], n: int | None, keep) -> tuple[list[dict],
 
 
 def choose_records(splits: dict[str, list[dict]], tokenizer, template: str, max_len: int, n_train: dict[str, int],
-                   n_test: dict[str, dict[str, int | None]]
+                   n_test: dict[str, dict[str, int | None]], balance: tuple[str, ...] = ()
                    ) -> tuple[list[dict], list[dict], dict[str, list[dict]], dict]:
     """(training, validation, results.json key -> test records of that setting, the counts left out for length).
 
-    Training takes the first `n_train[task]` training records of each task that fit `max_len` (SA and AP with their
-    answers in turn, `BALANCED`), validation `N_VALIDATION` per task; testing the first `n_test[key][task]` per task in
-    each setting (results.json key; None for all); with a "test_hard" split, PM's look-alike test records too (key
-    `PM_HARD`, as many as PM's in "tasks").
+    Training takes the first `n_train[task]` training records of each task that fit `max_len` (the tasks in
+    `balance` with their answers taken in turn, `balanced_order`), validation `N_VALIDATION` per task; testing the
+    first `n_test[key][task]` per task in each setting (results.json key; None for all); with a "test_hard" split,
+    PM's look-alike test records too (key `PM_HARD`, as many as PM's in "tasks").
     """
     keep = lambda r: fits(r, tokenizer, template, max(max_len, SR_MAX_LEN) if task_abbr(r["task"]) == "SR"  # noqa: E731
                           else max_len)
     train_pool = select_records(splits["train"], [SETTINGS["tasks"]])
     train, skipped_train = [], 0
     for abbr, group in by_task(train_pool).items():
-        chosen, skipped = first_fitting(balanced_order(group) if abbr in BALANCED else group, n_train[abbr], keep)
+        chosen, skipped = first_fitting(balanced_order(group) if abbr in balance else group, n_train[abbr], keep)
         train += chosen
         skipped_train += skipped
     validation, _ = first_fitting(select_records(splits["validation"], [SETTINGS["tasks"]]), N_VALIDATION, keep)
@@ -293,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-test", type=int, default=200,
                         help="test records per task with the training instructions, PM and SR aside (default: "
                              "%(default)s)")
-    parser.add_argument("--n-test-sr", type=int, default=100,
+    parser.add_argument("--n-test-sr", type=int, default=80,
                         help="at most this many SR test records a setting: its prompts are ~4x the others' "
                              "(default: %(default)s)")
     parser.add_argument("--n-test-extra", type=int, default=0,
@@ -303,10 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-test-pm", type=int, default=0,
                         help="PM's test records per setting; 0: its whole rebuilt test split, 253 (default: "
                              "%(default)s)")
-    parser.add_argument("--n-test-before", type=int, default=40,
+    parser.add_argument("--n-test-before", type=int, default=20,
                         help="the untuned model is scored on the first this many test records of each task and "
                              "setting (its answers are mostly invalid: a few records settle its score); 0: all "
                              "(default: %(default)s)")
+    parser.add_argument("--balance", default="",
+                        help="comma-separated tasks whose training records are taken with their answers in turn "
+                             "(e.g. SA,AP; measured with ~100 records each: the model moved to a minority answer, "
+                             "below the majority baseline; default: none)")
     parser.add_argument("--pm-phase", type=int, default=PM_PHASE,
                         help="train on this many PM records alone before the mix of every task (0: no such phase; "
                              "default: %(default)s)")
@@ -366,6 +372,9 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--tasks: {', '.join(unknown)} not among {', '.join(TASKS)}")
     n_train = parse_counts(args.n_train, tasks)
+    balance = tuple(t.strip().upper() for t in args.balance.split(",") if t.strip())
+    if set(balance) - set(tasks):
+        raise SystemExit(f"--balance: {', '.join(sorted(set(balance) - set(tasks)))} not among --tasks {args.tasks}")
     raw = Path(args.raw) if args.raw else default_raw()
     if not raw.is_dir():
         raise SystemExit(f"--raw: no folder {raw}; point it at the folder holding "
@@ -384,7 +393,8 @@ def main() -> None:
     n_test = {key: {abbr: test_size(args, key, abbr) for abbr in tasks} for key in SETTINGS}
     # Every rank builds the same records (deterministic, a few seconds); rank 0 writes what training reads.
     splits = build_sources(raw, tasks, args.pm_hard)
-    train, validation, tests, skipped = choose_records(splits, tokenizer, template, args.max_len, n_train, n_test)
+    train, validation, tests, skipped = choose_records(splits, tokenizer, template, args.max_len, n_train, n_test,
+                                                       balance)
     # the untuned model's share of each test set: the first --n-test-before records of each task
     tests_before = {key: first_fitting(records, args.n_test_before or None, lambda r: True)[0]
                     for key, records in tests.items()}

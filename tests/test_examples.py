@@ -404,7 +404,8 @@ def test_train_real_scores_every_real_task_in_the_run_folder_only(tmp_path):
     before = repository_files()
     cmd = [sys.executable, "examples/train_real.py", "--raw", str(raw), "--model", str(model), "--out", str(out),
            "--n-train", "PM:4,SA:2,AVE:2,AP:2,AG:2,SR:2", "--n-test", "2", "--n-test-extra", "3", "--n-test-pm", "3",
-           "--n-test-before", "1", "--pm-phase", "3", "--max-steps", "1", "--max-len", "4096", "--minutes", "0", "--pm-hard",
+           "--n-test-before", "1", "--pm-phase", "3", "--balance", "SA,AP", "--max-steps", "1", "--max-len", "4096",
+           "--minutes", "0", "--pm-hard",
            "--bertscore-model", "model"]  # no fetch in a fast test (MiniLM's wiring: test_ag_encoder_...)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -441,7 +442,8 @@ def test_train_real_scores_every_real_task_in_the_run_folder_only(tmp_path):
 
 def test_train_real_refuses_an_unknown_task_and_a_missing_raw_folder(tmp_path):
     for flags, message in ((["--tasks", "PM,XYZ"], "--tasks: XYZ not among"),
-                           (["--raw", str(tmp_path / "nowhere")], "--raw: no folder")):
+                           (["--raw", str(tmp_path / "nowhere")], "--raw: no folder"),
+                           (["--balance", "SA,XYZ"], "--balance: XYZ not among")):
         proc = subprocess.run([sys.executable, "examples/train_real.py", "--out", str(tmp_path / "out"), *flags],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr
@@ -465,4 +467,3 @@ def test_train_real_takes_sa_and_ap_training_answers_in_turn(monkeypatch):
     train_real = importlib.import_module("train_real")
     records = [{"output": o, "i": i} for i, o in enumerate("AAABBC")]
     assert [r["i"] for r in train_real.balanced_order(records)] == [0, 3, 5, 1, 4, 2]  # A B C, A B, A
-    assert train_real.BALANCED == ("SA", "AP")
