@@ -9,7 +9,6 @@ encoder-decoder families share it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -158,33 +157,6 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
         raise ValueError("every prompt must have at least one token")
     batch = collate([{"input_ids": list(s)} for s in sequences], pad_id, padding_side="left", multiple_of=1)
     return batch["input_ids"], batch["attention_mask"]
-
-
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs that multiply bfloat16 natively
-
-
-def _cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; none elsewhere)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return set()
-    return next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
-
-
-def generation_dtype(device: torch.device | str, cpu_flags: set[str] | None = None) -> torch.dtype:
-    """The dtype to generate in on `device`: bfloat16 where it is native (a CUDA GPU that supports it; a CPU with
-    AVX512-BF16 or AMX), float32 elsewhere (a CPU without them emulates bfloat16 matrix products, slower than fp32).
-
-    Args:
-        device: where the model runs.
-        cpu_flags: the CPU's feature flags (default: read from /proc/cpuinfo).
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    native = device.type == "cpu" and bool(set(BF16_CPU_FLAGS) & (_cpu_flags() if cpu_flags is None else cpu_flags))
-    return torch.bfloat16 if native else torch.float32
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, groups: Sequence[int] | None = None) -> list[list[int]]:
