@@ -553,6 +553,8 @@ evaluation = ev.evaluate(from_pretrained(model_dir), load_tokenizer(model_dir), 
                          on_batch=lambda batch: seen.extend(g["index"] for g in batch))
 with open(f"{out}/rank{rank}.json", "w") as f:
     json.dump({"generated": len(generated), "seen": seen, "evaluation": evaluation}, f)
+if dist.is_initialized():
+    dist.destroy_process_group()  # else gloo may abort the exit ("terminate called without an active exception")
 """
 
 
