@@ -354,6 +354,15 @@ def prompt_tokens(tests: dict[str, list[dict]], tokenizer, template: str) -> int
                for ids in tokenizer.encode_batch([build_prompt(r, template) for r in records]))
 
 
+def parse_tasks(text: str, flag: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """"pm, SA" -> ("PM", "SA"): a flag's comma-separated task abbreviations, each among `allowed`."""
+    tasks = tuple(t.strip().upper() for t in text.split(",") if t.strip())
+    unknown = [t for t in tasks if t not in allowed]
+    if unknown:
+        raise SystemExit(f"{flag}: {', '.join(unknown)} not among {', '.join(allowed)}")
+    return tasks
+
+
 def parse_counts(text: str, tasks: tuple[str, ...]) -> dict[str, int]:
     """`--n-train`: "PM:320,SA:200" over the defaults in `N_TRAIN`."""
     counts = {abbr: N_TRAIN[abbr] for abbr in tasks}
@@ -368,14 +377,9 @@ def parse_counts(text: str, tasks: tuple[str, ...]) -> dict[str, int]:
 def main() -> None:
     args = build_parser().parse_args()
     start = time.perf_counter()
-    tasks = tuple(t.strip().upper() for t in args.tasks.split(","))
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise SystemExit(f"--tasks: {', '.join(unknown)} not among {', '.join(TASKS)}")
+    tasks = parse_tasks(args.tasks, "--tasks", TASKS)
     n_train = parse_counts(args.n_train, tasks)
-    balance = tuple(t.strip().upper() for t in args.balance.split(",") if t.strip())
-    if set(balance) - set(tasks):
-        raise SystemExit(f"--balance: {', '.join(sorted(set(balance) - set(tasks)))} not among --tasks {args.tasks}")
+    balance = parse_tasks(args.balance, "--balance", tasks)
     raw = Path(args.raw) if args.raw else default_raw()
     if not raw.is_dir():
         raise SystemExit(f"--raw: no folder {raw}; point it at the folder holding "
