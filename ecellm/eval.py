@@ -42,6 +42,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import os
 import signal
 import sys
 import time
@@ -601,6 +602,10 @@ def run(config: EvalConfig) -> dict:
     tokenizer and adapter. The folder is locked for the evaluation's life (`ecellm.lock.FolderLock`). SIGTERM or
     SIGINT stops it within seconds with the generations made so far on disk: an `EvalError` saying so (exit 1).
     """
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    if world > 1:  # every rank would run the whole evaluation into one folder; the second finds it locked
+        raise EvalError(f"ecellm eval runs in one process, and this is one of {world} (torchrun's WORLD_SIZE): run it "
+                        "without torchrun, or call ecellm.eval.evaluate in your own process group (docs/evaluation.md)")
     out = Path(config.out)
     check_flags(out, EVALUATING, config.resume, config.overwrite)
     records = _load_records(config)

@@ -483,6 +483,17 @@ def test_an_unusable_out_is_refused_before_loading(tiny_dir, data_dir, tmp_path,
     assert capsys.readouterr().err == f"python -m ecellm.eval: error: [Errno 20] Not a directory: '{out}'\n"
 
 
+def test_a_torchrun_launch_of_the_command_is_refused_before_loading(tiny_dir, data_dir, tmp_path, monkeypatch,
+                                                                    capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets in each of its processes
+    monkeypatch.setattr(ev, "_load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tiny_dir), "--data", str(data_dir / "test.json"), "--out", str(tmp_path / "out")])
+    assert e.value.code == 1
+    assert "runs in one process, and this is one of 2 (torchrun's WORLD_SIZE)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 # --- one evaluator: answer budgets per task, record order, the ranks of a torchrun launch -------------------------
 def test_each_task_gets_its_answer_budget_in_batches_of_its_own(monkeypatch):
     calls = []
