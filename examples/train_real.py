@@ -107,7 +107,8 @@ SR_MAX_LEN = 1024
 DEFAULT_MINUTES = 60.0
 # The evaluation after tuning, as a multiple of the one before it scaled by their prompt tokens: the untuned model
 # runs on to its answer budgets and its share holds more of SR's long prompts, so the scaled estimate is high (the
-# tuned evaluation took 0.67x and 0.76x of it in two six-task hours, 2026-12-07); 0.8 keeps a margin above both.
+# tuned evaluation took 0.67x, 0.76x and 0.52x of it in three six-task hours, 2026-12-07, as the machine's speed
+# drifted); 0.8 keeps a margin above the highest (docs/real_data.md).
 TUNED_EVALUATION_RATIO = 0.8
 TAIL_S = 120.0  # after training's cap: the step it cuts into (~20 s), the final validation, saving, loading the adapter
 # The paper's figures for the same tasks (test set, IND, diverse instructions): untuned Mistral-7B-Instruct-v0.2 and
@@ -378,6 +379,8 @@ def main() -> None:
     args = build_parser().parse_args()
     start = time.perf_counter()
     tasks = parse_tasks(args.tasks, "--tasks", TASKS)
+    if not tasks:
+        raise SystemExit(f"--tasks: name at least one of {', '.join(TASKS)}")
     n_train = parse_counts(args.n_train, tasks)
     balance = parse_tasks(args.balance, "--balance", tasks)
     raw = Path(args.raw) if args.raw else default_raw()

@@ -443,7 +443,8 @@ def test_train_real_scores_every_real_task_in_the_run_folder_only(tmp_path):
 def test_train_real_refuses_an_unknown_task_and_a_missing_raw_folder(tmp_path):
     for flags, message in ((["--tasks", "PM,XYZ"], "--tasks: XYZ not among"),
                            (["--raw", str(tmp_path / "nowhere")], "--raw: no folder"),
-                           (["--balance", "SA,XYZ"], "--balance: XYZ not among")):
+                           (["--balance", "SA,XYZ"], "--balance: XYZ not among"),
+                           (["--tasks", ","], "--tasks: name at least one of")):
         proc = subprocess.run([sys.executable, "examples/train_real.py", "--out", str(tmp_path / "out"), *flags],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr
