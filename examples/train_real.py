@@ -438,8 +438,7 @@ def main() -> None:
     timings["evaluation"] = time.perf_counter() - clock
     # the evaluation after tuning, estimated from this one by the ratio of their prompt tokens
     scale = prompt_tokens(tests, tokenizer, template) / prompt_tokens(tests_before, tokenizer, template)
-    cap = training_minutes(args.minutes, start, timings["evaluation"] * scale, 1, TAIL_S,
-                            TUNED_EVALUATION_RATIO)
+    cap = training_minutes(args.minutes, start, timings["evaluation"] * scale, 1, TAIL_S, TUNED_EVALUATION_RATIO)
     clock = time.perf_counter()
     done = train_phases(config, phases, cap)
     timings["training"], clock = time.perf_counter() - clock, time.perf_counter()
